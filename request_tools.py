@@ -194,4 +194,3 @@ def send_inference_request(
         return client.infer(data, model=model)
     finally:
         client.close()
-

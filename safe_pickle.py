@@ -38,7 +38,7 @@ class Limits:
 
     max_body_bytes: int = 256 * 1024 * 1024
     max_depth: int = 32
-    max_items: int = 1_000_000
+    max_items: int = 4 * 1024 * 1024  # a 480x640x3 image as JSON lists is 1.2M items
     max_str_bytes: int = 16 * 1024 * 1024
     max_array_dims: int = 32
     max_array_bytes: int = 256 * 1024 * 1024
@@ -156,8 +156,20 @@ class _Machine:
     """One decode: the stack, memo, marks and limit accounting over one memoryview."""
 
     __slots__ = (
-        "mv", "pos", "end", "buffers", "next_buffer", "limits", "stack", "marks", "memo", "meta",
-        "pending_keys", "key_hint", "op_pos",
+        "mv",
+        "pos",
+        "end",
+        "buffers",
+        "next_buffer",
+        "limits",
+        "stack",
+        "marks",
+        "memo",
+        "meta",
+        "pending_keys",
+        "key_hint",
+        "op_pos",
+        "done",
     )
 
     def __init__(self, mv: memoryview, start: int, end: int, buffers, limits: Limits) -> None:
@@ -174,6 +186,7 @@ class _Machine:
         self.pending_keys: dict[int, list[int]] = {}
         self.key_hint: str | None = None
         self.op_pos = start
+        self.done = False  # set by STOP
 
     # --- reading -------------------------------------------------------------------------
     def fail(self, message: str) -> ProtocolError:
@@ -230,7 +243,7 @@ class _Machine:
         st.append(s)
 
     def where(self) -> str:
-        """" 'key'" for the dict key whose value is being decoded, to name it in errors."""
+        """ " 'key'" for the dict key whose value is being decoded, to name it in errors."""
         return f" {self.key_hint!r}" if self.key_hint is not None else ""
 
     # --- containers and limits -----------------------------------------------------------
@@ -257,8 +270,19 @@ class _Machine:
                 raise self.fail("a tuple of numpy internals used as a value")
             m.sealed = True
             return item, m.height, m.weight + 1, m.flags
-        if t is tuple:  # a tuple of scalars only (make_tuple keeps no _Meta for those)
-            return item, 1, len(item) + 1, 0
+        if t is tuple:  # a tuple of leaves only (make_tuple keeps no _Meta for those)
+            flags = 0
+            for x in item:
+                tx = type(x)
+                if tx is memoryview:
+                    flags |= _RAW
+                elif not (tx in _SCALAR_TYPES or tx is np.ndarray or isinstance(x, np.generic)):
+                    flags |= _OPAQUE
+            if into is not None and flags & _OPAQUE:
+                raise self.fail("a tuple of numpy internals used as a value")
+            if flags & _RAW:
+                self.new_container(item, 1, len(item), flags)  # so that materialize() finds it
+            return item, 1, len(item) + 1, flags
         if t is list or t is dict:  # still empty: its _Meta is made now, sealed
             self.new_container(item)
             self.meta[id(item)].sealed = True
@@ -310,19 +334,22 @@ class _Machine:
 
     def make_tuple(self, items: list) -> None:
         t = tuple(items)
+        meta = self.meta
+        for x in items:
+            tx = type(x)
+            if tx is tuple or tx is list or tx is dict or id(x) in meta:
+                break
+        else:
+            # Only leaves (scalars, buffers, arrays, numpy internals): the usual REDUCE argument
+            # tuple. Tuples are immutable, so child() can work out its flags if it is ever placed.
+            self.stack.append(t)
+            return
         height = weight = flags = 0
         for x in items:
-            if type(x) in _SCALAR_TYPES:
-                weight += 1
-                continue
             _, h, w, f = self.child(x, None)
             height = max(height, h)
             weight += w
             flags |= f
-        if height == 0 and flags == 0:
-            # Only scalars: the common shape/state tuple needs no bookkeeping (see child()).
-            self.stack.append(t)
-            return
         if height + 1 > self.limits.max_depth:
             raise self.fail(f"nesting deeper than {self.limits.max_depth} levels")
         if weight > self.limits.max_items:
@@ -379,15 +406,18 @@ class _Machine:
     def check_shape(self, shape, dtype: np.dtype, nbytes: int, what: str) -> None:
         lim = self.limits
         if type(shape) is not tuple or len(shape) > lim.max_array_dims:
-            raise self.fail(f"{what}{self.where()} has an invalid shape {shape!r} (a tuple of at most "
-                            f"{lim.max_array_dims} ints expected)")
+            raise self.fail(
+                f"{what}{self.where()} has an invalid shape {shape!r} (a tuple of at most "
+                f"{lim.max_array_dims} ints expected)"
+            )
         for n in shape:
             if type(n) is not int or n < 0:
                 raise self.fail(f"{what}{self.where()} has an invalid shape {shape!r}")
         want = math.prod(shape) * dtype.itemsize
         if want > lim.max_array_bytes:
-            raise self.fail(f"{what}{self.where()} of shape {shape} is {want} bytes, over the "
-                            f"{lim.max_array_bytes}-byte limit")
+            raise self.fail(
+                f"{what}{self.where()} of shape {shape} is {want} bytes, over the {lim.max_array_bytes}-byte limit"
+            )
         if want != nbytes:
             raise self.fail(f"{what}{self.where()} declares {want} bytes, {nbytes} present")
 
@@ -424,8 +454,9 @@ class _Machine:
                 or args[1] not in (False, 0)
                 or args[2] not in (True, 1)
             ):
-                raise self.fail(f"dtype {code!r} of{self.where() or ' a value'} is not allowed "
-                                "(numeric and bool dtypes only)")
+                raise self.fail(
+                    f"dtype {code!r} of{self.where() or ' a value'} is not allowed (numeric and bool dtypes only)"
+                )
             return _PendingDtype(code)
         if func is _G_SCALAR:
             if len(args) != 2:
@@ -436,9 +467,12 @@ class _Machine:
                 raise self.fail(f"scalar{self.where()} declares {dtype.itemsize} bytes, {len(raw)} present")
             return np.frombuffer(raw, dtype=dtype)[0]
         if func is _G_RECONSTRUCT:
-            if len(args) != 3 or args[0] is not _G_NDARRAY or args[1] != (0,) or bytes(
-                self.as_bytes(args[2], "_reconstruct")
-            ) != b"b":
+            if (
+                len(args) != 3
+                or args[0] is not _G_NDARRAY
+                or args[1] != (0,)
+                or bytes(self.as_bytes(args[2], "_reconstruct")) != b"b"
+            ):
                 raise self.fail("_reconstruct is allowed only as numpy pickles a plain ndarray")
             return _PendingArray()
         if func is _G_ENCODE:
@@ -490,15 +524,17 @@ def _run(vm: _Machine):  # noqa: C901 - one flat dispatch loop is the fastest pu
     marks = vm.marks
     end = vm.end
     max_stack = vm.limits.max_stack
+    pos = vm.pos
     while True:
-        pos = vm.op_pos = vm.pos
         if pos >= end:
+            vm.op_pos = pos
             raise vm.fail("pickle data was truncated (no STOP opcode)")
         op = mv[pos]
-        vm.pos = pos + 1
-        # Ordered by how often numpy's and dicts' pickles use them; the hottest are inlined.
+        pos += 1
+        # Fast path: the hottest opcodes of numpy's and dicts' pickles, handled on locals only.
         if op == 0x94:  # MEMOIZE
             if not st:
+                vm.op_pos = pos - 1
                 raise vm.fail("MEMOIZE on an empty stack")
             obj = st[-1]
             memo[len(memo)] = obj
@@ -506,150 +542,165 @@ def _run(vm: _Machine):  # noqa: C901 - one flat dispatch loop is the fastest pu
                 vm.pending_keys.setdefault(id(obj), []).append(len(memo) - 1)
             continue
         if op == 0x8C:  # SHORT_BINUNICODE
-            if pos + 1 < end:
-                n = mv[pos + 1]
-                if pos + 2 + n <= end:
-                    vm.pos = pos + 2 + n
-                    try:
-                        text = str(mv[pos + 2 : pos + 2 + n], "utf-8", "surrogatepass")
-                    except UnicodeDecodeError:
-                        raise vm.fail("string is not valid UTF-8") from None
-                    vm.push_str(text)
-                    continue
-            raise vm.fail("SHORT_BINUNICODE is truncated")
-        if op == 0x4B:  # BININT1
-            if pos + 1 >= end:
+            if pos < end and pos + 1 + mv[pos] <= end:
+                n = mv[pos]
+                try:
+                    text = str(mv[pos + 1 : pos + 1 + n], "utf-8", "surrogatepass")
+                except UnicodeDecodeError:
+                    vm.op_pos = pos - 1
+                    raise vm.fail("string is not valid UTF-8") from None
+                pos += 1 + n
+                vm.push_str(text)
+            else:
+                vm.op_pos = pos - 1
+                raise vm.fail("SHORT_BINUNICODE is truncated")
+        elif op == 0x4B:  # BININT1
+            if pos >= end:
+                vm.op_pos = pos - 1
                 raise vm.fail("BININT1 is truncated")
-            st.append(mv[pos + 1])
-            vm.pos = pos + 2
+            st.append(mv[pos])
+            pos += 1
+        elif op == 0x4A:  # BININT
+            if pos + 4 > end:
+                vm.op_pos = pos - 1
+                raise vm.fail("BININT is truncated")
+            st.append(_I4.unpack_from(mv, pos)[0])
+            pos += 4
         elif op == 0x28:  # MARK
             marks.append(len(st))
+            continue
         elif op == 0x4E:  # NONE
             st.append(None)
-        elif op == 0x4A:  # BININT
-            if pos + 5 > end:
-                raise vm.fail("BININT is truncated")
-            st.append(_I4.unpack_from(mv, pos + 1)[0])
-            vm.pos = pos + 5
-        elif op == 0x68:  # BINGET
-            if pos + 1 >= end:
-                raise vm.fail("BINGET is truncated")
-            vm.pos = pos + 2
-            vm.memo_get(mv[pos + 1])
-        elif op == 0x74:  # TUPLE
-            vm.make_tuple(vm.pop_mark())
-        elif op == 0x85:  # TUPLE1
-            _underflow(vm, 1)
-            vm.make_tuple([st.pop()])
-        elif op == 0x86 or op == 0x87:  # TUPLE2, TUPLE3
-            n = op - 0x84
-            _underflow(vm, n)
-            items = st[-n:]
-            del st[-n:]
-            vm.make_tuple(items)
-        elif op == 0x52:  # REDUCE
-            _underflow(vm, 2)
-            args = st.pop()
-            st[-1] = vm.reduce(st[-1], args)
-        elif op == 0x62:  # BUILD
-            _underflow(vm, 2)
-            state = st.pop()
-            obj = st[-1]
-            st[-1] = result = vm.build(obj, state)
-            vm.replace_pending(obj, result)
         elif op == 0x88:  # NEWTRUE
             st.append(True)
         elif op == 0x89:  # NEWFALSE
             st.append(False)
-        elif op == 0x93:  # STACK_GLOBAL
-            _underflow(vm, 2)
-            name = st.pop()
-            module = st.pop()
-            if type(module) is not str or type(name) is not str:
-                raise vm.fail("STACK_GLOBAL expects two strings")
-            st.append(_lookup(vm, module, name))
-        elif op == 0x4D:  # BININT2
-            st.append(vm.unpack(_I2, "BININT2"))
-        elif op == 0x65:  # APPENDS
-            items = vm.pop_mark()
-            vm.append_items(vm.top(), items)
-        elif op == 0x61:  # APPEND
-            item = vm.pop()
-            vm.append_items(vm.top(), [item])
-        elif op == 0x75:  # SETITEMS
-            items = vm.pop_mark()
-            vm.set_items(vm.top(), items)
-        elif op == 0x73:  # SETITEM
-            v = vm.pop()
-            k = vm.pop()
-            vm.set_items(vm.top(), [k, v])
-        elif op == 0x5D:  # EMPTY_LIST (its _Meta is made when it is filled or placed)
-            st.append([])
-        elif op == 0x7D:  # EMPTY_DICT
-            st.append({})
-        elif op == 0x29:  # EMPTY_TUPLE
-            vm.make_tuple([])
-        elif op == 0x71:  # BINPUT
-            vm.memo_put(vm.unpack(_I1, "BINPUT"))
-        elif op == 0x72:  # LONG_BINPUT
-            vm.memo_put(vm.unpack(_U4, "LONG_BINPUT"))
-        elif op == 0x6A:  # LONG_BINGET
-            vm.memo_get(vm.unpack(_U4, "LONG_BINGET"))
-        elif op == 0x47:  # BINFLOAT
-            st.append(vm.unpack(_F8, "BINFLOAT"))
-        elif op == 0x58:  # BINUNICODE
-            n = vm.unpack(_U4, "BINUNICODE")
-            vm.push_str(_utf8(vm, vm.take(_str_len(vm, n), "string")))
-        elif op == 0x8D:  # BINUNICODE8
-            n = vm.unpack(_U8, "BINUNICODE8")
-            vm.push_str(_utf8(vm, vm.take(_str_len(vm, n), "string")))
-        elif op == 0x43:  # SHORT_BINBYTES
-            st.append(vm.take(vm.byte("SHORT_BINBYTES"), "bytes"))
-        elif op == 0x42:  # BINBYTES
-            st.append(vm.take(vm.unpack(_U4, "BINBYTES"), "bytes"))
-        elif op == 0x8E or op == 0x96:  # BINBYTES8, BYTEARRAY8: read-only views of the body
-            st.append(vm.take(vm.unpack(_U8, "BINBYTES8"), "bytes"))
-        elif op == 0x97:  # NEXT_BUFFER
-            if vm.next_buffer >= len(vm.buffers):
-                raise vm.fail(f"NEXT_BUFFER asks for buffer {vm.next_buffer}, the frame has {len(vm.buffers)}")
-            st.append(vm.buffers[vm.next_buffer])
-            vm.next_buffer += 1
-        elif op == 0x98:  # READONLY_BUFFER
-            if type(vm.top()) is not memoryview:
-                raise vm.fail("READONLY_BUFFER on something that is not a buffer")
-            st[-1] = st[-1].toreadonly()
-        elif op == 0x8A or op == 0x8B:  # LONG1, LONG4
-            n = vm.unpack(_I1, "LONG1") if op == 0x8A else vm.unpack(_I4, "LONG4")
-            if n > _MAX_LONG_BYTES:
-                raise vm.fail(f"integer of {n} bytes; at most {_MAX_LONG_BYTES} are allowed")
-            st.append(int.from_bytes(vm.take(n, "LONG"), "little", signed=True))
-        elif op == 0x63:  # GLOBAL (protocols 0-3)
-            module = _line(vm)
-            name = _line(vm)
-            st.append(_lookup(vm, module, name))
-        elif op == 0x30:  # POP
-            vm.pop()
-        elif op == 0x31:  # POP_MARK
-            vm.pop_mark()
-        elif op == 0x95:  # FRAME: the whole body is in memory, so only check the declared size
-            n = vm.unpack(_U8, "FRAME")
-            if n > vm.end - vm.pos:
-                raise vm.fail(f"FRAME declares {n} bytes, {vm.end - vm.pos} present")
-        elif op == 0x80:  # PROTO
-            proto = vm.unpack(_I1, "PROTO")
-            if not 2 <= proto <= 5:
-                raise vm.fail(f"pickle protocol {proto} is not supported (2 to 5 are)")
-        elif op == 0x2E:  # STOP
-            if marks or len(st) != 1:
-                raise vm.fail("STOP with an unbalanced stack")
-            return st[0]
         else:
-            name = _OPNAMES.get(op)
-            if name is None:
-                raise vm.fail(f"unknown opcode 0x{op:02x}")
-            raise vm.fail(f"opcode {name} is not allowed")
+            # Slow path: opcodes that build objects or read longer arguments go through the
+            # machine's methods, which read vm.pos and name vm.op_pos in their errors.
+            vm.op_pos = pos - 1
+            vm.pos = pos
+            _slow_op(vm, op)
+            if vm.done:
+                return st[0]
+            pos = vm.pos
         if len(st) > max_stack:
+            vm.op_pos = pos
             raise vm.fail(f"more than {max_stack} items on the stack")
+
+
+def _slow_op(vm: _Machine, op: int) -> None:  # noqa: C901 - one flat dispatch
+    st = vm.stack
+    if op == 0x68:  # BINGET
+        vm.memo_get(vm.byte("BINGET"))
+    elif op == 0x74:  # TUPLE
+        vm.make_tuple(vm.pop_mark())
+    elif op == 0x85:  # TUPLE1
+        _underflow(vm, 1)
+        vm.make_tuple([st.pop()])
+    elif op == 0x86 or op == 0x87:  # TUPLE2, TUPLE3
+        n = op - 0x84
+        _underflow(vm, n)
+        items = st[-n:]
+        del st[-n:]
+        vm.make_tuple(items)
+    elif op == 0x52:  # REDUCE
+        _underflow(vm, 2)
+        args = st.pop()
+        st[-1] = vm.reduce(st[-1], args)
+    elif op == 0x62:  # BUILD
+        _underflow(vm, 2)
+        state = st.pop()
+        obj = st[-1]
+        st[-1] = result = vm.build(obj, state)
+        vm.replace_pending(obj, result)
+    elif op == 0x93:  # STACK_GLOBAL
+        _underflow(vm, 2)
+        name = st.pop()
+        module = st.pop()
+        if type(module) is not str or type(name) is not str:
+            raise vm.fail("STACK_GLOBAL expects two strings")
+        st.append(_lookup(vm, module, name))
+    elif op == 0x4D:  # BININT2
+        st.append(vm.unpack(_I2, "BININT2"))
+    elif op == 0x65:  # APPENDS
+        items = vm.pop_mark()
+        vm.append_items(vm.top(), items)
+    elif op == 0x61:  # APPEND
+        item = vm.pop()
+        vm.append_items(vm.top(), [item])
+    elif op == 0x75:  # SETITEMS
+        items = vm.pop_mark()
+        vm.set_items(vm.top(), items)
+    elif op == 0x73:  # SETITEM
+        v = vm.pop()
+        k = vm.pop()
+        vm.set_items(vm.top(), [k, v])
+    elif op == 0x5D:  # EMPTY_LIST (its _Meta is made when it is filled or placed)
+        st.append([])
+    elif op == 0x7D:  # EMPTY_DICT
+        st.append({})
+    elif op == 0x29:  # EMPTY_TUPLE
+        vm.make_tuple([])
+    elif op == 0x71:  # BINPUT
+        vm.memo_put(vm.unpack(_I1, "BINPUT"))
+    elif op == 0x72:  # LONG_BINPUT
+        vm.memo_put(vm.unpack(_U4, "LONG_BINPUT"))
+    elif op == 0x6A:  # LONG_BINGET
+        vm.memo_get(vm.unpack(_U4, "LONG_BINGET"))
+    elif op == 0x47:  # BINFLOAT
+        st.append(vm.unpack(_F8, "BINFLOAT"))
+    elif op == 0x58:  # BINUNICODE
+        n = vm.unpack(_U4, "BINUNICODE")
+        vm.push_str(_utf8(vm, vm.take(_str_len(vm, n), "string")))
+    elif op == 0x8D:  # BINUNICODE8
+        n = vm.unpack(_U8, "BINUNICODE8")
+        vm.push_str(_utf8(vm, vm.take(_str_len(vm, n), "string")))
+    elif op == 0x43:  # SHORT_BINBYTES
+        st.append(vm.take(vm.byte("SHORT_BINBYTES"), "bytes"))
+    elif op == 0x42:  # BINBYTES
+        st.append(vm.take(vm.unpack(_U4, "BINBYTES"), "bytes"))
+    elif op == 0x8E or op == 0x96:  # BINBYTES8, BYTEARRAY8: read-only views of the body
+        st.append(vm.take(vm.unpack(_U8, "BINBYTES8"), "bytes"))
+    elif op == 0x97:  # NEXT_BUFFER
+        if vm.next_buffer >= len(vm.buffers):
+            raise vm.fail(f"NEXT_BUFFER asks for buffer {vm.next_buffer}, the frame has {len(vm.buffers)}")
+        st.append(vm.buffers[vm.next_buffer])
+        vm.next_buffer += 1
+    elif op == 0x98:  # READONLY_BUFFER
+        if type(vm.top()) is not memoryview:
+            raise vm.fail("READONLY_BUFFER on something that is not a buffer")
+        st[-1] = st[-1].toreadonly()
+    elif op == 0x8A or op == 0x8B:  # LONG1, LONG4
+        n = vm.unpack(_I1, "LONG1") if op == 0x8A else vm.unpack(_I4, "LONG4")
+        if n > _MAX_LONG_BYTES:
+            raise vm.fail(f"integer of {n} bytes; at most {_MAX_LONG_BYTES} are allowed")
+        st.append(int.from_bytes(vm.take(n, "LONG"), "little", signed=True))
+    elif op == 0x63:  # GLOBAL (protocols 0-3)
+        module = _line(vm)
+        name = _line(vm)
+        st.append(_lookup(vm, module, name))
+    elif op == 0x30:  # POP
+        vm.pop()
+    elif op == 0x31:  # POP_MARK
+        vm.pop_mark()
+    elif op == 0x95:  # FRAME: the whole body is in memory, so only check the declared size
+        n = vm.unpack(_U8, "FRAME")
+        if n > vm.end - vm.pos:
+            raise vm.fail(f"FRAME declares {n} bytes, {vm.end - vm.pos} present")
+    elif op == 0x80:  # PROTO
+        proto = vm.unpack(_I1, "PROTO")
+        if not 2 <= proto <= 5:
+            raise vm.fail(f"pickle protocol {proto} is not supported (2 to 5 are)")
+    elif op == 0x2E:  # STOP
+        if vm.marks or len(st) != 1:
+            raise vm.fail("STOP with an unbalanced stack")
+        vm.done = True
+    else:
+        name = _OPNAMES.get(op)
+        if name is None:
+            raise vm.fail(f"unknown opcode 0x{op:02x}")
+        raise vm.fail(f"opcode {name} is not allowed")
 
 
 def _str_len(vm: _Machine, n: int) -> int:
@@ -684,9 +735,7 @@ def _lookup(vm: _Machine, module: str, name: str) -> _Global:
     return g
 
 
-def safe_loads(
-    data, *, start: int = 0, end: int | None = None, buffers=(), limits: Limits = DEFAULT_LIMITS
-) -> dict:
+def safe_loads(data, *, start: int = 0, end: int | None = None, buffers=(), limits: Limits = DEFAULT_LIMITS) -> dict:
     """Decode the pickle in `data[start:end]` (which must end exactly at its STOP) into a str-keyed dict.
 
     `buffers` are the out-of-band buffers NEXT_BUFFER refers to, in order; all must be used.

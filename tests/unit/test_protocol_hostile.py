@@ -98,14 +98,24 @@ def _su(s: str) -> bytes:  # SHORT_BINUNICODE
     [
         # INST: protocol 0 instance creation with a module lookup
         (lambda p: _ops(b"(S'", touch_cmd(p).encode(), b"'\nios\nsystem\n."), "neither a binserve frame"),
-        (lambda p: _ops(b"\x80\x02(X", struct.pack("<I", len(touch_cmd(p))), touch_cmd(p).encode(),
-                        b"ios\nsystem\n."), "opcode INST is not allowed"),
+        (
+            lambda p: _ops(
+                b"\x80\x02(X", struct.pack("<I", len(touch_cmd(p))), touch_cmd(p).encode(), b"ios\nsystem\n."
+            ),
+            "opcode INST is not allowed",
+        ),
         # OBJ
-        (lambda p: _ops(b"\x80\x02(cos\nsystem\nX", struct.pack("<I", len(touch_cmd(p))),
-                        touch_cmd(p).encode(), b"o."), "global 'os.system' is not allowed"),
+        (
+            lambda p: _ops(
+                b"\x80\x02(cos\nsystem\nX", struct.pack("<I", len(touch_cmd(p))), touch_cmd(p).encode(), b"o."
+            ),
+            "global 'os.system' is not allowed",
+        ),
         # NEWOBJ / NEWOBJ_EX with an allowed-looking class
-        (lambda p: _ops(b"\x80\x04", _su("builtins"), _su("object"), b"\x93)\x81."),
-         "global 'builtins.object' is not allowed"),
+        (
+            lambda p: _ops(b"\x80\x04", _su("builtins"), _su("object"), b"\x93)\x81."),
+            "global 'builtins.object' is not allowed",
+        ),
         (lambda p: _ops(b"\x80\x04", _su("numpy"), _su("ndarray"), b")}\x92."), "opcode NEWOBJ_EX is not allowed"),
         (lambda p: _ops(b"\x80\x04", _su("numpy"), _su("ndarray"), b")\x81."), "opcode NEWOBJ is not allowed"),
         # EXT1/2/4: the copyreg extension registry
@@ -116,8 +126,10 @@ def _su(s: str) -> bytes:  # SHORT_BINUNICODE
         (lambda p: b"\x80\x02P1\n.", "opcode PERSID is not allowed"),
         (lambda p: _ops(b"\x80\x04", _su("x"), b"Q."), "opcode BINPERSID is not allowed"),
         # dotted names reaching through an allowed module
-        (lambda p: _ops(b"\x80\x04", _su("numpy"), _su("testing.os.system"), b"\x93."),
-         "global 'numpy.testing.os.system' is not allowed"),
+        (
+            lambda p: _ops(b"\x80\x04", _su("numpy"), _su("testing.os.system"), b"\x93."),
+            "global 'numpy.testing.os.system' is not allowed",
+        ),
         (lambda p: b"\x80\x02cnumpy\ndtype.__class__\n.", "global 'numpy.dtype.__class__' is not allowed"),
         (lambda p: _ops(b"\x80\x04", _su("builtins"), _su("getattr"), b"\x93."), "global 'builtins.getattr'"),
         (lambda p: _ops(b"\x80\x04", _su("builtins"), _su("__import__"), b"\x93."), "builtins.__import__"),
@@ -125,14 +137,27 @@ def _su(s: str) -> bytes:  # SHORT_BINUNICODE
         (lambda p: b"\x80\x02}}b.", "BUILD on a dict is not allowed"),
         (lambda p: _ops(b"\x80\x04", _su("numpy"), _su("ndarray"), b"\x93}b."), "BUILD on a _Global"),
         # an allowed global called with something other than numpy's own arguments
-        (lambda p: _ops(b"\x80\x04", _su("_codecs"), _su("encode"), b"\x93", _su("x"), _su("rot13"), b"\x86R."),
-         "only as \\(str, 'latin1'\\)"),
-        (lambda p: _ops(b"\x80\x04", _su("numpy._core.multiarray"), _su("_reconstruct"), b"\x93",
-                        _su("numpy"), _su("dtype"), b"\x93K\x00\x85C\x01b\x87R."),
-         "_reconstruct is allowed only"),
+        (
+            lambda p: _ops(b"\x80\x04", _su("_codecs"), _su("encode"), b"\x93", _su("x"), _su("rot13"), b"\x86R."),
+            "only as \\(str, 'latin1'\\)",
+        ),
+        (
+            lambda p: _ops(
+                b"\x80\x04",
+                _su("numpy._core.multiarray"),
+                _su("_reconstruct"),
+                b"\x93",
+                _su("numpy"),
+                _su("dtype"),
+                b"\x93K\x00\x85C\x01b\x87R.",
+            ),
+            "_reconstruct is allowed only",
+        ),
         # a global used as a value instead of being called
-        (lambda p: _ops(b"\x80\x04}", _su("k"), _su("numpy"), _su("ndarray"), b"\x93s."),
-         "global 'numpy.ndarray' used as a value"),
+        (
+            lambda p: _ops(b"\x80\x04}", _su("k"), _su("numpy"), _su("ndarray"), b"\x93s."),
+            "global 'numpy.ndarray' used as a value",
+        ),
         # protocol 0/1 text opcodes and sets are not needed by any client
         (lambda p: b"(lp0\n.", "neither a binserve frame"),
         (lambda p: b"\x80\x04\x8f.", "opcode EMPTY_SET is not allowed"),
@@ -172,10 +197,22 @@ def _inline(obj) -> bytes:
 def frombuffer_pickle(buf: bytes, code: str, state, shape, order="C", key="image") -> bytes:
     """A protocol 4 pickle of {key: _frombuffer(buf, dtype(code)+BUILD(state), shape, order)}."""
     return _ops(
-        b"\x80\x04}", _su(key), _su("numpy._core.numeric"), _su("_frombuffer"), b"\x93(",
+        b"\x80\x04}",
+        _su(key),
+        _su("numpy._core.numeric"),
+        _su("_frombuffer"),
+        b"\x93(",
         b"C" + bytes([len(buf)]) + buf if len(buf) < 256 else b"B" + struct.pack("<I", len(buf)) + buf,
-        _su("numpy"), _su("dtype"), b"\x93", _su(code), b"\x89\x88\x87R",
-        _inline(state), b"b", _inline(shape), _su(order), b"tRs.",
+        _su("numpy"),
+        _su("dtype"),
+        b"\x93",
+        _su(code),
+        b"\x89\x88\x87R",
+        _inline(state),
+        b"b",
+        _inline(shape),
+        _su(order),
+        b"tRs.",
     )
 
 
@@ -242,8 +279,17 @@ def test_invalid_order_is_refused():
         b"\x80\x05\x8c\xffab.",  # SHORT_BINUNICODE
         b"\x80\x05C\xffab.",  # SHORT_BINBYTES
     ],
-    ids=["BINBYTES8", "BYTEARRAY8", "BINUNICODE8", "BINUNICODE", "BINBYTES", "LONG4", "FRAME",
-         "SHORT_BINUNICODE", "SHORT_BINBYTES"],
+    ids=[
+        "BINBYTES8",
+        "BYTEARRAY8",
+        "BINUNICODE8",
+        "BINUNICODE",
+        "BINBYTES",
+        "LONG4",
+        "FRAME",
+        "SHORT_BINUNICODE",
+        "SHORT_BINBYTES",
+    ],
 )
 def test_declared_length_bombs(body):
     refused(body, "declares|over the|truncated|at most")

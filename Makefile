@@ -1,0 +1,34 @@
+# The two set-up commands of README.md: `make serve` and `make test`. Both create .venv if needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 1
+
+.PHONY: install serve test bench-protocol bench-serve lint
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@# A CUDA torch from the registry would pull multi-GB nvidia-* wheels; the pin must give the CPU wheel.
+	@if $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-'; then echo "nvidia-* packages were installed: torch did not resolve to the CPU wheel" >&2; exit 1; fi
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(PY) server.py --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check .
+
+bench-protocol: install
+	$(PY) -m bench.protocol
+
+bench-serve: install
+	$(PY) -m bench.serve_bench
