@@ -253,6 +253,8 @@ def as_array(value, *, dtype, name: str) -> np.ndarray:
             value = np.asarray(value)
         except ValueError:
             raise InvalidInput(f"{name!r} is a ragged nested list; expected a {dtype} array") from None
+        if value.size == 0:
+            return value.astype(dtype)  # an empty list carries no dtype of its own
         if value.dtype.kind not in "biuf":
             raise InvalidInput(f"{name!r} holds non-numeric values; expected a {dtype} array")
     if value.dtype == dtype:

@@ -1,0 +1,225 @@
+"""The batcher: one bounded queue and one thread per model, one future per request.
+
+design: request threads call `submit(samples, deadline)` and wait on the returned future; the
+batch thread sleeps on a condition while the queue is empty, so a lone request runs as soon as it
+arrives (no fixed wait unless `max_wait_ms` asks for one), and while a batch runs, arrivals pile up
+and the next batch takes all of them up to `max_batch_size` samples. A request larger than a batch
+is split into parts that run in consecutive batches and are re-joined in order. Expired requests
+are dropped before they reach the model (DeadlineExceeded, 504); a full queue answers at once
+(Overloaded, 429, with a Retry-After from the measured drain rate). An exception in a batch fails
+exactly that batch's requests and the thread goes on. Nothing here imports Flask or torch: the
+model is any `run_batch(samples) -> outputs` callable, which tests replace with a lambda.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from errors import DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServingError
+
+log = logging.getLogger("binserve.batching")
+
+
+@dataclass
+class BatchResult:
+    """What a request's future resolves to: one output per sample, and how it was served."""
+
+    outputs: list
+    batch_size: int  # samples in the largest batch this request was part of
+    queue_s: float  # from submit to the start of its (first) batch
+    infer_s: float  # time inside run_batch, summed over its parts
+
+
+@dataclass
+class _Request:
+    samples: Sequence
+    deadline: float
+    enqueued: float
+    future: Future = field(default_factory=Future)
+    parts_left: int = 0
+    outputs: list = field(default_factory=list)
+    batch_size: int = 0
+    queue_s: float | None = None
+    infer_s: float = 0.0
+
+
+@dataclass
+class _Part:
+    request: _Request
+    start: int  # index of the part's first sample in the request
+    samples: Sequence
+
+
+class Batcher:
+    """Groups concurrent requests into batches for `run_batch` on one background thread."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list], Sequence],
+        *,
+        max_batch_size: int = 32,
+        max_queue_samples: int = 2048,
+        max_wait_ms: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_samples < 1:
+            raise ValueError("max_batch_size and max_queue_samples must be at least 1")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_samples = max_queue_samples
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.clock = clock
+        self.name = name
+        self._parts: deque[_Part] = deque()
+        self._queued_samples = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._drain_rate = 0.0  # samples per second, exponentially averaged
+        self._thread: threading.Thread | None = None
+
+    # --- request side ---------------------------------------------------------------------
+    @property
+    def queued_samples(self) -> int:
+        """Samples waiting for a batch (not counting the batch that runs now)."""
+        return self._queued_samples
+
+    def start(self) -> Batcher:
+        """Start the batch thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, samples: Sequence, deadline: float) -> Future:
+        """Queue a request of one or more samples; the future gives a `BatchResult` or raises."""
+        n = len(samples)
+        if n == 0:
+            raise ValueError("a request needs at least one sample")
+        now = self.clock()
+        req = _Request(samples=samples, deadline=deadline, enqueued=now)
+        parts = [
+            _Part(req, i, samples[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)
+        ]
+        req.parts_left = len(parts)
+        req.outputs = [None] * n
+        with self._cond:
+            if self._closed:
+                raise NotReady(f"model {self.name!r} is shutting down")
+            if self._queued_samples + n > self.max_queue_samples:
+                raise Overloaded(
+                    f"model {self.name!r} has {self._queued_samples} samples queued (limit "
+                    f"{self.max_queue_samples}); retry later",
+                    retry_after_s=self.retry_after_s(),
+                )
+            self._parts.extend(parts)
+            self._queued_samples += n
+            self._cond.notify()
+        return req.future
+
+    def retry_after_s(self) -> float:
+        """Seconds until the queue has drained at the recently measured rate (at least 1)."""
+        if self._drain_rate <= 0:
+            return 1.0
+        return max(1.0, round(self._queued_samples / self._drain_rate, 1))
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop taking requests, finish what is queued, and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # --- batch side -----------------------------------------------------------------------
+    def _take_batch(self) -> list[_Part] | None:
+        """Wait for work and take the next batch; None once closed and drained."""
+        with self._cond:
+            while not self._parts:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            if self.max_wait_s and self._queued_samples < self.max_batch_size:
+                # Optional: wait a little for a fuller batch, measured from the oldest request.
+                until = self._parts[0].request.enqueued + self.max_wait_s
+                while self._queued_samples < self.max_batch_size and not self._closed:
+                    left = until - self.clock()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            batch: list[_Part] = []
+            size = 0
+            while self._parts and size + len(self._parts[0].samples) <= self.max_batch_size:
+                part = self._parts.popleft()
+                batch.append(part)
+                size += len(part.samples)
+            self._queued_samples -= size
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _run(self, batch: list[_Part]) -> None:
+        now = self.clock()
+        live: list[_Part] = []
+        for part in batch:
+            req = part.request
+            if req.future.done():
+                continue  # an earlier part already failed it
+            if now > req.deadline:
+                self._fail(req, DeadlineExceeded(
+                    f"the request waited {now - req.enqueued:.3f}s, past its deadline, before the model ran it"
+                ))
+                continue
+            live.append(part)
+        if not live:
+            return
+        samples = [s for part in live for s in part.samples]
+        started = self.clock()
+        try:
+            outputs = self.run_batch(samples)
+            if len(outputs) != len(samples):
+                raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(samples)} inputs")
+        except ServingError as exc:
+            for part in live:
+                self._fail(part.request, exc)
+            return
+        except Exception as exc:  # the model's failure fails this batch only
+            log.exception("batch of %d samples failed on model %s", len(samples), self.name)
+            err = ModelFailure(f"model {self.name!r} failed on a batch of {len(samples)}: {type(exc).__name__}: {exc}")
+            for part in live:
+                self._fail(part.request, err)
+            return
+        finished = self.clock()
+        elapsed = finished - started
+        if elapsed > 0:
+            rate = len(samples) / elapsed
+            self._drain_rate = rate if self._drain_rate == 0 else 0.8 * self._drain_rate + 0.2 * rate
+        offset = 0
+        for part in live:
+            req = part.request
+            n = len(part.samples)
+            req.outputs[part.start : part.start + n] = outputs[offset : offset + n]
+            offset += n
+            req.batch_size = max(req.batch_size, len(samples))
+            if req.queue_s is None:
+                req.queue_s = started - req.enqueued
+            req.infer_s += elapsed
+            req.parts_left -= 1
+            if req.parts_left == 0 and not req.future.done():
+                req.future.set_result(BatchResult(req.outputs, req.batch_size, req.queue_s, req.infer_s))
+
+    @staticmethod
+    def _fail(req: _Request, exc: BaseException) -> None:
+        if not req.future.done():
+            req.future.set_exception(exc)

@@ -1,0 +1,107 @@
+"""Server configuration: one frozen dataclass; defaults, then `BINSERVE_*` env vars, then CLI flags.
+
+design: every field is both an environment variable (`BINSERVE_<FIELD>`) and a flag (`--field-name`),
+generated from the dataclass so the three can never drift apart (TEI's `#[clap(long, env)]`).
+Units are in the names. `python server.py --port 9000` passes its settings on to the Gunicorn
+workers through the same env vars, so a worker reads exactly the config the command line gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "BINSERVE_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a binserve process needs to know; see README.md's configuration table."""
+
+    #: models to serve: comma-separated `name=adapter:path` (empty: all-MiniLM-L6-v2 as "minilm")
+    models: str = ""
+    #: the model `/infer` (without a name) uses; empty: the first of `models`
+    default_model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    #: request threads per Gunicorn worker (gthread): how many requests one process can batch
+    threads: int = 64
+    #: "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
+    device: str = "auto"
+    #: torch intra-op threads per worker; 0: the cores this process may use / workers
+    torch_threads: int = 0
+    max_batch_size: int = 32
+    #: padded tokens (rows x longest row) per batch, for token inputs
+    max_batch_tokens: int = 16384
+    #: extra wait for a fuller batch once a request is queued; 0 adds no latency at low load
+    max_wait_ms: float = 0.0
+    #: samples waiting in one model's queue before new requests get 429
+    max_queue_samples: int = 2048
+    #: default deadline of a request (X-Request-Timeout-Ms overrides it per request)
+    request_timeout_s: float = 30.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    #: bearer token for /infer; empty: no authentication
+    auth_token: str = ""
+    #: bearer token for /update_model; empty: the endpoint is disabled (403)
+    admin_token: str = ""
+    #: "bf16", "fp16" or "off": autocast on the GPU
+    autocast: str = "bf16"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        positive = ("port", "workers", "threads", "max_batch_size", "max_batch_tokens", "max_queue_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.port > 65535:
+            raise ValueError(f"port must be at most 65535, got {self.port}")
+        if self.torch_threads < 0 or self.max_wait_ms < 0 or self.max_body_bytes < 1:
+            raise ValueError("torch_threads and max_wait_ms must be >= 0, max_body_bytes >= 1")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.autocast not in ("bf16", "fp16", "off"):
+            raise ValueError(f"autocast must be bf16, fp16 or off, got {self.autocast!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, **overrides) -> ServerConfig:
+        """Defaults, overridden by `BINSERVE_*` variables, overridden by keyword arguments."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
+        """Defaults → env → command-line flags (`--max-batch-size 64`, ...)."""
+        parser = argparse.ArgumentParser(prog="server.py", description="Start the binserve server under Gunicorn.")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, dest=f.name, default=None, help=f"(env {ENV_PREFIX}{f.name.upper()})")
+        args = parser.parse_args(argv)
+        overrides = {k: _parse(_field(cls, k), v) for k, v in vars(args).items() if v is not None}
+        return cls.from_env(environ, **overrides)
+
+    def to_env(self) -> dict[str, str]:
+        """This config as `BINSERVE_*` variables (what `server.py` hands to the Gunicorn workers)."""
+        return {ENV_PREFIX + k.upper(): str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be of type {kind.__name__}, got {raw!r}") from None

@@ -1,0 +1,168 @@
+"""Adapter for a local Hugging Face encoder directory: sentence embeddings or sequence classification.
+
+design: tokenization happens in `validate`, on the request thread, with the fast tokenizer and
+without padding, so the batch thread only pads to the batch's own longest row and runs the forward
+pass. Embedding models (AutoModel) give pooled, L2-normalised embeddings, pooled as the directory's
+sentence-transformers config says (mean by default); `*ForSequenceClassification` models give logits
+and softmax probabilities. Weights load through safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from binary_protocol import as_array
+from errors import InvalidInput
+from models.base import ModelAdapter, Validated
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class HFEncoder(ModelAdapter):
+    """A BERT-style encoder: `{"texts": [...]}` or `{"input_ids": ...}` in, embeddings/logits out."""
+
+    adapter_name = "hf_encoder"
+
+    def __init__(self, name: str, version: str, path: str, device: torch.device) -> None:
+        super().__init__(name, version, device)
+        root = Path(path)
+        config = AutoConfig.from_pretrained(root)
+        archs = config.architectures or []
+        self.task = "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "embedding"
+        cls = AutoModelForSequenceClassification if self.task == "classification" else AutoModel
+        self._model = cls.from_pretrained(root, use_safetensors=True).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(root, use_fast=True)
+        if not self.tokenizer.is_fast:
+            raise ValueError(f"{root}: a fast tokenizer (tokenizer.json) is required")
+        st_config = _read_json(root / "sentence_bert_config.json") or {}
+        limit = getattr(config, "max_position_embeddings", 512)
+        self.max_length = int(min(st_config.get("max_seq_length", self.tokenizer.model_max_length), limit))
+        pooling = _read_json(root / "1_Pooling" / "config.json") or {}
+        self.pooling = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
+        self.vocab_size = int(config.vocab_size)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.labels = [config.id2label[i] for i in range(config.num_labels)] if self.task == "classification" else None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._model
+
+    def input_spec(self) -> dict:
+        return {
+            "texts": "str or list of str (tokenized on the server)",
+            "input_ids": f"int token ids, 1-D (one sample) or 2-D/ragged lists (a batch); 0 <= id < {self.vocab_size}",
+            "attention_mask": "optional, with input_ids: 1 for tokens to keep",
+            "max_length": self.max_length,
+            "outputs": ["embeddings"] if self.task == "embedding" else ["logits", "probabilities"],
+            "labels": self.labels,
+        }
+
+    def example_payload(self) -> dict:
+        return {"texts": ["binserve warms the model up with this sentence."]}
+
+    # --- request thread --------------------------------------------------------------------
+    def validate(self, payload: dict) -> Validated:
+        if "texts" in payload:
+            _only(payload, {"texts"})
+            return self._from_texts(payload["texts"])
+        if "input_ids" in payload:
+            _only(payload, {"input_ids", "attention_mask"})
+            return self._from_ids(payload["input_ids"], payload.get("attention_mask"))
+        raise InvalidInput(
+            f"expected 'texts' (str or list of str) or 'input_ids' (token ids); got keys {sorted(payload)}"
+        )
+
+    def _from_texts(self, texts) -> Validated:
+        batched = not isinstance(texts, str)
+        texts = [texts] if not batched else texts
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise InvalidInput("'texts' must be a str or a list of str")
+        if not texts:
+            raise InvalidInput("'texts' is an empty list; send at least one text")
+        enc = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        return Validated([np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]], batched)
+
+    def _from_ids(self, ids, mask) -> Validated:
+        rows, batched = _rows(ids, "input_ids")
+        if mask is not None:
+            mask_rows, _ = _rows(mask, "attention_mask")
+            if len(mask_rows) != len(rows) or any(len(m) != len(r) for m, r in zip(mask_rows, rows, strict=True)):
+                raise InvalidInput("'attention_mask' must have the same shape as 'input_ids'")
+            rows = [r[m != 0] for r, m in zip(rows, mask_rows, strict=True)]
+        for i, r in enumerate(rows):
+            if len(r) == 0:
+                raise InvalidInput(f"'input_ids' row {i} is empty")
+            if len(r) > self.max_length:
+                raise InvalidInput(f"'input_ids' row {i} has {len(r)} tokens; this model takes at most {self.max_length}")
+            if r.min() < 0 or r.max() >= self.vocab_size:
+                raise InvalidInput(f"'input_ids' row {i} has ids outside [0, {self.vocab_size})")
+        return Validated(rows, batched)
+
+    # --- batch thread ------------------------------------------------------------------------
+    def run_batch(self, samples: list) -> list[dict]:
+        lengths = [len(s) for s in samples]
+        ids = np.full((len(samples), max(lengths)), self.pad_id, dtype=np.int64)
+        mask = np.zeros(ids.shape, dtype=np.int64)
+        for i, (s, n) in enumerate(zip(samples, lengths, strict=True)):
+            ids[i, :n] = s
+            mask[i, :n] = 1
+        ids_t = torch.from_numpy(ids).to(self.device, non_blocking=True)
+        mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            out = self._model(input_ids=ids_t, attention_mask=mask_t)
+            if self.task == "classification":
+                logits = out.logits.float()
+                probs = torch.softmax(logits, dim=-1)
+                logits_np, probs_np = logits.cpu().numpy(), probs.cpu().numpy()
+                return [{"logits": logits_np[i], "probabilities": probs_np[i]} for i in range(len(samples))]
+            hidden = out.last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                m = mask_t.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+            emb = torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().numpy()
+        return [{"embeddings": emb[i]} for i in range(len(samples))]
+
+
+def _only(payload: dict, allowed: set) -> None:
+    extra = set(payload) - allowed
+    if extra:
+        raise InvalidInput(f"unexpected keys {sorted(extra)}; this model takes {sorted(allowed)}")
+
+
+def _rows(value, name: str) -> tuple[list[np.ndarray], bool]:
+    """Token id input as a list of 1-D int64 rows, and whether it was a batch."""
+    if isinstance(value, np.ndarray):
+        arr = as_array(value, dtype=np.int64, name=name)
+        if arr.ndim == 1:
+            return [arr], False
+        if arr.ndim == 2:
+            if arr.shape[0] == 0:
+                raise InvalidInput(f"'{name}' is an empty batch")
+            return list(arr), True
+        raise InvalidInput(f"'{name}' must be 1-D (one sample) or 2-D (a batch), got shape {arr.shape}")
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidInput(f"'{name}' is empty")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [as_array(list(value), dtype=np.int64, name=name)], False
+        if all(isinstance(v, (list, tuple, np.ndarray)) for v in value):
+            rows = [as_array(v, dtype=np.int64, name=f"{name}[{i}]") for i, v in enumerate(value)]
+            if any(r.ndim != 1 for r in rows):
+                raise InvalidInput(f"each row of '{name}' must be a flat list of ints")
+            return rows, True
+    raise InvalidInput(f"'{name}' must be a list of ints, a list of lists of ints, or an int array")

@@ -1,0 +1,99 @@
+"""Adapter for a user's `nn.Module` with safetensors weights and a declared input spec.
+
+design: a model directory holds `manifest.json` - the module's import path ("pkg.mod:Class"), its
+constructor arguments, the weights file and one entry per input (dtype and per-sample shape) - and
+the weights as safetensors (never a pickle). A request is one sample (every input at its declared
+shape) or a batch (every input with one more leading dimension, all the same length). The batch
+thread stacks samples per input and calls `module(**inputs)`; a tensor, tuple or dict result is
+split into one output dict per sample, named by the manifest's `outputs`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from binary_protocol import as_array
+from errors import InvalidInput
+from models.base import ModelAdapter, Validated
+
+
+class TorchModule(ModelAdapter):
+    """A plain `nn.Module` served on dicts of arrays, e.g. {"image": uint8 (480, 640, 3), "state": ...}."""
+
+    adapter_name = "torch_module"
+
+    def __init__(self, name: str, version: str, path: str, device: torch.device) -> None:
+        super().__init__(name, version, device)
+        root = Path(path)
+        manifest = json.loads((root / "manifest.json").read_text())
+        module_path, _, cls_name = manifest["class"].partition(":")
+        cls = getattr(importlib.import_module(module_path), cls_name)
+        model = cls(**manifest.get("init_args", {}))
+        model.load_state_dict(safetensors.torch.load_file(root / manifest.get("weights", "model.safetensors")))
+        self._model = model.to(device).eval()
+        self.inputs = {k: (np.dtype(v["dtype"]), tuple(v["shape"])) for k, v in manifest["inputs"].items()}
+        self.output_names = list(manifest.get("outputs", ["output"]))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._model
+
+    def input_spec(self) -> dict:
+        return {
+            **{k: {"dtype": str(dt), "shape": list(shape)} for k, (dt, shape) in self.inputs.items()},
+            "outputs": self.output_names,
+        }
+
+    def example_payload(self) -> dict:
+        rng = np.random.default_rng(0)
+        return {
+            k: (rng.integers(0, 255, shape) if dt.kind in "iu" else rng.standard_normal(shape)).astype(dt)
+            for k, (dt, shape) in self.inputs.items()
+        }
+
+    def validate(self, payload: dict) -> Validated:
+        missing = [k for k in self.inputs if k not in payload]
+        unknown = [k for k in payload if k not in self.inputs]
+        if missing or unknown:
+            parts = [f"missing inputs {missing}" if missing else "", f"unknown inputs {unknown}" if unknown else ""]
+            raise InvalidInput(f"{'; '.join(p for p in parts if p)}; this model takes {sorted(self.inputs)}")
+        arrays = {}
+        batch = set()
+        for key, (dtype, shape) in self.inputs.items():
+            arr = as_array(payload[key], dtype=dtype, name=key)
+            if arr.shape == shape:
+                batch.add(None)
+            elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and arr.shape[0] > 0:
+                batch.add(arr.shape[0])
+            else:
+                raise InvalidInput(
+                    f"{key!r} has shape {arr.shape}; expected {shape} (one sample) or (N, {', '.join(map(str, shape))})"
+                    " (a batch)"
+                )
+            arrays[key] = arr
+        if len(batch) != 1:
+            raise InvalidInput(f"inputs disagree on the batch size: {sorted(batch, key=str)}")
+        (n,) = batch
+        if n is None:
+            return Validated([arrays], batched=False)
+        return Validated([{k: a[i] for k, a in arrays.items()} for i in range(n)], batched=True)
+
+    def run_batch(self, samples: list) -> list[dict]:
+        tensors = {
+            k: torch.from_numpy(np.stack([s[k] for s in samples])).to(self.device, non_blocking=True)
+            for k in self.inputs
+        }
+        with torch.inference_mode():
+            out = self._model(**tensors)
+        if isinstance(out, torch.Tensor):
+            out = {self.output_names[0]: out}
+        elif isinstance(out, (tuple, list)):
+            out = dict(zip(self.output_names, out, strict=True))
+        arrays = {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in out.items()}
+        return [{k: a[i] for k, a in arrays.items()} for i in range(len(samples))]

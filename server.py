@@ -1,0 +1,176 @@
+"""The binserve HTTP layer: routes that decode, validate, submit, wait and encode - nothing else.
+
+design: like LitServe's handler, a request thread decodes the body (`binary_protocol`), lets the
+model's adapter validate it into samples, puts them on the model's batcher and waits on its
+future; batching and models live elsewhere and never import Flask. Every failure is a
+`ServingError` carrying its status, turned into `{"error": {...}}` by one handler.
+
+`gunicorn -c gunicorn.conf.py server:app` serves the module-level `app` (created on first access,
+inside each worker, so models and CUDA are never initialised in the Gunicorn master);
+`python server.py --port 8000 ...` starts exactly that with the flags passed on as env vars.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import sys
+import time
+import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from binary_protocol import Limits, decode_body, encode_body, reply_format
+from config import ServerConfig
+from errors import BadRequest, DeadlineExceeded, Forbidden, PayloadTooLarge, ServingError, Unauthorized
+from model_manager import ModelManager
+from runtime import configure_threads, select_device
+
+log = logging.getLogger("binserve.server")
+
+# How long a request thread waits past its deadline for a batch that already started.
+_DEADLINE_GRACE_S = 5.0
+
+
+def _check_token(expected: str) -> None:
+    """Bearer-token check in constant time; 401 without a token, 403 with a wrong one."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("this endpoint needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise Forbidden("the bearer token is not valid")
+
+
+def _deadline(start: float, config: ServerConfig) -> float:
+    raw = request.headers.get("X-Request-Timeout-Ms")
+    if raw is None:
+        return start + config.request_timeout_s
+    try:
+        ms = float(raw)
+    except ValueError:
+        raise BadRequest(f"X-Request-Timeout-Ms must be a number of milliseconds, got {raw!r}") from None
+    if not 0 < ms <= 3_600_000:
+        raise BadRequest(f"X-Request-Timeout-Ms must be in (0, 3600000], got {raw!r}")
+    return start + ms / 1000.0
+
+
+def create_app(config: ServerConfig | None = None, *, manager: ModelManager | None = None) -> Flask:
+    """Build the Flask app for `config` (default: from BINSERVE_* env); models load in the background."""
+    config = config or ServerConfig.from_env()
+    if manager is None:
+        configure_threads(config)
+        device = select_device(config, int(os.environ.get("BINSERVE_WORKER_INDEX", "0")))
+        manager = ModelManager(config, device).start(background=True)
+    app = Flask("binserve")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.extensions["binserve"] = manager
+    limits = Limits(max_body_bytes=config.max_body_bytes)
+
+    @app.post("/infer", defaults={"model": None})
+    @app.post("/infer/<model>")
+    def infer(model: str | None):
+        start = time.monotonic()
+        if config.auth_token:
+            _check_token(config.auth_token)
+        if (request.content_length or 0) > config.max_body_bytes:
+            raise PayloadTooLarge(f"body of {request.content_length} bytes is over the {config.max_body_bytes}-byte limit")
+        deadline = _deadline(start, config)
+        loaded = manager.get(model)
+        payload, fmt = decode_body(request.get_data(cache=False), request.content_type, limits)
+        validated = loaded.adapter.validate(payload)
+        decoded = time.monotonic()
+        future = loaded.batcher.submit(validated.samples, deadline)
+        try:
+            result = future.result(timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S)
+        except FutureTimeout:
+            future.cancel()
+            raise DeadlineExceeded("the request's deadline passed while its batch was still running") from None
+        reply = loaded.adapter.join(result.outputs, validated.batched)
+        encode_start = time.monotonic()
+        body, content_type = encode_body(reply, reply_format(fmt, request.headers.get("Accept")))
+        timing = (
+            f"decode;dur={(decoded - start) * 1000:.2f}, queue;dur={result.queue_s * 1000:.2f}, "
+            f"infer;dur={result.infer_s * 1000:.2f}, encode;dur={(time.monotonic() - encode_start) * 1000:.2f}"
+        )
+        return Response(
+            body,
+            content_type=content_type,
+            headers={
+                "X-Request-Id": request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+                "X-Model-Version": loaded.adapter.version,
+                "X-Model": loaded.spec.name,
+                "X-Batch-Size": str(result.batch_size),
+                "Server-Timing": timing,
+            },
+        )
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz():
+        if manager.ready:
+            return jsonify(status="ready")
+        status = f"failed: {manager.load_error}" if manager.load_error else "loading"
+        return jsonify(status=status), 503
+
+    @app.get("/models")
+    def models():
+        return jsonify(default=manager.default_name, ready=manager.ready, models=manager.describe())
+
+    @app.errorhandler(ServingError)
+    def serving_error(err: ServingError):
+        resp = jsonify(err.to_dict())
+        resp.status_code = err.status_code
+        if err.retry_after_s is not None:
+            resp.headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        kind = "payload_too_large" if err.code == 413 else (err.name or "http_error").lower().replace(" ", "_")
+        resp = jsonify({"error": {"type": kind, "message": err.description}})
+        resp.status_code = err.code or 500
+        return resp
+
+    @app.errorhandler(Exception)
+    def unexpected(err: Exception):
+        log.exception("unhandled error on %s", request.path)
+        resp = jsonify({"error": {"type": "internal_error", "message": f"{type(err).__name__}: {err}"}})
+        resp.status_code = 500
+        return resp
+
+    return app
+
+
+def __getattr__(name: str):
+    # `gunicorn server:app` reads this attribute inside each worker (preload_app is off), so the
+    # models load after the fork; importing server.py for create_app loads nothing.
+    if name == "app":
+        app = create_app()
+        globals()["app"] = app
+        return app
+    raise AttributeError(name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python server.py [--flags]`: run Gunicorn with gunicorn.conf.py and this config."""
+    config = ServerConfig.from_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, **config.to_env()}
+    print(
+        f"binserve: starting {config.workers} Gunicorn worker(s) on http://{config.host}:{config.port} "
+        f"(models: {config.models or 'minilm (default)'}); ready when GET /readyz answers 200",
+        flush=True,
+    )
+    os.chdir(here)
+    os.execvpe(sys.executable, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"], env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Adapters alone: validate (before queueing), collate/forward/split through run_batch, join."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from errors import InvalidInput
+from models.hf_encoder import HFEncoder
+from models.registry import ModelSpec, default_minilm_path, load_model, parse_specs
+from models.torch_module import TorchModule
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def minilm() -> HFEncoder:
+    return load_model(ModelSpec("minilm", "hf_encoder", default_minilm_path()), CPU)
+
+
+@pytest.fixture(scope="module")
+def policy() -> TorchModule:
+    return load_model(ModelSpec("policy", "torch_module", "models/policy_v1"), CPU)
+
+
+def test_texts_are_tokenized_without_padding(minilm):
+    v = minilm.validate({"texts": ["a b", "a much longer sentence than the first"]})
+    assert v.batched and len(v.samples) == 2
+    assert len(v.samples[0]) < len(v.samples[1])  # each sample keeps its own length
+    assert v.samples[0][0] == minilm.tokenizer.cls_token_id
+
+
+def test_single_text_is_not_batched(minilm):
+    v = minilm.validate({"texts": "one"})
+    out = minilm.join(minilm.run_batch(v.samples), v.batched)
+    assert out["embeddings"].shape == (384,)
+
+
+def test_padding_does_not_change_embeddings(minilm):
+    short, long = minilm.validate({"texts": ["short", "a considerably longer sentence here"]}).samples
+    alone = minilm.run_batch([short])[0]["embeddings"]
+    together = minilm.run_batch([short, long])[0]["embeddings"]
+    np.testing.assert_allclose(alone, together, atol=1e-5)
+    assert abs(np.linalg.norm(alone) - 1) < 1e-5
+
+
+def test_input_ids_forms_agree_with_texts(minilm):
+    ids = minilm.validate({"texts": ["hello world"]}).samples[0]
+    from_texts = minilm.run_batch([ids])[0]["embeddings"]
+    for payload in (
+        {"input_ids": ids.tolist()},
+        {"input_ids": ids},
+        {"input_ids": [ids.tolist()]},
+        {"input_ids": np.stack([np.r_[ids, [0, 0]]]), "attention_mask": np.stack([np.r_[np.ones_like(ids), [0, 0]]])},
+    ):
+        v = minilm.validate(payload)
+        np.testing.assert_allclose(minilm.run_batch(v.samples)[0]["embeddings"], from_texts, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        ({"texts": []}, "'texts' is an empty list"),
+        ({"texts": [1, 2]}, "'texts' must be a str or a list of str"),
+        ({"text": ["x"]}, "expected 'texts'"),
+        ({"texts": ["x"], "extra": 1}, "unexpected keys \\['extra'\\]"),
+        ({"input_ids": [[1, 2], []]}, "row 1 is empty"),
+        ({"input_ids": [1, 99999]}, "outside \\[0, 30522\\)"),
+        ({"input_ids": list(range(300))}, "at most 256"),
+        ({"input_ids": np.zeros((2, 2, 2), np.int64)}, "must be 1-D"),
+        ({"input_ids": np.zeros(3, np.float32) + 0.5}, "dtype float32, expected int64"),
+        ({"input_ids": [[1, 2]], "attention_mask": [[1]]}, "same shape"),
+    ],
+)
+def test_bad_token_inputs_name_the_problem(minilm, payload, match):
+    with pytest.raises(InvalidInput, match=match):
+        minilm.validate(payload)
+
+
+def test_policy_single_and_batch(policy):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (3, 480, 640, 3), dtype=np.uint8)
+    state = rng.standard_normal((3, 6)).astype(np.float32)
+    batch = policy.validate({"image": image, "state": state})
+    assert batch.batched and len(batch.samples) == 3
+    joined = policy.join(policy.run_batch(batch.samples), True)
+    with torch.inference_mode():
+        direct = policy.module(torch.from_numpy(image), torch.from_numpy(state)).numpy()
+    np.testing.assert_allclose(joined["action"], direct, atol=1e-6)
+    single = policy.validate({"image": image[0], "state": state[0]})
+    assert not single.batched
+    np.testing.assert_allclose(policy.join(policy.run_batch(single.samples), False)["action"], direct[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        ({"image": np.zeros((480, 640, 3), np.uint8)}, "missing inputs \\['state'\\]"),
+        ({"image": np.zeros((480, 640, 3), np.uint8), "state": np.zeros(6, np.float32), "x": 1}, "unknown inputs"),
+        ({"image": np.zeros((480, 640), np.uint8), "state": np.zeros(6, np.float32)}, "'image' has shape \\(480, 640\\)"),
+        ({"image": np.zeros((480, 640, 3), np.float32) + 0.5, "state": np.zeros(6)}, "'image' has dtype float32"),
+        ({"image": np.zeros((2, 480, 640, 3), np.uint8), "state": np.zeros((3, 6), np.float32)}, "disagree"),
+    ],
+)
+def test_policy_bad_inputs(policy, payload, match):
+    with pytest.raises(InvalidInput, match=match):
+        policy.validate(payload)
+
+
+def test_parse_specs():
+    assert parse_specs("")[0].name == "minilm"
+    specs = parse_specs("a=hf_encoder:/m, b=torch_module:models/policy_v1")
+    assert [(s.name, s.adapter, s.path) for s in specs] == [("a", "hf_encoder", "/m"), ("b", "torch_module", "models/policy_v1")]
+    with pytest.raises(ValueError, match="unknown adapter 'onnx'"):
+        parse_specs("a=onnx:/x")
+    with pytest.raises(ValueError, match="unique"):
+        parse_specs("a=hf_encoder:/x,a=hf_encoder:/y")

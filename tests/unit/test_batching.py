@@ -1,0 +1,157 @@
+"""The batcher with a lambda as its model and a hand-driven clock."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from batching import Batcher, BatchResult
+from errors import DeadlineExceeded, ModelFailure, Overloaded
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class GatedModel:
+    """Doubles its inputs; each batch blocks until the test opens the gate, so queues can fill."""
+
+    def __init__(self, fail_on=None):
+        self.batches: list[list] = []
+        self.gate = threading.Semaphore(0)
+        self.entered = threading.Semaphore(0)
+        self.fail_on = fail_on
+
+    def __call__(self, samples):
+        self.batches.append(list(samples))
+        self.entered.release()
+        assert self.gate.acquire(timeout=10)
+        if self.fail_on is not None and self.fail_on in samples:
+            raise ValueError(f"cannot handle {self.fail_on}")
+        return [2 * s for s in samples]
+
+
+def test_lone_request_runs_at_once():
+    b = Batcher(lambda xs: [x + 1 for x in xs]).start()
+    res = b.submit([1], deadline=float("inf")).result(timeout=5)
+    assert isinstance(res, BatchResult) and res.outputs == [2] and res.batch_size == 1
+    b.close()
+
+
+def test_arrivals_during_a_batch_form_the_next_batch():
+    model = GatedModel()
+    clock = FakeClock()
+    b = Batcher(model, max_batch_size=4, clock=clock).start()
+    first = b.submit([0], deadline=1e9)
+    assert model.entered.acquire(timeout=5)  # batch [0] is running
+    later = [b.submit([i], deadline=1e9) for i in range(1, 7)]
+    for _ in range(3):
+        model.gate.release()
+    assert first.result(timeout=5).outputs == [0]
+    results = [f.result(timeout=5) for f in later]
+    assert model.batches == [[0], [1, 2, 3, 4], [5, 6]]
+    assert [r.outputs for r in results] == [[2], [4], [6], [8], [10], [12]]
+    assert [r.batch_size for r in results] == [4, 4, 4, 4, 2, 2]
+    b.close()
+
+
+def test_large_request_is_split_and_rejoined_in_order():
+    seen = []
+
+    def model(xs):
+        seen.append(len(xs))
+        return [x * 10 for x in xs]
+
+    b = Batcher(model, max_batch_size=3).start()
+    res = b.submit(list(range(8)), deadline=1e9).result(timeout=5)
+    assert res.outputs == [x * 10 for x in range(8)]
+    assert seen == [3, 3, 2] and res.batch_size == 3
+    b.close()
+
+
+def test_expired_requests_never_reach_the_model():
+    model = GatedModel()
+    clock = FakeClock()
+    b = Batcher(model, max_batch_size=8, clock=clock).start()
+    blocker = b.submit([0], deadline=1e9)
+    assert model.entered.acquire(timeout=5)
+    late = b.submit([1], deadline=clock.now + 0.5)
+    on_time = b.submit([2], deadline=clock.now + 10)
+    clock.now += 1.0  # the first request's deadline passes while it waits
+    model.gate.release()
+    model.gate.release()
+    blocker.result(timeout=5)
+    with pytest.raises(DeadlineExceeded, match="past its deadline"):
+        late.result(timeout=5)
+    assert on_time.result(timeout=5).outputs == [4]
+    assert model.batches == [[0], [2]]
+    b.close()
+
+
+def test_failing_batch_fails_only_its_requests_and_the_thread_goes_on():
+    model = GatedModel(fail_on=13)
+    b = Batcher(model, max_batch_size=2).start()
+    blocker = b.submit([0], deadline=1e9)
+    assert model.entered.acquire(timeout=5)
+    bad_batch = [b.submit([13], deadline=1e9), b.submit([1], deadline=1e9)]
+    good = b.submit([2], deadline=1e9)
+    for _ in range(3):
+        model.gate.release()
+    blocker.result(timeout=5)
+    for f in bad_batch:
+        with pytest.raises(ModelFailure, match="cannot handle 13"):
+            f.result(timeout=5)
+    assert good.result(timeout=5).outputs == [4]
+    b.close()
+
+
+def test_wrong_output_count_is_a_model_failure():
+    b = Batcher(lambda xs: xs[:-1]).start()
+    with pytest.raises(ModelFailure, match="returned 1 outputs for 2 inputs"):
+        b.submit([1, 2], deadline=1e9).result(timeout=5)
+    b.close()
+
+
+def test_full_queue_answers_429_at_once_with_retry_after():
+    model = GatedModel()
+    b = Batcher(model, max_batch_size=2, max_queue_samples=3).start()
+    blocker = b.submit([0], deadline=1e9)
+    assert model.entered.acquire(timeout=5)
+    queued = b.submit([1, 2, 3], deadline=1e9)
+    with pytest.raises(Overloaded, match="3 samples queued") as info:
+        b.submit([4], deadline=1e9)
+    assert info.value.retry_after_s >= 1
+    assert b.queued_samples == 3
+    for _ in range(3):
+        model.gate.release()
+    blocker.result(timeout=5)
+    assert queued.result(timeout=5).outputs == [2, 4, 6]
+    assert b.submit([5], deadline=1e9) is not None  # the queue drained: accepted again
+    model.gate.release()
+    b.close()
+
+
+def test_max_wait_collects_a_fuller_batch():
+    clock = FakeClock()
+    seen = []
+    b = Batcher(lambda xs: seen.append(list(xs)) or xs, max_batch_size=3, max_wait_ms=50, clock=clock)
+    futures = [b.submit([i], deadline=1e9) for i in range(3)]  # queued before the thread starts
+    b.start()
+    assert [f.result(timeout=5).outputs for f in futures] == [[0], [1], [2]]
+    assert seen == [[0, 1, 2]]
+    b.close()
+
+
+def test_close_drains_the_queue():
+    b = Batcher(lambda xs: xs)
+    futures = [b.submit([i], deadline=1e9) for i in range(5)]
+    b.start()
+    b.close(timeout_s=5)
+    assert [f.result(timeout=1).outputs for f in futures] == [[i] for i in range(5)]
