@@ -104,9 +104,7 @@ class Batcher:
             raise ValueError("a request needs at least one sample")
         now = self.clock()
         req = _Request(samples=samples, deadline=deadline, enqueued=now)
-        parts = [
-            _Part(req, i, samples[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)
-        ]
+        parts = [_Part(req, i, samples[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)]
         req.parts_left = len(parts)
         req.outputs = [None] * n
         with self._cond:
@@ -177,9 +175,12 @@ class Batcher:
             if req.future.done():
                 continue  # an earlier part already failed it
             if now > req.deadline:
-                self._fail(req, DeadlineExceeded(
-                    f"the request waited {now - req.enqueued:.3f}s, past its deadline, before the model ran it"
-                ))
+                self._fail(
+                    req,
+                    DeadlineExceeded(
+                        f"the request waited {now - req.enqueued:.3f}s, past its deadline, before the model ran it"
+                    ),
+                )
                 continue
             live.append(part)
         if not live:

@@ -21,6 +21,9 @@ timeout = 120
 graceful_timeout = 30
 keepalive = 5
 loglevel = _config.log_level
+# Gunicorn 27's control socket lives at one path per user; several servers (tests, replicas on one
+# host) would fight over it, and binserve does not use it.
+control_socket_disable = True
 accesslog = None
 errorlog = "-"
 

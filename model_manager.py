@@ -41,7 +41,8 @@ class ModelManager:
         self.specs = parse_specs(config.models)
         self.default_name = config.default_model or self.specs[0].name
         if self.default_name not in {s.name for s in self.specs}:
-            raise ValueError(f"default_model {self.default_name!r} is not among the models {[s.name for s in self.specs]}")
+            names = [s.name for s in self.specs]
+            raise ValueError(f"default_model {self.default_name!r} is not among the models {names}")
         self._models: dict[str, LoadedModel] = {}
         self._ready = threading.Event()
         self.load_error: str | None = None

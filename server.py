@@ -77,7 +77,9 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
         if config.auth_token:
             _check_token(config.auth_token)
         if (request.content_length or 0) > config.max_body_bytes:
-            raise PayloadTooLarge(f"body of {request.content_length} bytes is over the {config.max_body_bytes}-byte limit")
+            raise PayloadTooLarge(
+                f"body of {request.content_length} bytes is over the {config.max_body_bytes}-byte limit"
+            )
         deadline = _deadline(start, config)
         loaded = manager.get(model)
         payload, fmt = decode_body(request.get_data(cache=False), request.content_type, limits)
@@ -110,14 +112,14 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
 
     @app.get("/healthz")
     def healthz():
-        return jsonify(status="ok")
+        return jsonify(status="ok", pid=os.getpid())
 
     @app.get("/readyz")
     def readyz():
         if manager.ready:
-            return jsonify(status="ready")
+            return jsonify(status="ready", pid=os.getpid())
         status = f"failed: {manager.load_error}" if manager.load_error else "loading"
-        return jsonify(status=status), 503
+        return jsonify(status=status, pid=os.getpid()), 503
 
     @app.get("/models")
     def models():

@@ -33,7 +33,9 @@ class PolicyNet(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.head = nn.Sequential(nn.Linear(16 + STATE_DIM, hidden), nn.ReLU(), nn.Linear(hidden, ACTION_DIM), nn.Tanh())
+        self.head = nn.Sequential(
+            nn.Linear(16 + STATE_DIM, hidden), nn.ReLU(), nn.Linear(hidden, ACTION_DIM), nn.Tanh()
+        )
 
     def forward(self, image: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float().div_(255.0)

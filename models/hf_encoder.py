@@ -106,7 +106,9 @@ class HFEncoder(ModelAdapter):
             if len(r) == 0:
                 raise InvalidInput(f"'input_ids' row {i} is empty")
             if len(r) > self.max_length:
-                raise InvalidInput(f"'input_ids' row {i} has {len(r)} tokens; this model takes at most {self.max_length}")
+                raise InvalidInput(
+                    f"'input_ids' row {i} has {len(r)} tokens; this model takes at most {self.max_length}"
+                )
             if r.min() < 0 or r.max() >= self.vocab_size:
                 raise InvalidInput(f"'input_ids' row {i} has ids outside [0, {self.vocab_size})")
         return Validated(rows, batched)

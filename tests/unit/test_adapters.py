@@ -98,7 +98,10 @@ def test_policy_single_and_batch(policy):
     [
         ({"image": np.zeros((480, 640, 3), np.uint8)}, "missing inputs \\['state'\\]"),
         ({"image": np.zeros((480, 640, 3), np.uint8), "state": np.zeros(6, np.float32), "x": 1}, "unknown inputs"),
-        ({"image": np.zeros((480, 640), np.uint8), "state": np.zeros(6, np.float32)}, "'image' has shape \\(480, 640\\)"),
+        (
+            {"image": np.zeros((480, 640), np.uint8), "state": np.zeros(6, np.float32)},
+            "'image' has shape \\(480, 640\\)",
+        ),
         ({"image": np.zeros((480, 640, 3), np.float32) + 0.5, "state": np.zeros(6)}, "'image' has dtype float32"),
         ({"image": np.zeros((2, 480, 640, 3), np.uint8), "state": np.zeros((3, 6), np.float32)}, "disagree"),
     ],
@@ -111,7 +114,8 @@ def test_policy_bad_inputs(policy, payload, match):
 def test_parse_specs():
     assert parse_specs("")[0].name == "minilm"
     specs = parse_specs("a=hf_encoder:/m, b=torch_module:models/policy_v1")
-    assert [(s.name, s.adapter, s.path) for s in specs] == [("a", "hf_encoder", "/m"), ("b", "torch_module", "models/policy_v1")]
+    got = [(s.name, s.adapter, s.path) for s in specs]
+    assert got == [("a", "hf_encoder", "/m"), ("b", "torch_module", "models/policy_v1")]
     with pytest.raises(ValueError, match="unknown adapter 'onnx'"):
         parse_specs("a=onnx:/x")
     with pytest.raises(ValueError, match="unique"):

@@ -1,0 +1,28 @@
+"""Shared fixtures: one real Gunicorn server with MiniLM and the example policy for the session."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.registry import default_minilm_path
+from tests.serverproc import ServerProcess
+
+MODELS = f"minilm=hf_encoder:{default_minilm_path()},policy=torch_module:models/policy_v1"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """binserve under Gunicorn with 2 gthread workers, MiniLM (default) and the policy model."""
+    with ServerProcess(workers=2, models=MODELS) as srv:
+        yield srv

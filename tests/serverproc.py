@@ -1,0 +1,107 @@
+"""Start and stop a real binserve (Gunicorn) on a free loopback port, for integration and load tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python server.py` as a user starts it; `start()` returns once every worker is ready."""
+
+    def __init__(self, workers: int = 2, models: str = "", log_path: Path | None = None, **settings) -> None:
+        self.port = free_port()
+        self.workers = workers
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        args = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)]
+        if models:
+            args += ["--models", models]
+        for k, v in settings.items():
+            args += ["--" + k.replace("_", "-"), str(v)]
+        self.args = args
+        self.log_path = log_path or Path(os.environ.get("BINSERVE_TEST_LOG_DIR", "/tmp")) / f"binserve-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180.0) -> ServerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BINSERVE_")}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), *self.args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()  # a server that failed to come up must not outlive the test
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Poll /readyz until `workers` distinct worker pids have answered 200 (no sleeps)."""
+        ready_pids: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_tail()}")
+            try:
+                # a new connection each time, so that every worker gets asked
+                r = requests.get(f"{self.base_url}/readyz", timeout=2, headers={"Connection": "close"})
+                if r.status_code == 200:
+                    ready_pids.add(r.json()["pid"])
+                    if len(ready_pids) >= self.workers:
+                        return
+                elif r.json().get("status", "").startswith("failed"):
+                    raise RuntimeError(f"model load failed: {r.json()}")
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or the worker is busy loading; ask again
+            time.sleep(0.05)  # polling interval between readiness probes, not a wait for readiness
+        raise TimeoutError(f"server not ready after {timeout_s}s; log: {self.log_tail()}")
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the Gunicorn master (graceful), then SIGKILL its group if it lingers."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        try:  # workers are in the master's session: make sure none is left behind
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
