@@ -54,6 +54,27 @@ class _Part:
     request: _Request
     start: int  # index of the part's first sample in the request
     samples: Sequence
+    lengths: list[int] | None = None  # per-sample token counts, for token models
+    longest: int = 0
+
+
+@dataclass
+class BatchStats:
+    """Running totals of what this batcher ran (read by /models and the benchmarks)."""
+
+    batches: int = 0
+    samples: int = 0
+    real_tokens: int = 0  # tokens of the samples themselves
+    padded_tokens: int = 0  # rows x longest row, summed over batches
+    expired: int = 0
+    rejected: int = 0
+    failed_batches: int = 0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["mean_batch_size"] = self.samples / self.batches if self.batches else 0.0
+        d["padding_ratio"] = 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+        return d
 
 
 class Batcher:
@@ -66,6 +87,9 @@ class Batcher:
         max_batch_size: int = 32,
         max_queue_samples: int = 2048,
         max_wait_ms: float = 0.0,
+        max_batch_tokens: int | None = None,
+        sample_len: Callable[[object], int] | None = None,
+        group_window: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "model",
     ) -> None:
@@ -75,6 +99,13 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_samples = max_queue_samples
         self.max_wait_s = max_wait_ms / 1000.0
+        # Token models: batches are bounded by padded tokens too, and formed from similar lengths.
+        self.sample_len = sample_len
+        self.max_batch_tokens = max_batch_tokens
+        # How far past the oldest request batch formation may look for similar lengths: the
+        # oldest request is always in the next batch, so nothing waits behind more than this.
+        self.group_window = group_window or 4 * max_batch_size
+        self.stats = BatchStats()
         self.clock = clock
         self.name = name
         self._parts: deque[_Part] = deque()
@@ -105,12 +136,17 @@ class Batcher:
         now = self.clock()
         req = _Request(samples=samples, deadline=deadline, enqueued=now)
         parts = [_Part(req, i, samples[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)]
+        if self.sample_len is not None:
+            for part in parts:
+                part.lengths = [self.sample_len(s) for s in part.samples]
+                part.longest = max(part.lengths)
         req.parts_left = len(parts)
         req.outputs = [None] * n
         with self._cond:
             if self._closed:
                 raise NotReady(f"model {self.name!r} is shutting down")
             if self._queued_samples + n > self.max_queue_samples:
+                self.stats.rejected += 1
                 raise Overloaded(
                     f"model {self.name!r} has {self._queued_samples} samples queued (limit "
                     f"{self.max_queue_samples}); retry later",
@@ -151,21 +187,62 @@ class Batcher:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            batch: list[_Part] = []
-            size = 0
-            while self._parts and size + len(self._parts[0].samples) <= self.max_batch_size:
-                part = self._parts.popleft()
-                batch.append(part)
-                size += len(part.samples)
-            self._queued_samples -= size
+            batch = self._form_batch() if self.sample_len is not None else self._fifo_batch()
+            self._queued_samples -= sum(len(p.samples) for p in batch)
             return batch
+
+    def _fifo_batch(self) -> list[_Part]:
+        batch: list[_Part] = []
+        size = 0
+        while self._parts and size + len(self._parts[0].samples) <= self.max_batch_size:
+            part = self._parts.popleft()
+            batch.append(part)
+            size += len(part.samples)
+        return batch
+
+    def _form_batch(self) -> list[_Part]:
+        """The oldest part, plus the queued parts that add the least padding, within the budgets.
+
+        Greedy: each step adds the part whose padded tokens minus real tokens (the waste it adds,
+        counting the longer rows it forces on the others) is smallest. A part whose own padding
+        would exceed its real tokens is left for a batch of rows like it.
+        """
+        window = [self._parts[i] for i in range(min(len(self._parts), self.group_window))]
+        head = window[0]
+        rows, longest = len(head.samples), head.longest
+        chosen = [0]
+        free = [(i, len(p.samples), p.longest, sum(p.lengths)) for i, p in enumerate(window) if i]
+        while free and rows < self.max_batch_size:
+            best = None
+            for k, (_, n, part_longest, real) in enumerate(free):
+                r, m = rows + n, max(longest, part_longest)
+                if r > self.max_batch_size or (self.max_batch_tokens and r * m > self.max_batch_tokens):
+                    continue
+                waste = r * m - rows * longest - real
+                if waste <= real and (best is None or waste < best[0]):
+                    best = (waste, k)
+            if best is None:
+                break
+            i, n, part_longest, _ = free.pop(best[1])
+            chosen.append(i)
+            rows, longest = rows + n, max(longest, part_longest)
+        taken = set(chosen)
+        for _ in range(len(window)):
+            self._parts.popleft()
+        self._parts.extendleft(reversed([p for i, p in enumerate(window) if i not in taken]))
+        return [window[i] for i in sorted(taken)]
 
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception as exc:  # a bug of ours must fail this batch, never stop the thread
+                log.exception("internal error in the batcher of %s", self.name)
+                for part in batch:
+                    self._fail(part.request, ServingError(f"internal error in the batcher: {exc!r}"))
 
     def _run(self, batch: list[_Part]) -> None:
         now = self.clock()
@@ -192,17 +269,19 @@ class Batcher:
             if len(outputs) != len(samples):
                 raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(samples)} inputs")
         except ServingError as exc:
+            self.stats.failed_batches += 1
             for part in live:
                 self._fail(part.request, exc)
             return
         except Exception as exc:  # the model's failure fails this batch only
             log.exception("batch of %d samples failed on model %s", len(samples), self.name)
+            self.stats.failed_batches += 1
             err = ModelFailure(f"model {self.name!r} failed on a batch of {len(samples)}: {type(exc).__name__}: {exc}")
             for part in live:
                 self._fail(part.request, err)
             return
-        finished = self.clock()
-        elapsed = finished - started
+        elapsed = self.clock() - started
+        self._account(live, len(samples))
         if elapsed > 0:
             rate = len(samples) / elapsed
             self._drain_rate = rate if self._drain_rate == 0 else 0.8 * self._drain_rate + 0.2 * rate
@@ -219,6 +298,14 @@ class Batcher:
             req.parts_left -= 1
             if req.parts_left == 0 and not req.future.done():
                 req.future.set_result(BatchResult(req.outputs, req.batch_size, req.queue_s, req.infer_s))
+
+    def _account(self, live: list[_Part], n: int) -> None:
+        st = self.stats
+        st.batches += 1
+        st.samples += n
+        if self.sample_len is not None:
+            st.real_tokens += sum(sum(p.lengths) for p in live)
+            st.padded_tokens += n * max(p.longest for p in live)
 
     @staticmethod
     def _fail(req: _Request, exc: BaseException) -> None:

@@ -34,8 +34,9 @@ class ServerConfig:
     #: torch intra-op threads per worker; 0: the cores this process may use / workers
     torch_threads: int = 0
     max_batch_size: int = 32
-    #: padded tokens (rows x longest row) per batch, for token inputs
-    max_batch_tokens: int = 16384
+    #: padded tokens (rows x longest row) per batch, for token inputs; small enough that long
+    #: rows make small batches of similar length (raise it on a GPU, which wants big batches)
+    max_batch_tokens: int = 4096
     #: extra wait for a fuller batch once a request is queued; 0 adds no latency at low load
     max_wait_ms: float = 0.0
     #: samples waiting in one model's queue before new requests get 429

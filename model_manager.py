@@ -74,6 +74,8 @@ class ModelManager:
                     max_batch_size=self.config.max_batch_size,
                     max_queue_samples=self.config.max_queue_samples,
                     max_wait_ms=self.config.max_wait_ms,
+                    max_batch_tokens=self.config.max_batch_tokens,
+                    sample_len=adapter.sample_length if adapter.token_inputs else None,
                     name=spec.name,
                 ).start()
                 self._models[spec.name] = LoadedModel(spec, adapter, batcher)
@@ -103,10 +105,12 @@ class ModelManager:
             info["default"] = loaded.spec.name == self.default_name
             info["batching"] = {
                 "max_batch_size": loaded.batcher.max_batch_size,
+                "max_batch_tokens": loaded.batcher.max_batch_tokens if loaded.adapter.token_inputs else None,
                 "max_queue_samples": loaded.batcher.max_queue_samples,
                 "max_wait_ms": loaded.batcher.max_wait_s * 1000,
                 "queued_samples": loaded.batcher.queued_samples,
             }
+            info["stats"] = loaded.batcher.stats.as_dict()
             out.append(info)
         return out
 

@@ -29,6 +29,9 @@ class ModelAdapter(abc.ABC):
 
     #: registry name of the adapter ("hf_encoder", "torch_module")
     adapter_name: str = ""
+    #: True when samples are token rows padded per batch: the batcher then bounds batches by
+    #: padded tokens and groups similar lengths, using `sample_length`.
+    token_inputs: bool = False
 
     def __init__(self, name: str, version: str, device: torch.device) -> None:
         self.name = name
@@ -61,6 +64,10 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def module(self) -> torch.nn.Module:
         """The underlying torch module (for parameter counts and dtype)."""
+
+    def sample_length(self, sample) -> int:
+        """Tokens in one sample (only called when `token_inputs`)."""
+        return len(sample)
 
     def warmup(self, batch_sizes=(1, 4)) -> None:
         """Run the example through the model at a few batch sizes (allocator, kernels, caches)."""

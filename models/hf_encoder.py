@@ -29,6 +29,7 @@ class HFEncoder(ModelAdapter):
     """A BERT-style encoder: `{"texts": [...]}` or `{"input_ids": ...}` in, embeddings/logits out."""
 
     adapter_name = "hf_encoder"
+    token_inputs = True
 
     def __init__(self, name: str, version: str, path: str, device: torch.device) -> None:
         super().__init__(name, version, device)

@@ -155,3 +155,76 @@ def test_close_drains_the_queue():
     b.start()
     b.close(timeout_s=5)
     assert [f.result(timeout=1).outputs for f in futures] == [[i] for i in range(5)]
+
+
+def test_an_internal_error_fails_the_batch_but_not_the_thread(monkeypatch):
+    b = Batcher(lambda xs: xs)
+    calls = []
+
+    def broken_account(live, n):
+        calls.append(n)
+        if len(calls) == 1:
+            raise RuntimeError("bookkeeping bug")
+
+    monkeypatch.setattr(b, "_account", broken_account)
+    b.start()
+    with pytest.raises(Exception, match="internal error in the batcher"):
+        b.submit([1], deadline=1e9).result(timeout=5)
+    assert b.submit([2], deadline=1e9).result(timeout=5).outputs == [2]
+    b.close()
+
+
+def token_batcher(model, **kw):
+    return Batcher(model, sample_len=len, **kw)
+
+
+def test_token_budget_bounds_rows_times_longest():
+    model = GatedModel()
+    b = token_batcher(model, max_batch_size=8, max_batch_tokens=40).start()
+    blocker = b.submit(["x"], deadline=1e9)
+    assert model.entered.acquire(timeout=5)
+    # ten-token rows: at most 4 fit in 40 padded tokens
+    futures = [b.submit(["a" * 10], deadline=1e9) for _ in range(6)]
+    for _ in range(3):
+        model.gate.release()
+    blocker.result(timeout=5)
+    [f.result(timeout=5) for f in futures]
+    assert [len(batch) for batch in model.batches] == [1, 4, 2]
+    assert b.stats.padded_tokens == 1 + 40 + 20 and b.stats.real_tokens == 1 + 60
+    b.close()
+
+
+def test_length_grouping_keeps_padding_low_and_the_oldest_first():
+    model = GatedModel()
+    b = token_batcher(model, max_batch_size=2).start()
+    blocker = b.submit(["x"], deadline=1e9)
+    assert model.entered.acquire(timeout=5)
+    lengths = [50, 3, 48, 4, 2, 47]
+    futures = [b.submit(["t" * n], deadline=1e9) for n in lengths]
+    for _ in range(4):
+        model.gate.release()
+    blocker.result(timeout=5)
+    assert [f.result(timeout=5).outputs[0] for f in futures] == ["t" * n * 2 for n in lengths]
+    batches = [[len(s) for s in batch] for batch in model.batches[1:]]
+    # each batch starts with the oldest waiting request and adds the closest length to it
+    assert batches == [[50, 48], [3, 4], [2], [47]] or batches == [[50, 48], [3, 4], [2, 47]]
+    assert batches[0] == [50, 48] and batches[1] == [3, 4]
+    b.close()
+
+
+def test_grouping_is_fair_within_the_window():
+    """A request of an odd length waits behind at most `group_window` batches."""
+    model = GatedModel()
+    b = token_batcher(model, max_batch_size=2, group_window=3).start()
+    blocker = b.submit(["x"], deadline=1e9)
+    assert model.entered.acquire(timeout=5)
+    odd = b.submit(["o" * 100], deadline=1e9)
+    others = [b.submit(["s" * 5], deadline=1e9) for _ in range(10)]
+    for _ in range(12):
+        model.gate.release()
+    blocker.result(timeout=5)
+    odd.result(timeout=5)
+    [f.result(timeout=5) for f in others]
+    position = next(i for i, batch in enumerate(model.batches) if any(len(s) == 100 for s in batch))
+    assert position <= 3
+    b.close()
