@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from errors import DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServingError
+from errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServingError
 
 log = logging.getLogger("binserve.batching")
 
@@ -41,6 +41,7 @@ class _Request:
     samples: Sequence
     deadline: float
     enqueued: float
+    abandoned: Callable[[], bool] | None = None  # True once the client has gone away
     future: Future = field(default_factory=Future)
     parts_left: int = 0
     outputs: list = field(default_factory=list)
@@ -67,6 +68,7 @@ class BatchStats:
     real_tokens: int = 0  # tokens of the samples themselves
     padded_tokens: int = 0  # rows x longest row, summed over batches
     expired: int = 0
+    abandoned: int = 0
     rejected: int = 0
     failed_batches: int = 0
 
@@ -128,13 +130,17 @@ class Batcher:
             self._thread.start()
         return self
 
-    def submit(self, samples: Sequence, deadline: float) -> Future:
-        """Queue a request of one or more samples; the future gives a `BatchResult` or raises."""
+    def submit(self, samples: Sequence, deadline: float, abandoned: Callable[[], bool] | None = None) -> Future:
+        """Queue a request of one or more samples; the future gives a `BatchResult` or raises.
+
+        `abandoned`, if given, is asked just before the request would run; True (the client hung
+        up) drops it like an expired one, so no forward pass is spent on an answer nobody reads.
+        """
         n = len(samples)
         if n == 0:
             raise ValueError("a request needs at least one sample")
         now = self.clock()
-        req = _Request(samples=samples, deadline=deadline, enqueued=now)
+        req = _Request(samples=samples, deadline=deadline, enqueued=now, abandoned=abandoned)
         parts = [_Part(req, i, samples[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)]
         if self.sample_len is not None:
             for part in parts:
@@ -258,6 +264,10 @@ class Batcher:
                         f"the request waited {now - req.enqueued:.3f}s, past its deadline, before the model ran it"
                     ),
                 )
+                continue
+            if req.abandoned is not None and req.abandoned():
+                self.stats.abandoned += 1
+                self._fail(req, ClientGone("the client disconnected before its request ran"))
                 continue
             live.append(part)
         if not live:

@@ -89,6 +89,13 @@ class Overloaded(ServingError):
     error_type = "overloaded"
 
 
+class ClientGone(ServingError):
+    """The client disconnected before its request ran; nobody reads this answer (nginx's 499)."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+
+
 class ModelFailure(ServingError):
     """The model raised while running a batch that held this request (500)."""
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import select
+import socket
 import sys
 import time
 import uuid
@@ -43,6 +45,23 @@ def _check_token(expected: str) -> None:
         raise Unauthorized("this endpoint needs 'Authorization: Bearer <token>'")
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise Forbidden("the bearer token is not valid")
+
+
+def _client_gone_check(environ: dict):
+    """A check that the client hung up, from the socket Gunicorn puts in the environ (None if absent)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            # readable with no data to peek at means EOF: the client closed its side
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    return gone
 
 
 def _deadline(start: float, config: ServerConfig) -> float:
@@ -85,7 +104,7 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
         payload, fmt = decode_body(request.get_data(cache=False), request.content_type, limits)
         validated = loaded.adapter.validate(payload)
         decoded = time.monotonic()
-        future = loaded.batcher.submit(validated.samples, deadline)
+        future = loaded.batcher.submit(validated.samples, deadline, _client_gone_check(request.environ))
         try:
             result = future.result(timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S)
         except FutureTimeout:

@@ -228,3 +228,20 @@ def test_grouping_is_fair_within_the_window():
     position = next(i for i, batch in enumerate(model.batches) if any(len(s) == 100 for s in batch))
     assert position <= 3
     b.close()
+
+
+def test_abandoned_requests_are_not_computed():
+    model = GatedModel()
+    b = Batcher(model, max_batch_size=4).start()
+    blocker = b.submit([0], deadline=1e9)
+    assert model.entered.acquire(timeout=5)
+    gone = b.submit([1], deadline=1e9, abandoned=lambda: True)
+    here = b.submit([2], deadline=1e9, abandoned=lambda: False)
+    model.gate.release()
+    model.gate.release()
+    blocker.result(timeout=5)
+    with pytest.raises(Exception, match="client disconnected"):
+        gone.result(timeout=5)
+    assert here.result(timeout=5).outputs == [4]
+    assert model.batches == [[0], [2]] and b.stats.abandoned == 1
+    b.close()
