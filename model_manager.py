@@ -67,7 +67,7 @@ class ModelManager:
     def _load_all(self) -> None:
         try:
             for spec in self.specs:
-                adapter = load_model(spec, self.device)
+                adapter = load_model(spec, self.device, self.config.autocast)
                 adapter.warmup()
                 batcher = Batcher(
                     adapter.run_batch,

@@ -8,8 +8,10 @@ only here, after Gunicorn forked the worker; worker i takes GPU i mod N.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import numpy as np
 import torch
 
 from config import ServerConfig
@@ -39,3 +41,107 @@ def select_device(config: ServerConfig, worker_index: int = 0) -> torch.device:
     if not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU")
     return torch.device("cuda", worker_index % torch.cuda.device_count())
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The dtype autocast uses on `device` for a config setting; None means no autocast.
+
+    Only CUDA autocasts: bf16 where the GPU supports it (else fp16), fp16 when asked, off when asked.
+    CPU inference stays float32 (CPU autocast to bf16 is slower than fp32 on most CPUs).
+    """
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+class DeviceRunner:
+    """Moves collated batches to the device, runs the model there, and brings outputs back.
+
+    design (GPU): each batch is collated straight into reusable pinned host buffers (one per input
+    name and slot, grown when a batch needs more, never `pin_memory()` per request); the copy to
+    the device is `non_blocking` on a copy stream, and the compute stream waits on the copy's event
+    rather than the host waiting; the model runs on the compute stream under inference_mode and
+    autocast; outputs come back once per batch into pinned buffers and the host synchronises only
+    on that copy's event. Two slots alternate, so collating batch k+1 never writes into buffers
+    that batch k's copy may still be reading. (CPU): the same calls, with plain arrays and no
+    streams: `staging` gives a fresh array that torch uses without a copy.
+    """
+
+    def __init__(self, device: torch.device, autocast: str = "bf16") -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.autocast = autocast_dtype(autocast, device)
+        self._slot = 0
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.compute_stream = torch.cuda.Stream(device)
+
+    def next_batch(self) -> None:
+        """Start a new batch: switch to the other staging slot."""
+        self._slot ^= 1
+
+    def _pinned(self, key: str, nbytes: int) -> torch.Tensor:
+        buf = self._buffers.get((self._slot, key))
+        if buf is None or buf.numel() < nbytes:
+            # grow geometrically, so a few large batches do not re-pin memory every time
+            size = max(nbytes, 2 * buf.numel() if buf is not None else 0, 1 << 16)
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self._buffers[(self._slot, key)] = buf
+        return buf
+
+    def staging(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        """A host array to collate input `name` into (pinned and reused on a GPU)."""
+        dtype = np.dtype(dtype)
+        if not self.cuda:
+            return np.empty(shape, dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        return self._pinned("in:" + name, nbytes)[:nbytes].numpy().view(dtype).reshape(shape)
+
+    def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Device tensors for collated host arrays; on a GPU the copy is queued, not waited for."""
+        if not self.cuda:
+            return {k: torch.from_numpy(a) for k, a in arrays.items()}
+        with torch.cuda.stream(self.copy_stream):
+            tensors = {k: torch.from_numpy(a).to(self.device, non_blocking=True) for k, a in arrays.items()}
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        self.compute_stream.wait_event(copied)
+        for t in tensors.values():
+            t.record_stream(self.compute_stream)  # the allocator must not reuse them before compute ends
+        return tensors
+
+    def forward(self, fn, *args, **kwargs):
+        """Run `fn` on the compute stream under inference_mode and the configured autocast."""
+        stream = torch.cuda.stream(self.compute_stream) if self.cuda else contextlib.nullcontext()
+        amp = (
+            torch.autocast(device_type="cuda", dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with stream, torch.inference_mode(), amp:
+            return fn(*args, **kwargs)
+
+    def to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Outputs as numpy arrays owned by the caller; floats come back as float32."""
+        if not self.cuda:
+            return {k: (t.float() if t.is_floating_point() else t).numpy() for k, t in tensors.items()}
+        out = {}
+        with torch.cuda.stream(self.compute_stream):
+            for k, t in tensors.items():
+                t = t.float() if t.is_floating_point() else t
+                host = self._pinned("out:" + k, t.numel() * t.element_size())
+                view = host[: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                view.copy_(t, non_blocking=True)
+                out[k] = view
+            done = torch.cuda.Event()
+            done.record(self.compute_stream)
+        done.synchronize()  # the one wait per batch: the reply needs these bytes
+        # copy out of the pinned slot, which the batch after next will overwrite
+        return {k: v.numpy().copy() for k, v in out.items()}
+
+    def memory_bytes(self) -> int | None:
+        """Device memory held by torch's allocator (None on the CPU)."""
+        return int(torch.cuda.memory_allocated(self.device)) if self.cuda else None

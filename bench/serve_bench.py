@@ -73,7 +73,7 @@ def raw_latency_ms(samples: int = 200) -> float:
 
 def model_stats(base_url: str) -> dict:
     info = requests.get(f"{base_url}/models", timeout=10).json()
-    return next(m for m in info["models"] if m["name"] == "minilm")["stats"]
+    return next(m for m in info["models"] if m["name"] == info["default"])["stats"]
 
 
 def drive(base_url: str, bodies: list[bytes], concurrency: int, n_requests: int) -> dict:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runtime import DeviceRunner
+
 
 @dataclass(frozen=True)
 class Validated:
@@ -33,10 +35,12 @@ class ModelAdapter(abc.ABC):
     #: padded tokens and groups similar lengths, using `sample_length`.
     token_inputs: bool = False
 
-    def __init__(self, name: str, version: str, device: torch.device) -> None:
+    def __init__(self, name: str, version: str, device: torch.device, autocast: str = "bf16") -> None:
         self.name = name
         self.version = version
         self.device = device
+        #: staging buffers, streams and autocast for this model's batches
+        self.runner = DeviceRunner(device, autocast)
 
     @abc.abstractmethod
     def input_spec(self) -> dict:
@@ -87,6 +91,8 @@ class ModelAdapter(abc.ABC):
             "adapter": self.adapter_name,
             "device": str(self.device),
             "dtype": str(params[0].dtype).replace("torch.", "") if params else None,
+            "autocast": str(self.runner.autocast).replace("torch.", "") if self.runner.autocast else "off",
+            "device_memory_bytes": self.runner.memory_bytes(),
             "parameters": sum(p.numel() for p in params),
             "inputs": self.input_spec(),
         }

@@ -31,8 +31,8 @@ class HFEncoder(ModelAdapter):
     adapter_name = "hf_encoder"
     token_inputs = True
 
-    def __init__(self, name: str, version: str, path: str, device: torch.device) -> None:
-        super().__init__(name, version, device)
+    def __init__(self, name: str, version: str, path: str, device: torch.device, autocast: str = "bf16") -> None:
+        super().__init__(name, version, device, autocast)
         root = Path(path)
         config = AutoConfig.from_pretrained(root)
         archs = config.architectures or []
@@ -116,29 +116,33 @@ class HFEncoder(ModelAdapter):
 
     # --- batch thread ------------------------------------------------------------------------
     def run_batch(self, samples: list) -> list[dict]:
+        runner = self.runner
+        runner.next_batch()
         lengths = [len(s) for s in samples]
-        ids = np.full((len(samples), max(lengths)), self.pad_id, dtype=np.int64)
-        mask = np.zeros(ids.shape, dtype=np.int64)
+        shape = (len(samples), max(lengths))
+        ids = runner.staging("input_ids", shape, np.int64)
+        mask = runner.staging("attention_mask", shape, np.int64)
+        ids.fill(self.pad_id)
+        mask.fill(0)
         for i, (s, n) in enumerate(zip(samples, lengths, strict=True)):
             ids[i, :n] = s
             mask[i, :n] = 1
-        ids_t = torch.from_numpy(ids).to(self.device, non_blocking=True)
-        mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            out = self._model(input_ids=ids_t, attention_mask=mask_t)
-            if self.task == "classification":
-                logits = out.logits.float()
-                probs = torch.softmax(logits, dim=-1)
-                logits_np, probs_np = logits.cpu().numpy(), probs.cpu().numpy()
-                return [{"logits": logits_np[i], "probabilities": probs_np[i]} for i in range(len(samples))]
-            hidden = out.last_hidden_state
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                m = mask_t.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-            emb = torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().numpy()
-        return [{"embeddings": emb[i]} for i in range(len(samples))]
+        inputs = runner.to_device({"input_ids": ids, "attention_mask": mask})
+        outputs = runner.to_host(runner.forward(self._forward, inputs))
+        return [{k: v[i] for k, v in outputs.items()} for i in range(len(samples))]
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self._model(**inputs)
+        if self.task == "classification":
+            logits = out.logits.float()
+            return {"logits": logits, "probabilities": torch.softmax(logits, dim=-1)}
+        hidden = out.last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        return {"embeddings": torch.nn.functional.normalize(pooled.float(), p=2, dim=1)}
 
 
 def _only(payload: dict, allowed: set) -> None:

@@ -55,6 +55,6 @@ def parse_specs(text: str) -> list[ModelSpec]:
     return specs
 
 
-def load_model(spec: ModelSpec, device: torch.device) -> ModelAdapter:
-    """Load (not yet warm) the model a spec names, on `device`."""
-    return ADAPTERS[spec.adapter](spec.name, spec.version, spec.path, device)
+def load_model(spec: ModelSpec, device: torch.device, autocast: str = "bf16") -> ModelAdapter:
+    """Load (not yet warm) the model a spec names, on `device` (autocast applies on CUDA only)."""
+    return ADAPTERS[spec.adapter](spec.name, spec.version, spec.path, device, autocast)

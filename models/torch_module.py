@@ -28,8 +28,8 @@ class TorchModule(ModelAdapter):
 
     adapter_name = "torch_module"
 
-    def __init__(self, name: str, version: str, path: str, device: torch.device) -> None:
-        super().__init__(name, version, device)
+    def __init__(self, name: str, version: str, path: str, device: torch.device, autocast: str = "bf16") -> None:
+        super().__init__(name, version, device, autocast)
         root = Path(path)
         manifest = json.loads((root / "manifest.json").read_text())
         module_path, _, cls_name = manifest["class"].partition(":")
@@ -85,15 +85,19 @@ class TorchModule(ModelAdapter):
         return Validated([{k: a[i] for k, a in arrays.items()} for i in range(n)], batched=True)
 
     def run_batch(self, samples: list) -> list[dict]:
-        tensors = {
-            k: torch.from_numpy(np.stack([s[k] for s in samples])).to(self.device, non_blocking=True)
-            for k in self.inputs
-        }
-        with torch.inference_mode():
-            out = self._model(**tensors)
+        runner = self.runner
+        runner.next_batch()
+        host = {}
+        for k, (dtype, shape) in self.inputs.items():
+            host[k] = runner.staging(k, (len(samples), *shape), dtype)
+            np.stack([s[k] for s in samples], out=host[k])
+        outputs = runner.to_host(runner.forward(self._forward, runner.to_device(host)))
+        return [{k: a[i] for k, a in outputs.items()} for i in range(len(samples))]
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self._model(**inputs)
         if isinstance(out, torch.Tensor):
-            out = {self.output_names[0]: out}
-        elif isinstance(out, (tuple, list)):
-            out = dict(zip(self.output_names, out, strict=True))
-        arrays = {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in out.items()}
-        return [{k: a[i] for k, a in arrays.items()} for i in range(len(samples))]
+            return {self.output_names[0]: out}
+        if isinstance(out, (tuple, list)):
+            return dict(zip(self.output_names, out, strict=True))
+        return dict(out)

@@ -1,0 +1,35 @@
+"""The device runner's CPU path, device selection and autocast choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from config import ServerConfig
+from runtime import DeviceRunner, autocast_dtype, configure_threads, select_device
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_runner_is_plain_numpy_and_torch():
+    r = DeviceRunner(CPU)
+    a = r.staging("x", (2, 3), np.int64)
+    a[:] = np.arange(6).reshape(2, 3)
+    t = r.to_device({"x": a})["x"]
+    assert t.dtype == torch.int64 and np.shares_memory(t.numpy(), a)  # no copy on the CPU
+    out = r.to_host(r.forward(lambda d: {"y": d["x"].to(torch.float64) * 2}, {"x": t}))
+    assert out["y"].dtype == np.float32 and out["y"].tolist() == [[0, 2, 4], [6, 8, 10]]
+    assert torch.is_inference_mode_enabled() is False
+    assert r.memory_bytes() is None and r.autocast is None
+
+
+def test_autocast_is_cuda_only():
+    assert autocast_dtype("bf16", CPU) is None
+    assert autocast_dtype("off", CPU) is None
+
+
+def test_select_device_and_threads():
+    assert select_device(ServerConfig(device="cpu")) == CPU
+    if not torch.cuda.is_available():
+        assert select_device(ServerConfig(device="auto")) == CPU
+    assert configure_threads(ServerConfig(torch_threads=1)) == 1 and torch.get_num_threads() == 1
