@@ -27,6 +27,15 @@ log = logging.getLogger("binserve.batching")
 
 
 @dataclass
+class Tagged:
+    """What `run_batch` may return instead of a bare list: outputs plus a tag for every request in
+    the batch (binserve tags them with the model version that computed them)."""
+
+    outputs: Sequence
+    tag: object
+
+
+@dataclass
 class BatchResult:
     """What a request's future resolves to: one output per sample, and how it was served."""
 
@@ -34,6 +43,7 @@ class BatchResult:
     batch_size: int  # samples in the largest batch this request was part of
     queue_s: float  # from submit to the start of its (first) batch
     infer_s: float  # time inside run_batch, summed over its parts
+    tag: object = None  # the Tagged.tag of its (last) batch
 
 
 @dataclass
@@ -48,6 +58,7 @@ class _Request:
     batch_size: int = 0
     queue_s: float | None = None
     infer_s: float = 0.0
+    tag: object = None
 
 
 @dataclass
@@ -276,6 +287,9 @@ class Batcher:
         started = self.clock()
         try:
             outputs = self.run_batch(samples)
+            tag = None
+            if isinstance(outputs, Tagged):
+                outputs, tag = outputs.outputs, outputs.tag
             if len(outputs) != len(samples):
                 raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(samples)} inputs")
         except ServingError as exc:
@@ -305,9 +319,10 @@ class Batcher:
             if req.queue_s is None:
                 req.queue_s = started - req.enqueued
             req.infer_s += elapsed
+            req.tag = tag
             req.parts_left -= 1
             if req.parts_left == 0 and not req.future.done():
-                req.future.set_result(BatchResult(req.outputs, req.batch_size, req.queue_s, req.infer_s))
+                req.future.set_result(BatchResult(req.outputs, req.batch_size, req.queue_s, req.infer_s, req.tag))
 
     def _account(self, live: list[_Part], n: int) -> None:
         st = self.stats

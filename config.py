@@ -24,6 +24,12 @@ class ServerConfig:
     models: str = ""
     #: the model `/infer` (without a name) uses; empty: the first of `models`
     default_model: str = ""
+    #: directory of model versions that all workers (and replicas sharing it) follow; see README
+    model_repository: str = "model_repository"
+    #: how often each worker checks the repository for a new current version
+    repository_poll_ms: float = 500.0
+    #: how long /update_model waits for every worker to serve the new version
+    reload_timeout_s: float = 120.0
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -61,6 +67,8 @@ class ServerConfig:
             raise ValueError(f"port must be at most 65535, got {self.port}")
         if self.torch_threads < 0 or self.max_wait_ms < 0 or self.max_body_bytes < 1:
             raise ValueError("torch_threads and max_wait_ms must be >= 0, max_body_bytes >= 1")
+        if self.repository_poll_ms <= 0 or self.reload_timeout_s <= 0:
+            raise ValueError("repository_poll_ms and reload_timeout_s must be > 0")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.autocast not in ("bf16", "fp16", "off"):

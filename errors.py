@@ -47,6 +47,12 @@ class InvalidInput(BadRequest):
     error_type = "invalid_input"
 
 
+class ModelLoadFailed(BadRequest):
+    """/update_model: the requested version failed to load or failed its check (400)."""
+
+    error_type = "model_load_failed"
+
+
 class Unauthorized(ServingError):
     """No bearer token, or a malformed Authorization header (401)."""
 

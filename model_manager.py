@@ -1,35 +1,90 @@
-"""The models one worker serves: loading them off the request path, and a batcher for each.
+"""The models one worker serves: loading them off the request path, hot reload, a batcher for each.
 
-design: `start()` loads and warms every configured model on a background thread, so Gunicorn's
-worker heartbeat keeps beating and /healthz answers while /readyz says 503 until all are warm.
-Each loaded model gets its own `Batcher` (one queue, one thread). Lookups by name answer
-ModelNotFound (404) for unknown names and NotReady (503) while loading.
+design: `start()` registers the configured models in the model repository, then loads and warms
+the repository's current version of each on a background thread, so Gunicorn's heartbeat keeps
+beating and /readyz says 503 until all are warm. Each model sits in a `ModelSlot` that its
+`Batcher` calls: the slot reads its adapter once per batch, so swapping `slot.adapter` between
+batches means no batch mixes versions, and every batch is tagged with the version that ran it.
+A watcher thread polls the repository; when a model's CURRENT names another version it loads that
+version beside the old one, warms it, checks it (finite outputs with the old version's keys and
+shapes), swaps it in and lets the old one go. `update()` (POST /update_model) does the same check
+first, then moves CURRENT and waits until every live worker reports the new version.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from batching import Batcher
+from batching import Batcher, Tagged
 from config import ServerConfig
-from errors import ModelNotFound, NotReady
+from errors import BadRequest, ModelLoadFailed, ModelNotFound, NotReady
+from model_repository import ModelRepository
 from models.base import ModelAdapter
-from models.registry import ModelSpec, load_model, parse_specs
+from models.registry import load_model, parse_specs
 
 log = logging.getLogger("binserve.models")
 
 
+def _signature(adapter: ModelAdapter) -> dict:
+    """Output keys, per-sample shapes and dtypes on the example payload; raises if not finite."""
+    v = adapter.validate(adapter.example_payload())
+    outputs = adapter.run_batch(v.samples)
+    sig = {}
+    for out in outputs:
+        for k, arr in out.items():
+            arr = np.asarray(arr)
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise ValueError(f"output {k!r} is not finite on the example input")
+            sig[k] = (arr.shape, str(arr.dtype))
+    return sig
+
+
+class ModelSlot:
+    """The version of one model that batches run on now; swapped between batches."""
+
+    def __init__(self, adapter: ModelAdapter, signature: dict) -> None:
+        self.adapter = adapter
+        self.signature = signature
+
+    def run(self, samples: list) -> Tagged:
+        adapter = self.adapter  # read once: the whole batch runs on one version
+        return Tagged(adapter.run_batch(samples), adapter.version)
+
+
 @dataclass
 class LoadedModel:
-    """A warm model and the batcher that feeds it."""
+    """A served model: its slot (current version) and the batcher that feeds it."""
 
-    spec: ModelSpec
-    adapter: ModelAdapter
+    name: str
+    slot: ModelSlot
     batcher: Batcher
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return self.slot.adapter
+
+
+def _release_memory(device: torch.device) -> None:
+    """Give a dropped model's memory back: Python objects, the CUDA cache, glibc's free lists."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)  # glibc keeps freed weights mapped unless asked
+        except (OSError, AttributeError):
+            pass
 
 
 class ModelManager:
@@ -38,14 +93,22 @@ class ModelManager:
     def __init__(self, config: ServerConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.specs = parse_specs(config.models)
-        self.default_name = config.default_model or self.specs[0].name
-        if self.default_name not in {s.name for s in self.specs}:
-            names = [s.name for s in self.specs]
-            raise ValueError(f"default_model {self.default_name!r} is not among the models {names}")
+        specs = parse_specs(config.models)
+        self.names = [s.name for s in specs]
+        self.default_name = config.default_model or self.names[0]
+        if self.default_name not in self.names:
+            raise ValueError(f"default_model {self.default_name!r} is not among the models {self.names}")
+        self.repo = ModelRepository(config.model_repository)
+        for spec in specs:
+            self.repo.register(spec)
+        self.poll_s = config.repository_poll_ms / 1000.0
         self._models: dict[str, LoadedModel] = {}
+        self._locks = {name: threading.Lock() for name in self.names}
         self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._failed: dict[str, str] = {}  # model -> version whose load failed here (not retried)
         self.load_error: str | None = None
+        self.pid = os.getpid()
 
     @property
     def ready(self) -> bool:
@@ -53,7 +116,7 @@ class ModelManager:
         return self._ready.is_set()
 
     def start(self, background: bool = True) -> ModelManager:
-        """Load and warm all models, on a thread unless `background` is False."""
+        """Load and warm all models (on a thread unless `background` is False), then watch the repository."""
         if background:
             threading.Thread(target=self._load_all, name="binserve-loader", daemon=True).start()
         else:
@@ -64,49 +127,136 @@ class ModelManager:
         """Block until ready (or the timeout); returns readiness."""
         return self._ready.wait(timeout_s)
 
+    def _load_version(self, name: str, version: str) -> tuple[ModelAdapter, dict]:
+        adapter = load_model(self.repo.spec(name, version), self.device, self.config.autocast)
+        adapter.warmup()
+        return adapter, _signature(adapter)
+
     def _load_all(self) -> None:
         try:
-            for spec in self.specs:
-                adapter = load_model(spec, self.device, self.config.autocast)
-                adapter.warmup()
+            for name in self.names:
+                version = self.repo.current(name)
+                adapter, signature = self._load_version(name, version)
+                slot = ModelSlot(adapter, signature)
                 batcher = Batcher(
-                    adapter.run_batch,
+                    slot.run,
                     max_batch_size=self.config.max_batch_size,
                     max_queue_samples=self.config.max_queue_samples,
                     max_wait_ms=self.config.max_wait_ms,
                     max_batch_tokens=self.config.max_batch_tokens,
                     sample_len=adapter.sample_length if adapter.token_inputs else None,
-                    name=spec.name,
+                    name=name,
                 ).start()
-                self._models[spec.name] = LoadedModel(spec, adapter, batcher)
-                log.info("model %s (%s, version %s) is warm on %s", spec.name, spec.adapter, spec.version, self.device)
+                self._models[name] = LoadedModel(name, slot, batcher)
+                self.repo.report(name, self.pid, version)
+                log.info("model %s version %s (%s) is warm on %s", name, version, adapter.adapter_name, self.device)
             self._ready.set()
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("loading models failed")
+            return
+        threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
 
+    # --- hot reload ------------------------------------------------------------------------------
+    def _swap_in(self, loaded: LoadedModel, version: str, adapter: ModelAdapter | None = None) -> None:
+        """Serve `version` of `loaded` (loading it unless given); the old version is released."""
+        if adapter is None:
+            adapter, signature = self._load_version(loaded.name, version)
+        else:
+            signature = _signature(adapter)
+        if signature != loaded.slot.signature:
+            raise ValueError(
+                f"version {version} gives outputs {signature}, the serving version gives {loaded.slot.signature}"
+            )
+        old = loaded.slot.adapter
+        loaded.slot.adapter, loaded.slot.signature = adapter, signature  # the next batch runs on it
+        self.repo.report(loaded.name, self.pid, version)
+        log.info("model %s: now serving version %s (was %s)", loaded.name, version, old.version)
+        del old
+        _release_memory(self.device)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            for name, loaded in self._models.items():
+                version = None
+                try:
+                    version = self.repo.current(name)
+                    if version != loaded.adapter.version and self._failed.get(name) != version:
+                        with self._locks[name]:
+                            if version != loaded.adapter.version:
+                                self._swap_in(loaded, version)
+                    self.repo.report(name, self.pid, loaded.adapter.version)
+                except Exception:
+                    self._failed[name] = version
+                    log.exception("model %s: could not switch to version %s", name, version)
+
+    def update(
+        self, name: str, *, version: str | None, path: str | None, adapter: str | None, timeout_s: float
+    ) -> dict:
+        """Check a version (or import `path` as one), make it current, and wait for every worker."""
+        loaded = self.get(name)
+        with self._locks[name]:
+            if path is not None:
+                try:
+                    version = self.repo.import_version(name, path, adapter or loaded.adapter.adapter_name)
+                except (ValueError, OSError) as exc:
+                    raise BadRequest(f"could not import {path!r} as a version of {name!r}: {exc}") from None
+            try:
+                spec = self.repo.spec(name, version)
+            except KeyError as exc:
+                raise ModelNotFound(str(exc.args[0])) from None
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            if version != loaded.adapter.version:
+                reason = None
+                try:
+                    candidate = load_model(spec, self.device, self.config.autocast)
+                    candidate.warmup()
+                    self._swap_in(loaded, version, candidate)
+                except Exception as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                candidate = None
+                if reason is not None:
+                    _release_memory(self.device)
+                    raise ModelLoadFailed(
+                        f"version {version} of {name!r} was refused and version {loaded.adapter.version} keeps "
+                        f"serving: {reason}"
+                    )
+            self._failed.pop(name, None)
+            self.repo.set_current(name, version)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.repo.workers(name, max_age_s=3 * self.poll_s + 1)
+            lagging = {pid: v for pid, v in workers.items() if v != version}
+            if not lagging or time.monotonic() >= deadline:
+                return {"model": name, "version": version, "converged": not lagging, "workers": workers}
+            time.sleep(self.poll_s / 2)  # polling the workers' reports, which they refresh every poll
+
+    # --- lookups ---------------------------------------------------------------------------------
     def get(self, name: str | None) -> LoadedModel:
         """The loaded model `name` (None: the default one)."""
         name = name or self.default_name
         loaded = self._models.get(name)
         if loaded is not None:
             return loaded
-        if name not in {s.name for s in self.specs}:
-            raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(s.name for s in self.specs)}")
+        if name not in self.names:
+            raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(self.names)}")
         if self.load_error:
             raise NotReady(f"model {name!r} failed to load: {self.load_error}")
         raise NotReady(f"model {name!r} is still loading", retry_after_s=1.0)
 
     def describe(self) -> list[dict]:
-        """GET /models: each loaded model's description and its batching settings."""
+        """GET /models: each loaded model's description, batching settings and per-worker versions."""
         out = []
         for loaded in self._models.values():
             info = loaded.adapter.describe()
-            info["default"] = loaded.spec.name == self.default_name
+            info["default"] = loaded.name == self.default_name
+            info["worker_pid"] = self.pid
+            info["repository_version"] = self.repo.current(loaded.name)
+            info["workers"] = self.repo.workers(loaded.name, max_age_s=3 * self.poll_s + 1)
             info["batching"] = {
                 "max_batch_size": loaded.batcher.max_batch_size,
                 "max_batch_tokens": loaded.batcher.max_batch_tokens if loaded.adapter.token_inputs else None,
-                "max_queue_samples": loaded.batcher.max_queue_samples,
                 "max_wait_ms": loaded.batcher.max_wait_s * 1000,
                 "queued_samples": loaded.batcher.queued_samples,
             }
@@ -115,6 +265,8 @@ class ModelManager:
         return out
 
     def close(self) -> None:
-        """Finish queued work and stop every batcher."""
+        """Stop watching, finish queued work and stop every batcher."""
+        self._stop.set()
         for loaded in self._models.values():
             loaded.batcher.close()
+            self.repo.forget(loaded.name, self.pid)

@@ -122,12 +122,44 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
             content_type=content_type,
             headers={
                 "X-Request-Id": request.headers.get("X-Request-Id") or uuid.uuid4().hex,
-                "X-Model-Version": loaded.adapter.version,
-                "X-Model": loaded.spec.name,
+                "X-Model-Version": str(result.tag),
+                "X-Model": loaded.name,
                 "X-Batch-Size": str(result.batch_size),
                 "Server-Timing": timing,
             },
         )
+
+    @app.post("/update_model")
+    def update_model():
+        if not config.admin_token:
+            raise Forbidden(
+                "/update_model is disabled: start the server with BINSERVE_ADMIN_TOKEN=<secret> "
+                "(or --admin-token) and send it as 'Authorization: Bearer <secret>'"
+            )
+        _check_token(config.admin_token)
+        payload, _ = decode_body(request.get_data(cache=False), request.content_type, limits)
+        name = payload.get("model") or manager.default_name
+        version, path = payload.get("version"), payload.get("path")
+        if (version is None) == (path is None):
+            raise BadRequest("send exactly one of 'version' (in the repository) or 'path' (a directory to import)")
+        for key in ("model", "version", "path", "adapter"):
+            if payload.get(key) is not None and not isinstance(payload[key], str):
+                raise BadRequest(f"{key!r} must be a string")
+        timeout_s = payload.get("timeout_s", config.reload_timeout_s)
+        if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 3600:
+            raise BadRequest("'timeout_s' must be a number of seconds in (0, 3600]")
+        result = manager.update(name, version=version, path=path, adapter=payload.get("adapter"), timeout_s=timeout_s)
+        if result["converged"]:
+            return jsonify(result)
+        lagging = sorted(pid for pid, v in result["workers"].items() if v != result["version"])
+        body = {
+            "error": {
+                "type": "reload_incomplete",
+                "message": f"workers {lagging} do not serve version {result['version']} after {timeout_s}s",
+            },
+            **result,
+        }
+        return jsonify(body), 504
 
     @app.get("/healthz")
     def healthz():

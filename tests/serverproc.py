@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ class ServerProcess:
 
     def __init__(self, workers: int = 2, models: str = "", log_path: Path | None = None, **settings) -> None:
         self.port = free_port()
+        # each server gets its own model repository unless a test shares one on purpose
+        settings.setdefault("model_repository", tempfile.mkdtemp(prefix="binserve-repo-"))
+        self.repository = Path(settings["model_repository"])
         self.workers = workers
         self.base_url = f"http://127.0.0.1:{self.port}"
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)]
