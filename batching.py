@@ -105,6 +105,7 @@ class Batcher:
         group_window: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "model",
+        observer=None,
     ) -> None:
         if max_batch_size < 1 or max_queue_samples < 1:
             raise ValueError("max_batch_size and max_queue_samples must be at least 1")
@@ -119,6 +120,9 @@ class Batcher:
         # oldest request is always in the next batch, so nothing waits behind more than this.
         self.group_window = group_window or 4 * max_batch_size
         self.stats = BatchStats()
+        # Optional metrics sink with batch(samples, real_tokens, padded_tokens, seconds),
+        # queue_depth(samples) and dropped(reason); metrics.BatchMetrics is binserve's.
+        self.observer = observer
         self.clock = clock
         self.name = name
         self._parts: deque[_Part] = deque()
@@ -164,6 +168,7 @@ class Batcher:
                 raise NotReady(f"model {self.name!r} is shutting down")
             if self._queued_samples + n > self.max_queue_samples:
                 self.stats.rejected += 1
+                self._observe("dropped", "overloaded")
                 raise Overloaded(
                     f"model {self.name!r} has {self._queued_samples} samples queued (limit "
                     f"{self.max_queue_samples}); retry later",
@@ -172,6 +177,7 @@ class Batcher:
             self._parts.extend(parts)
             self._queued_samples += n
             self._cond.notify()
+        self._observe("queue_depth", self._queued_samples)
         return req.future
 
     def retry_after_s(self) -> float:
@@ -206,7 +212,8 @@ class Batcher:
                     self._cond.wait(left)
             batch = self._form_batch() if self.sample_len is not None else self._fifo_batch()
             self._queued_samples -= sum(len(p.samples) for p in batch)
-            return batch
+        self._observe("queue_depth", self._queued_samples)
+        return batch
 
     def _fifo_batch(self) -> list[_Part]:
         batch: list[_Part] = []
@@ -269,6 +276,8 @@ class Batcher:
             if req.future.done():
                 continue  # an earlier part already failed it
             if now > req.deadline:
+                self.stats.expired += 1
+                self._observe("dropped", "deadline")
                 self._fail(
                     req,
                     DeadlineExceeded(
@@ -278,6 +287,7 @@ class Batcher:
                 continue
             if req.abandoned is not None and req.abandoned():
                 self.stats.abandoned += 1
+                self._observe("dropped", "client_gone")
                 self._fail(req, ClientGone("the client disconnected before its request ran"))
                 continue
             live.append(part)
@@ -305,7 +315,7 @@ class Batcher:
                 self._fail(part.request, err)
             return
         elapsed = self.clock() - started
-        self._account(live, len(samples))
+        self._account(live, len(samples), elapsed)
         if elapsed > 0:
             rate = len(samples) / elapsed
             self._drain_rate = rate if self._drain_rate == 0 else 0.8 * self._drain_rate + 0.2 * rate
@@ -324,13 +334,24 @@ class Batcher:
             if req.parts_left == 0 and not req.future.done():
                 req.future.set_result(BatchResult(req.outputs, req.batch_size, req.queue_s, req.infer_s, req.tag))
 
-    def _account(self, live: list[_Part], n: int) -> None:
+    def _account(self, live: list[_Part], n: int, seconds: float) -> None:
         st = self.stats
         st.batches += 1
         st.samples += n
+        real = padded = 0
         if self.sample_len is not None:
-            st.real_tokens += sum(sum(p.lengths) for p in live)
-            st.padded_tokens += n * max(p.longest for p in live)
+            real = sum(sum(p.lengths) for p in live)
+            padded = n * max(p.longest for p in live)
+            st.real_tokens += real
+            st.padded_tokens += padded
+        self._observe("batch", n, real, padded, seconds)
+
+    def _observe(self, event: str, *args) -> None:
+        if self.observer is not None:
+            try:
+                getattr(self.observer, event)(*args)
+            except Exception:  # metrics must never break serving
+                log.exception("metrics observer failed on %s", event)
 
     @staticmethod
     def _fail(req: _Request, exc: BaseException) -> None:

@@ -6,8 +6,15 @@ worker after the fork, never in the master.
 """
 
 import os
+import tempfile
+from pathlib import Path
 
 from config import ServerConfig
+
+# prometheus_client's multiprocess mode: every worker writes its metrics to files in this
+# directory, and a scrape of any worker reads all of them. It must be in the environment before
+# any worker imports prometheus_client, so it is set here, in the master, before the fork.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="binserve-metrics-"))
 
 _config = ServerConfig.from_env()
 
@@ -34,6 +41,19 @@ loglevel = _config.log_level
 control_socket_disable = True
 accesslog = None
 errorlog = "-"
+
+
+def on_starting(server):
+    """Wipe metric files left by an earlier run that used the same directory."""
+    for f in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        f.unlink()
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (its counters stay, so sums never go backwards)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_fork(server, worker):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import metrics
 from batching import Batcher, Tagged
 from config import ServerConfig
 from errors import BadRequest, ModelLoadFailed, ModelNotFound, NotReady
@@ -58,7 +59,11 @@ class ModelSlot:
 
     def run(self, samples: list) -> Tagged:
         adapter = self.adapter  # read once: the whole batch runs on one version
-        return Tagged(adapter.run_batch(samples), adapter.version)
+        outputs = adapter.run_batch(samples)
+        memory = adapter.runner.memory_bytes()
+        if memory is not None:
+            metrics.DEVICE_MEMORY.labels(str(adapter.device)).set(memory)
+        return Tagged(outputs, adapter.version)
 
 
 @dataclass
@@ -146,9 +151,11 @@ class ModelManager:
                     max_batch_tokens=self.config.max_batch_tokens,
                     sample_len=adapter.sample_length if adapter.token_inputs else None,
                     name=name,
+                    observer=metrics.BatchMetrics(name),
                 ).start()
                 self._models[name] = LoadedModel(name, slot, batcher)
                 self.repo.report(name, self.pid, version)
+                metrics.set_model_info(name, version, str(self.device), adapter.describe()["dtype"])
                 log.info("model %s version %s (%s) is warm on %s", name, version, adapter.adapter_name, self.device)
             self._ready.set()
         except Exception as exc:
@@ -171,6 +178,8 @@ class ModelManager:
         old = loaded.slot.adapter
         loaded.slot.adapter, loaded.slot.signature = adapter, signature  # the next batch runs on it
         self.repo.report(loaded.name, self.pid, version)
+        metrics.set_model_info(loaded.name, version, str(self.device), adapter.describe()["dtype"], old.version)
+        metrics.RELOADS.labels(loaded.name, "success").inc()
         log.info("model %s: now serving version %s (was %s)", loaded.name, version, old.version)
         del old
         _release_memory(self.device)
@@ -187,6 +196,7 @@ class ModelManager:
                                 self._swap_in(loaded, version)
                     self.repo.report(name, self.pid, loaded.adapter.version)
                 except Exception:
+                    metrics.RELOADS.labels(name, "failure").inc()
                     self._failed[name] = version
                     log.exception("model %s: could not switch to version %s", name, version)
 
@@ -217,6 +227,7 @@ class ModelManager:
                     reason = f"{type(exc).__name__}: {exc}"
                 candidate = None
                 if reason is not None:
+                    metrics.RELOADS.labels(name, "failure").inc()
                     _release_memory(self.device)
                     raise ModelLoadFailed(
                         f"version {version} of {name!r} was refused and version {loaded.adapter.version} keeps "

@@ -22,12 +22,21 @@ import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+import metrics
 from binary_protocol import Limits, decode_body, encode_body, reply_format
 from config import ServerConfig
-from errors import BadRequest, DeadlineExceeded, Forbidden, PayloadTooLarge, ServingError, Unauthorized
+from errors import (
+    BadRequest,
+    DeadlineExceeded,
+    Forbidden,
+    PayloadTooLarge,
+    ProtocolError,
+    ServingError,
+    Unauthorized,
+)
 from model_manager import ModelManager
 from runtime import configure_threads, select_device
 
@@ -101,6 +110,7 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
             )
         deadline = _deadline(start, config)
         loaded = manager.get(model)
+        g.model_label = loaded.name
         payload, fmt = decode_body(request.get_data(cache=False), request.content_type, limits)
         validated = loaded.adapter.validate(payload)
         decoded = time.monotonic()
@@ -110,6 +120,7 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
         except FutureTimeout:
             future.cancel()
             raise DeadlineExceeded("the request's deadline passed while its batch was still running") from None
+        metrics.QUEUE_DURATION.labels(loaded.name).observe(result.queue_s)
         reply = loaded.adapter.join(result.outputs, validated.batched)
         encode_start = time.monotonic()
         body, content_type = encode_body(reply, reply_format(fmt, request.headers.get("Accept")))
@@ -128,6 +139,36 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
                 "Server-Timing": timing,
             },
         )
+
+    @app.before_request
+    def _count_in():
+        if request.endpoint == "infer":
+            g.started = time.monotonic()
+            metrics.IN_FLIGHT.inc()
+
+    @app.after_request
+    def _count_out(response: Response) -> Response:
+        if request.endpoint == "infer" and "started" in g:
+            # Only served names become labels: a URL naming anything else must not grow the series.
+            label = g.get("model_label", metrics.UNKNOWN_MODEL)
+            metrics.REQUESTS.labels(label, str(response.status_code)).inc()
+            metrics.REQUEST_DURATION.labels(label).observe(time.monotonic() - g.started)
+            metrics.REQUEST_BYTES.labels(label).inc(request.content_length or 0)
+            metrics.RESPONSE_BYTES.labels(label).inc(response.calculate_content_length() or 0)
+            reason = metrics.REASON_BY_STATUS.get(response.status_code)
+            if response.status_code in (413, 415) or (response.status_code == 400 and g.get("protocol_error")):
+                metrics.REJECTED.labels(label, reason or "protocol").inc()
+        return response
+
+    @app.teardown_request
+    def _in_flight_done(exc):
+        if request.endpoint == "infer" and "started" in g:
+            metrics.IN_FLIGHT.dec()
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
 
     @app.post("/update_model")
     def update_model():
@@ -178,6 +219,8 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
 
     @app.errorhandler(ServingError)
     def serving_error(err: ServingError):
+        if isinstance(err, ProtocolError):
+            g.protocol_error = True
         resp = jsonify(err.to_dict())
         resp.status_code = err.status_code
         if err.retry_after_s is not None:

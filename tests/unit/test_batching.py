@@ -161,7 +161,7 @@ def test_an_internal_error_fails_the_batch_but_not_the_thread(monkeypatch):
     b = Batcher(lambda xs: xs)
     calls = []
 
-    def broken_account(live, n):
+    def broken_account(live, n, seconds):
         calls.append(n)
         if len(calls) == 1:
             raise RuntimeError("bookkeeping bug")
@@ -245,3 +245,51 @@ def test_abandoned_requests_are_not_computed():
     assert here.result(timeout=5).outputs == [4]
     assert model.batches == [[0], [2]] and b.stats.abandoned == 1
     b.close()
+
+
+class RecordingObserver:
+    """Collects what the batcher reports, as metrics.BatchMetrics would."""
+
+    def __init__(self):
+        self.events = []
+
+    def batch(self, samples, real, padded, seconds):
+        self.events.append(("batch", samples, real, padded))
+
+    def queue_depth(self, samples):
+        self.events.append(("depth", samples))
+
+    def dropped(self, reason):
+        self.events.append(("dropped", reason))
+
+
+def test_observer_sees_batches_depth_and_drops():
+    obs = RecordingObserver()
+    clock = FakeClock()
+    b = Batcher(lambda xs: xs, sample_len=len, max_queue_samples=2, observer=obs, clock=clock)
+    ok = b.submit(["ab", "abcd"], deadline=1e9)
+    with pytest.raises(Overloaded):
+        b.submit(["x"], deadline=1e9)
+    b.start()
+    ok.result(timeout=5)
+    late = b.submit(["x"], deadline=clock.now - 1)
+    with pytest.raises(DeadlineExceeded):
+        late.result(timeout=5)
+    b.close()
+    assert ("batch", 2, 6, 8) in obs.events
+    assert ("dropped", "overloaded") in obs.events and ("dropped", "deadline") in obs.events
+    depths = [e[1] for e in obs.events if e[0] == "depth"]
+    assert depths[0] == 2 and depths[-1] == 0
+
+
+def test_expired_and_rejected_are_counted():
+    clock = FakeClock()
+    b = Batcher(lambda xs: xs, max_queue_samples=1, clock=clock)
+    late = b.submit([1], deadline=clock.now - 1)
+    with pytest.raises(Overloaded):
+        b.submit([2], deadline=1e9)
+    b.start()
+    with pytest.raises(DeadlineExceeded):
+        late.result(timeout=5)
+    b.close()
+    assert (b.stats.expired, b.stats.rejected) == (1, 1)

@@ -1,0 +1,127 @@
+"""Every Prometheus metric binserve exports, defined once, and the /metrics exposition.
+
+design: under Gunicorn each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR, which
+gunicorn.conf.py sets (before any worker imports prometheus_client), wipes when the master starts,
+and prunes with `mark_process_dead` when a worker exits; one scrape of any worker then reads all
+workers' files, so counters sum over workers and never go backwards when one dies. Gauges say how
+they combine: queue depth and in-flight requests sum over live workers, model info takes the max
+(a version's series is 1 while any live worker serves it), device memory sums. Without the
+variable (tests, `create_app` in one process) the default registry is exposed as usual.
+Names follow Prometheus conventions: `binserve_` prefix, base units, `_total` counters.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# Millisecond-scale inference on a GPU up to multi-second queues on a loaded CPU.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+UNKNOWN_MODEL = "_unknown"  # the label for URLs naming no served model (keeps cardinality bounded)
+
+REQUESTS = Counter(
+    "binserve_requests_total", "Inference requests answered, by model and HTTP status.", ["model", "code"]
+)
+REQUEST_DURATION = Histogram(
+    "binserve_request_duration_seconds",
+    "Time from receiving a request to its reply.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_DURATION = Histogram(
+    "binserve_queue_duration_seconds",
+    "Time a request waited before its batch started.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "binserve_inference_duration_seconds",
+    "Time of one batch in the model (collate, forward, copy back).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("binserve_batch_size_samples", "Samples per batch.", ["model"], buckets=BATCH_BUCKETS)
+PADDING_RATIO = Histogram(
+    "binserve_batch_padding_ratio", "Share of a token batch that is padding.", ["model"], buckets=RATIO_BUCKETS
+)
+QUEUE_DEPTH = Gauge(
+    "binserve_queue_depth_samples", "Samples waiting for a batch.", ["model"], multiprocess_mode="livesum"
+)
+IN_FLIGHT = Gauge("binserve_in_flight_requests", "Inference requests being handled.", multiprocess_mode="livesum")
+REQUEST_BYTES = Counter("binserve_request_bytes_total", "Bytes of inference request bodies.", ["model"])
+RESPONSE_BYTES = Counter("binserve_response_bytes_total", "Bytes of inference reply bodies.", ["model"])
+REJECTED = Counter(
+    "binserve_rejected_requests_total",
+    "Requests refused or dropped before the model ran them, by reason.",
+    ["model", "reason"],
+)
+MODEL_INFO = Gauge(
+    "binserve_model_info",
+    "1 for each model version a live worker serves.",
+    ["model", "version", "device", "dtype"],
+    multiprocess_mode="livemax",
+)
+RELOADS = Counter("binserve_reloads_total", "Model version switches in a worker, by result.", ["model", "result"])
+DEVICE_MEMORY = Gauge(
+    "binserve_device_memory_bytes",
+    "GPU memory held by torch, summed over workers.",
+    ["device"],
+    multiprocess_mode="livesum",
+)
+
+# Reasons for binserve_rejected_requests_total, by the status they answer with.
+REASON_BY_STATUS = {413: "too_large", 429: "overloaded", 504: "deadline", 499: "client_gone", 415: "media_type"}
+
+
+class BatchMetrics:
+    """The batcher's observer for one model: batch sizes, padding, inference time, queue, drops."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._size = BATCH_SIZE.labels(model)
+        self._padding = PADDING_RATIO.labels(model)
+        self._infer = INFERENCE_DURATION.labels(model)
+        self._depth = QUEUE_DEPTH.labels(model)
+
+    def batch(self, samples: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        """One batch ran."""
+        self._size.observe(samples)
+        self._infer.observe(seconds)
+        if padded_tokens:
+            self._padding.observe(1 - real_tokens / padded_tokens)
+
+    def queue_depth(self, samples: int) -> None:
+        """Samples now waiting."""
+        self._depth.set(samples)
+
+    def dropped(self, reason: str) -> None:
+        """A request left the queue without running (deadline, client_gone) or was refused."""
+        REJECTED.labels(self.model, reason).inc()
+
+
+def set_model_info(model: str, version: str, device: str, dtype: str, old_version: str | None = None) -> None:
+    """Mark `version` as served by this worker (and `old_version`, if any, as no longer)."""
+    if old_version is not None and old_version != version:
+        MODEL_INFO.labels(model, old_version, device, dtype).set(0)
+    MODEL_INFO.labels(model, version, device, dtype).set(1)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The /metrics body (all workers' values under Gunicorn) and its Content-Type."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
