@@ -49,6 +49,9 @@ class ServerConfig:
     max_queue_samples: int = 2048
     #: default deadline of a request (X-Request-Timeout-Ms overrides it per request)
     request_timeout_s: float = 30.0
+    #: on SIGTERM, how long a worker may finish accepted requests before it is killed; keep it
+    #: below Kubernetes' terminationGracePeriodSeconds minus the preStop delay
+    graceful_timeout_s: float = 30.0
     max_body_bytes: int = 64 * 1024 * 1024
     #: bearer token for /infer; empty: no authentication
     auth_token: str = ""
@@ -67,6 +70,8 @@ class ServerConfig:
             raise ValueError(f"port must be at most 65535, got {self.port}")
         if self.torch_threads < 0 or self.max_wait_ms < 0 or self.max_body_bytes < 1:
             raise ValueError("torch_threads and max_wait_ms must be >= 0, max_body_bytes >= 1")
+        if self.graceful_timeout_s <= 0:
+            raise ValueError(f"graceful_timeout_s must be > 0, got {self.graceful_timeout_s}")
         if self.repository_poll_ms <= 0 or self.reload_timeout_s <= 0:
             raise ValueError("repository_poll_ms and reload_timeout_s must be > 0")
         if self.request_timeout_s <= 0:

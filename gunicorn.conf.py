@@ -6,6 +6,7 @@ worker after the fork, never in the master.
 """
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,7 @@ threads = _config.threads
 preload_app = False
 # Models load on a background thread, so the worker heartbeat is never blocked for long.
 timeout = 120
-graceful_timeout = 30
+graceful_timeout = int(_config.graceful_timeout_s)
 keepalive = 5
 loglevel = _config.log_level
 # Gunicorn 27's control socket lives at one path per user; several servers (tests, replicas on one
@@ -54,6 +55,29 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    """On SIGTERM, report not-ready first, then let Gunicorn drain as usual.
+
+    Gunicorn's gthread worker stops accepting and finishes accepted requests within
+    graceful_timeout; /readyz answering 503 meanwhile tells a load balancer to stop sending.
+    """
+    manager = worker.wsgi.extensions["binserve"]
+    gunicorn_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        manager.start_draining()
+        gunicorn_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def worker_exit(server, worker):
+    """After the last request: finish what the batchers hold and drop this worker's reports."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        app.extensions["binserve"].close()
 
 
 def post_fork(server, worker):

@@ -113,6 +113,7 @@ class ModelManager:
         self._stop = threading.Event()
         self._failed: dict[str, str] = {}  # model -> version whose load failed here (not retried)
         self.load_error: str | None = None
+        self.draining = False  # set on SIGTERM: /readyz says 503 while accepted requests finish
         self.pid = os.getpid()
 
     @property
@@ -274,6 +275,10 @@ class ModelManager:
             info["stats"] = loaded.batcher.stats.as_dict()
             out.append(info)
         return out
+
+    def start_draining(self) -> None:
+        """The worker is shutting down: report not-ready so load balancers stop sending requests."""
+        self.draining = True
 
     def close(self) -> None:
         """Stop watching, finish queued work and stop every batcher."""

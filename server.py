@@ -208,6 +208,8 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
 
     @app.get("/readyz")
     def readyz():
+        if manager.draining:
+            return jsonify(status="draining", pid=os.getpid()), 503
         if manager.ready:
             return jsonify(status="ready", pid=os.getpid())
         status = f"failed: {manager.load_error}" if manager.load_error else "loading"

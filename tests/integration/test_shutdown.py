@@ -1,0 +1,63 @@
+"""Graceful shutdown: SIGTERM with 32 requests in flight loses none, refuses new work, exits in time."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from binary_protocol import dict_to_binary
+from request_tools import InferenceClient
+from tests.serverproc import ServerProcess
+
+GRACE_S = 20
+
+
+def in_flight(srv) -> float:
+    text = requests.get(f"{srv.base_url}/metrics", timeout=10).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "binserve_in_flight_requests"
+    )
+
+
+def test_sigterm_with_32_requests_in_flight():
+    srv = ServerProcess(workers=1, graceful_timeout_s=GRACE_S, max_batch_size=4).start()
+    try:
+        # long texts in batches of 4: 32 requests take several seconds to drain on a CPU
+        texts = [" ".join(["drain"] * 200) + f" {i}" for i in range(32)]
+        client = InferenceClient(srv.base_url, retries=0, timeout=60)
+        pool = ThreadPoolExecutor(32)
+        futures = [pool.submit(client.request, {"texts": [t]}) for t in texts]
+        deadline = time.monotonic() + 30
+        while in_flight(srv) < 32 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the server's own gauge until all 32 are accepted
+        assert in_flight(srv) == 32
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        # new work is turned away: the master closed the listener (refused), or a worker says 503
+        turned_away, deadline = False, time.monotonic() + 10
+        while not turned_away and time.monotonic() < deadline:
+            try:
+                r = requests.post(
+                    f"{srv.base_url}/infer",
+                    data=dict_to_binary({"texts": ["late"]}),
+                    timeout=10,
+                    headers={"Content-Type": "application/x-binserve", "Connection": "close"},
+                )
+                turned_away = r.status_code == 503
+            except requests.ConnectionError:
+                turned_away = True
+        assert turned_away, "new requests were still accepted after SIGTERM"
+        replies = [f.result(timeout=GRACE_S + 10) for f in futures]
+        assert [r.outputs["embeddings"].shape for r in replies] == [(1, 384)] * 32
+        assert srv.proc.wait(timeout=GRACE_S + 5) == 0
+        assert time.monotonic() - t0 < GRACE_S + 5
+        pool.shutdown()
+    finally:
+        srv.stop()
