@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
 
-.PHONY: install serve test bench-protocol bench-serve lint
+.PHONY: install serve test bench-protocol bench-serve bench-gpu lint load
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,18 @@ test: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/kubernetes-validate --strict --quiet deployment.yaml
 
 bench-protocol: install
 	$(PY) -m bench.protocol
 
 bench-serve: install
 	$(PY) -m bench.serve_bench
+
+bench-gpu: install
+	bash bench/gpu_bench.sh
+
+# Locust against a running server (make serve in another terminal); add LOCUST_ARGS=--headless ...
+load: install
+	$(VENV)/bin/locust -f locustfile.py --host http://$(HOST):$(PORT) $(LOCUST_ARGS)

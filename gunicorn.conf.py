@@ -16,6 +16,7 @@ from config import ServerConfig
 # directory, and a scrape of any worker reads all of them. It must be in the environment before
 # any worker imports prometheus_client, so it is set here, in the master, before the fork.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="binserve-metrics-"))
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # e.g. /tmp/metrics on an emptyDir
 
 _config = ServerConfig.from_env()
 
