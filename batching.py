@@ -70,6 +70,10 @@ class _Part:
     longest: int = 0
 
 
+# which BatchStats counter each drop reason (also the metrics label) increments
+_DROP_STATS = {"overloaded": "rejected", "deadline": "expired", "client_gone": "abandoned"}
+
+
 @dataclass
 class BatchStats:
     """Running totals of what this batcher ran (read by /models and the benchmarks)."""
@@ -167,8 +171,7 @@ class Batcher:
             if self._closed:
                 raise NotReady(f"model {self.name!r} is shutting down")
             if self._queued_samples + n > self.max_queue_samples:
-                self.stats.rejected += 1
-                self._observe("dropped", "overloaded")
+                self._count_drop("overloaded")
                 raise Overloaded(
                     f"model {self.name!r} has {self._queued_samples} samples queued (limit "
                     f"{self.max_queue_samples}); retry later",
@@ -276,8 +279,7 @@ class Batcher:
             if req.future.done():
                 continue  # an earlier part already failed it
             if now > req.deadline:
-                self.stats.expired += 1
-                self._observe("dropped", "deadline")
+                self._count_drop("deadline")
                 self._fail(
                     req,
                     DeadlineExceeded(
@@ -286,8 +288,7 @@ class Batcher:
                 )
                 continue
             if req.abandoned is not None and req.abandoned():
-                self.stats.abandoned += 1
-                self._observe("dropped", "client_gone")
+                self._count_drop("client_gone")
                 self._fail(req, ClientGone("the client disconnected before its request ran"))
                 continue
             live.append(part)
@@ -345,6 +346,12 @@ class Batcher:
             st.real_tokens += real
             st.padded_tokens += padded
         self._observe("batch", n, real, padded, seconds)
+
+    def _count_drop(self, reason: str) -> None:
+        """A request refused (overloaded) or dropped before running (deadline, client_gone)."""
+        field = _DROP_STATS[reason]
+        setattr(self.stats, field, getattr(self.stats, field) + 1)
+        self._observe("dropped", reason)
 
     def _observe(self, event: str, *args) -> None:
         if self.observer is not None:

@@ -40,7 +40,7 @@ import struct
 import numpy as np
 
 from errors import InvalidInput, ProtocolError, UnsupportedMediaType
-from safe_pickle import _DTYPE_CODES, DEFAULT_LIMITS, Limits, safe_loads
+from safe_pickle import DEFAULT_LIMITS, DTYPE_CODES, Limits, safe_loads
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -80,7 +80,7 @@ _BINARY_MEDIA = frozenset(
 
 def _check_array(arr: np.ndarray, where: str) -> np.ndarray:
     code = f"{arr.dtype.kind}{arr.dtype.itemsize}"
-    if code not in _DTYPE_CODES:
+    if code not in DTYPE_CODES:
         raise ProtocolError(
             f"{where} has dtype {arr.dtype}; only bool, int, uint, float16/32/64 and complex64/128 travel"
         )

@@ -81,8 +81,9 @@ DEVICE_MEMORY = Gauge(
     multiprocess_mode="livesum",
 )
 
-# Reasons for binserve_rejected_requests_total, by the status they answer with.
-REASON_BY_STATUS = {413: "too_large", 429: "overloaded", 504: "deadline", 499: "client_gone", 415: "media_type"}
+# Reasons for binserve_rejected_requests_total counted by the HTTP layer, by status; the batcher's
+# observer counts the others (overloaded, deadline, client_gone) where they happen.
+REASON_BY_STATUS = {413: "too_large", 415: "media_type"}
 
 
 class BatchMetrics:

@@ -166,12 +166,9 @@ class ModelManager:
         threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
 
     # --- hot reload ------------------------------------------------------------------------------
-    def _swap_in(self, loaded: LoadedModel, version: str, adapter: ModelAdapter | None = None) -> None:
-        """Serve `version` of `loaded` (loading it unless given); the old version is released."""
-        if adapter is None:
-            adapter, signature = self._load_version(loaded.name, version)
-        else:
-            signature = _signature(adapter)
+    def _swap_in(self, loaded: LoadedModel, version: str) -> None:
+        """Load, warm and check `version` of `loaded` beside the serving one, then serve it."""
+        adapter, signature = self._load_version(loaded.name, version)
         if signature != loaded.slot.signature:
             raise ValueError(
                 f"version {version} gives outputs {signature}, the serving version gives {loaded.slot.signature}"
@@ -213,7 +210,7 @@ class ModelManager:
                 except (ValueError, OSError) as exc:
                     raise BadRequest(f"could not import {path!r} as a version of {name!r}: {exc}") from None
             try:
-                spec = self.repo.spec(name, version)
+                self.repo.spec(name, version)  # exists and is readable, before anything is loaded
             except KeyError as exc:
                 raise ModelNotFound(str(exc.args[0])) from None
             except ValueError as exc:
@@ -221,12 +218,10 @@ class ModelManager:
             if version != loaded.adapter.version:
                 reason = None
                 try:
-                    candidate = load_model(spec, self.device, self.config.autocast)
-                    candidate.warmup()
-                    self._swap_in(loaded, version, candidate)
+                    self._swap_in(loaded, version)
                 except Exception as exc:
+                    # keep only the text: the traceback's frames still hold the refused model
                     reason = f"{type(exc).__name__}: {exc}"
-                candidate = None
                 if reason is not None:
                     metrics.RELOADS.labels(name, "failure").inc()
                     _release_memory(self.device)

@@ -57,7 +57,7 @@ DEFAULT_LIMITS = Limits()
 
 # numpy dtype codes a request may carry: bool, ints, unsigned ints, IEEE floats and complex.
 # Platform-dependent long double ('f16', 'c32') and every object/void/str/datetime kind are refused.
-_DTYPE_CODES = frozenset("b1 i1 i2 i4 i8 u1 u2 u4 u8 f2 f4 f8 c8 c16".split())
+DTYPE_CODES = frozenset("b1 i1 i2 i4 i8 u1 u2 u4 u8 f2 f4 f8 c8 c16".split())
 _MAX_LONG_BYTES = 32  # ints wider than 256 bits are not token ids or shapes; refuse them
 _MAX_GLOBAL_LINE = 128
 
@@ -450,7 +450,7 @@ class _Machine:
             if (
                 len(args) != 3
                 or type(code) is not str
-                or code not in _DTYPE_CODES
+                or code not in DTYPE_CODES
                 or args[1] not in (False, 0)
                 or args[2] not in (True, 1)
             ):

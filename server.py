@@ -101,7 +101,7 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
     @app.post("/infer", defaults={"model": None})
     @app.post("/infer/<model>")
     def infer(model: str | None):
-        start = time.monotonic()
+        start = g.started  # set by _count_in, so metrics and Server-Timing share one clock
         if config.auth_token:
             _check_token(config.auth_token)
         if (request.content_length or 0) > config.max_body_bytes:
@@ -155,9 +155,10 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
             metrics.REQUEST_DURATION.labels(label).observe(time.monotonic() - g.started)
             metrics.REQUEST_BYTES.labels(label).inc(request.content_length or 0)
             metrics.RESPONSE_BYTES.labels(label).inc(response.calculate_content_length() or 0)
-            reason = metrics.REASON_BY_STATUS.get(response.status_code)
-            if response.status_code in (413, 415) or (response.status_code == 400 and g.get("protocol_error")):
-                metrics.REJECTED.labels(label, reason or "protocol").inc()
+            # refusals at the HTTP layer; the batcher counts overloaded, deadline and client_gone
+            reason = "protocol" if g.get("protocol_error") else metrics.REASON_BY_STATUS.get(response.status_code)
+            if reason:
+                metrics.REJECTED.labels(label, reason).inc()
         return response
 
     @app.teardown_request
