@@ -32,14 +32,19 @@ NEXT_BUFFER, numpy.dtype(code, False, True) + BUILD(state), shape, order)`.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 import pickle
+import re
 import struct
+import threading
+from itertools import repeat
 
 import numpy as np
 
-from errors import InvalidInput, ProtocolError, UnsupportedMediaType
+from errors import InvalidInput, LimitExceeded, ProtocolError, UnsupportedMediaType
 from safe_pickle import DEFAULT_LIMITS, DTYPE_CODES, Limits, safe_loads
 
 __all__ = [
@@ -150,7 +155,7 @@ def _decode_frame(mv: memoryview, limits: Limits) -> dict:
     if flags or res1 or res2:
         raise ProtocolError("frame reserved fields must be 0")
     if n_buf > limits.max_buffers:
-        raise ProtocolError(f"frame declares {n_buf} buffers, more than the limit of {limits.max_buffers}")
+        raise LimitExceeded(f"frame declares {n_buf} buffers, more than the limit of {limits.max_buffers}")
     table_end = _HEADER.size + 16 * n_buf
     if table_end > size:
         raise ProtocolError(f"frame buffer table declares {16 * n_buf} bytes, {size - _HEADER.size} present")
@@ -165,7 +170,7 @@ def _decode_frame(mv: memoryview, limits: Limits) -> dict:
         if off % ALIGN or off < prev_end:
             raise ProtocolError(f"buffer {i} offset {off} is not {ALIGN}-aligned after byte {prev_end}")
         if length > limits.max_array_bytes:
-            raise ProtocolError(f"buffer {i} of {length} bytes is over the {limits.max_array_bytes}-byte limit")
+            raise LimitExceeded(f"buffer {i} of {length} bytes is over the {limits.max_array_bytes}-byte limit")
         if off + length > size:
             raise ProtocolError(f"buffer {i} declares {length} bytes at offset {off}, the frame has {size}")
         buffers.append(mv[off : off + length])
@@ -179,7 +184,7 @@ def binary_to_dict(body, limits: Limits = DEFAULT_LIMITS) -> dict:
     """Decode a binserve frame or a plain pickle (protocols 2-5) safely; arrays are views of `body`."""
     mv = memoryview(body).cast("B")
     if len(mv) > limits.max_body_bytes:
-        raise ProtocolError(f"body of {len(mv)} bytes is over the {limits.max_body_bytes}-byte limit")
+        raise LimitExceeded(f"body of {len(mv)} bytes is over the {limits.max_body_bytes}-byte limit")
     if mv[:4] == MAGIC:
         return _decode_frame(mv, limits)
     if len(mv) and mv[0] == 0x80:
@@ -190,38 +195,100 @@ def binary_to_dict(body, limits: Limits = DEFAULT_LIMITS) -> dict:
 # --- JSON ---------------------------------------------------------------------------------
 
 
-def _check_json_tree(root, limits: Limits) -> None:
-    """Depth and item limits for a parsed JSON body (every dict key must be a str anyway)."""
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = True
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic GC (process-wide) while a JSON body is parsed: `json.loads` of a body of
+    many small lists triggers a collection every few hundred allocations, which made a 4 MB body
+    of `[],` take 1.4 s instead of 0.1 s, holding the GIL throughout. Counted, so concurrent
+    parses keep it paused until the last one ends."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+# A lone surrogate can only come from a \\uD800-\\uDFFF escape or from UTF-8-encoded surrogate
+# bytes (json.loads decodes with surrogatepass); bodies without either skip the string checks.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _check_json_str(s: str, key) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            where = f" in {key!r}" if key is not None else ""
+            raise ProtocolError(f"a string{where} is not valid UTF-8 (a lone surrogate)") from None
+
+
+def _check_json_tree(root: dict, limits: Limits, strings: bool) -> None:
+    """Depth, item and string limits (and, when `strings`, strict strings) for a parsed JSON body.
+
+    One pass over the containers; scalars cost a type check each (a 4 MiB body can hold a
+    million of them).
+    """
+    max_depth, max_str = limits.max_depth, limits.max_str_bytes
     items = 0
-    todo = [(root, 1)]
+    todo = [(root, 1, None)]
     while todo:
-        obj, depth = todo.pop()
-        if depth > limits.max_depth:
-            raise ProtocolError(f"nesting deeper than {limits.max_depth} levels")
-        values = obj.values() if isinstance(obj, dict) else obj
-        for v in values:
-            items += 1
-            if isinstance(v, (list, dict)):
-                todo.append((v, depth + 1))
-            elif isinstance(v, str) and len(v) > limits.max_str_bytes:
-                raise ProtocolError(f"string of {len(v)} characters is over the {limits.max_str_bytes} limit")
+        obj, depth, key = todo.pop()
+        if depth > max_depth:
+            raise ProtocolError(f"nesting deeper than {max_depth} levels")
+        items += len(obj)
         if items > limits.max_items:
-            raise ProtocolError(f"more than {limits.max_items} items")
+            raise LimitExceeded(f"more than {limits.max_items} items")
+        is_dict = type(obj) is dict
+        for k, v in obj.items() if is_dict else zip(repeat(key), obj):
+            t = type(v)
+            if t is list or t is dict:
+                if v:
+                    todo.append((v, depth + 1, k))
+                elif depth + 1 > max_depth:
+                    raise ProtocolError(f"nesting deeper than {max_depth} levels")
+            elif t is str:
+                if len(v) > max_str:
+                    raise LimitExceeded(f"string of {len(v)} characters in {k!r} is over the {max_str} limit")
+                if strings:
+                    _check_json_str(v, k)
+            if strings and is_dict:
+                _check_json_str(k, None)
 
 
 def json_to_dict(body, limits: Limits = DEFAULT_LIMITS) -> dict:
-    """Parse a JSON body into a dict, within `limits`; arrays stay lists until `as_array`."""
-    if len(body) > limits.max_body_bytes:
-        raise ProtocolError(f"body of {len(body)} bytes is over the {limits.max_body_bytes}-byte limit")
-    try:
-        data = json.loads(bytes(body))
-    except RecursionError:
-        raise ProtocolError("JSON nesting is too deep") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise ProtocolError(f"invalid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"the top-level JSON value must be an object, got {type(data).__name__}")
-    _check_json_tree(data, limits)
+    """Parse a JSON body into a dict, within `limits`; arrays stay lists until `as_array`.
+
+    JSON has its own size limit, checked before parsing: `json.loads` builds every object before
+    anything can be counted, and one byte of JSON can become ~25 bytes of Python objects.
+    """
+    if len(body) > limits.max_json_bytes:
+        raise LimitExceeded(
+            f"JSON body of {len(body)} bytes is over the {limits.max_json_bytes}-byte limit for JSON; "
+            "send larger payloads in the binary format (request_tools does)"
+        )
+    with _gc_paused():
+        try:
+            data = json.loads(bytes(body))
+        except RecursionError:
+            raise ProtocolError("JSON nesting is too deep") from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise ProtocolError(f"invalid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ProtocolError(f"the top-level JSON value must be an object, got {type(data).__name__}")
+        _check_json_tree(data, limits, strings=_MAYBE_SURROGATE.search(body) is not None)
     return data
 
 

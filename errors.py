@@ -35,10 +35,24 @@ class BadRequest(ServingError):
     error_type = "bad_request"
 
 
+class PayloadTooLarge(ServingError):
+    """The body is over the configured size limit (413)."""
+
+    status_code = 413
+    error_type = "payload_too_large"
+
+
 class ProtocolError(BadRequest, ValueError):
     """The body could not be decoded safely: refused opcode or global, bad length, limit exceeded."""
 
     error_type = "protocol_error"
+
+
+class LimitExceeded(PayloadTooLarge, ProtocolError):
+    """The body is, or decodes into, more than a limit allows: bytes, items, opcodes, the decode
+    budget, samples or characters (413). Still a `ProtocolError`, so decoders' callers catch one class."""
+
+    error_type = "payload_too_large"
 
 
 class InvalidInput(BadRequest):
@@ -67,18 +81,18 @@ class Forbidden(ServingError):
     error_type = "forbidden"
 
 
+class RequestTimeout(ServingError):
+    """The client stalled while sending its request, past client_timeout_s (408)."""
+
+    status_code = 408
+    error_type = "request_timeout"
+
+
 class ModelNotFound(ServingError):
     """The URL names a model that is not loaded (404)."""
 
     status_code = 404
     error_type = "model_not_found"
-
-
-class PayloadTooLarge(ServingError):
-    """The body is over the configured size limit (413)."""
-
-    status_code = 413
-    error_type = "payload_too_large"
 
 
 class UnsupportedMediaType(ServingError):
@@ -131,13 +145,17 @@ def _all_subclasses(cls: type) -> list[type]:
     return out
 
 
-_BY_TYPE = {cls.error_type: cls for cls in _all_subclasses(ServingError)}
+# Where several classes share a type (LimitExceeded is a PayloadTooLarge), the most general one wins.
+_BY_TYPE: dict[str, type[ServingError]] = {}
+for _cls in sorted(_all_subclasses(ServingError), key=lambda c: len(c.__mro__)):
+    _BY_TYPE.setdefault(_cls.error_type, _cls)
 # When the type is unknown (an older or newer server), fall back to the most general class per status.
 _BY_STATUS = {
     400: BadRequest,
     401: Unauthorized,
     403: Forbidden,
     404: ModelNotFound,
+    408: RequestTimeout,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
     429: Overloaded,

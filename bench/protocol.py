@@ -21,12 +21,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from binary_protocol import binary_to_dict, dict_to_binary, dict_to_json, json_to_dict  # noqa: E402
 
 
-def best_us(fn, min_time_s: float = 0.3) -> float:
+def best_us(fn, min_time_s: float = 0.3, repeat: int = 5) -> float:
     """Best time of one call, in microseconds, over repeats that each run at least ~min_time_s/5."""
     timer = timeit.Timer(fn)
     number, _ = timer.autorange()
     number = max(1, int(number * min_time_s / 5 / 0.2))
-    return min(timer.repeat(repeat=5, number=number)) / number * 1e6
+    return min(timer.repeat(repeat=repeat, number=number)) / number * 1e6
+
+
+def interleaved_us(fns: dict, rounds: int = 5) -> dict:
+    """Best time of each function when they take turns, so a burst of load on a shared machine
+    hits all of them rather than one (their ratio is what the targets compare)."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], best_us(fn, 0.1, repeat=2))
+    return best
 
 
 def payloads() -> dict[str, dict]:
@@ -55,13 +65,19 @@ def measure(name: str, data: dict, with_json: bool) -> dict:
     row = {
         "payload": name,
         "MiB": nbytes / 2**20,
-        "memcpy": best_us(lambda: np.copyto(dst, src)),
         "framed enc": best_us(lambda: dict_to_binary(data)),
-        "framed dec": best_us(lambda: binary_to_dict(framed)),
         "pickle5 enc": best_us(lambda: pickle.dumps(data, protocol=5)),
-        "pickle.loads": best_us(lambda: pickle.loads(plain)),
-        "safe dec of pickle5": best_us(lambda: binary_to_dict(plain)),
     }
+    row.update(
+        interleaved_us(
+            {
+                "memcpy": lambda: np.copyto(dst, src),
+                "framed dec": lambda: binary_to_dict(framed),
+                "pickle.loads": lambda: pickle.loads(plain),
+                "safe dec of pickle5": lambda: binary_to_dict(plain),
+            }
+        )
+    )
     if with_json:
         js = dict_to_json(data)
         row["json enc"] = best_us(lambda: dict_to_json(data), 0.1)
@@ -114,8 +130,8 @@ def main() -> None:
     )
     ratio = image["safe dec of pickle5"] / image["pickle.loads"]
     print(
-        f"- safe decode of plain pickle image+state at most 2x pickle.loads: {ratio:.2f}x "
-        f"-> {'PASS' if ratio <= 2 else 'FAIL'}"
+        f"- safe decode of plain pickle image+state at most 1.5x pickle.loads: {ratio:.2f}x "
+        f"-> {'PASS' if ratio <= 1.5 else 'FAIL'}"
     )
 
 

@@ -146,7 +146,7 @@ def _su(s: str) -> bytes:  # SHORT_BINUNICODE
         (lambda p: _ops(b"\x80\x04", _su("builtins"), _su("__import__"), b"\x93."), "builtins.__import__"),
         # BUILD on something that is not a pending numpy object
         (lambda p: b"\x80\x02}}b.", "BUILD on a dict is not allowed"),
-        (lambda p: _ops(b"\x80\x04", _su("numpy"), _su("ndarray"), b"\x93}b."), "BUILD on a _Global"),
+        (lambda p: _ops(b"\x80\x04", _su("numpy"), _su("ndarray"), b"\x93}b."), "BUILD on a Global"),
         # an allowed global called with something other than numpy's own arguments
         (
             lambda p: _ops(b"\x80\x04", _su("_codecs"), _su("encode"), b"\x93", _su("x"), _su("rot13"), b"\x86R."),
@@ -355,7 +355,7 @@ def test_alias_bomb_is_counted_on_every_visit():
     for k in range(60):
         ops.append(b"](j" + struct.pack("<I", k) + b"j" + struct.pack("<I", k) + b"e\x94")
     body = b"".join(ops) + b"0}" + _su("k") + b"j" + struct.pack("<I", 60) + b"s."
-    refused(body, "nesting deeper|more than .* items", limits=Limits(max_depth=100))
+    refused(body, "nesting deeper|more than .* items|decodes into more than", limits=Limits(max_depth=100))
 
 
 def test_recursion_bomb_lists():
