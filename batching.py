@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServingError
+from errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded, ServingError
 
 log = logging.getLogger("binserve.batching")
 
@@ -53,6 +53,7 @@ class _Request:
     enqueued: float
     abandoned: Callable[[], bool] | None = None  # True once the client has gone away
     future: Future = field(default_factory=Future)
+    claimed: bool = False  # the batch thread moved the future to running (or found it cancelled)
     parts_left: int = 0
     outputs: list = field(default_factory=list)
     batch_size: int = 0
@@ -108,6 +109,7 @@ class Batcher:
         sample_len: Callable[[object], int] | None = None,
         group_window: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[threading.Condition, float], object] | None = None,
         name: str = "model",
         observer=None,
     ) -> None:
@@ -128,6 +130,9 @@ class Batcher:
         # queue_depth(samples) and dropped(reason); metrics.BatchMetrics is binserve's.
         self.observer = observer
         self.clock = clock
+        # How the batch thread waits `max_wait_ms` for a fuller batch (the condition is held, and
+        # released while waiting); tests inject one that drives the clock they injected.
+        self.wait = wait or (lambda cond, timeout_s: cond.wait(timeout_s))
         self.name = name
         self._parts: deque[_Part] = deque()
         self._queued_samples = 0
@@ -158,6 +163,11 @@ class Batcher:
         n = len(samples)
         if n == 0:
             raise ValueError("a request needs at least one sample")
+        if n > self.max_queue_samples:  # could never be queued: retrying cannot help, so not a 429
+            raise LimitExceeded(
+                f"a request of {n} samples is larger than model {self.name!r}'s queue "
+                f"({self.max_queue_samples} samples, max_queue_samples); split it into several requests"
+            )
         now = self.clock()
         req = _Request(samples=samples, deadline=deadline, enqueued=now, abandoned=abandoned)
         parts = [_Part(req, i, samples[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)]
@@ -212,7 +222,7 @@ class Batcher:
                     left = until - self.clock()
                     if left <= 0:
                         break
-                    self._cond.wait(left)
+                    self.wait(self._cond, left)
             batch = self._form_batch() if self.sample_len is not None else self._fifo_batch()
             self._queued_samples -= sum(len(p.samples) for p in batch)
         self._observe("queue_depth", self._queued_samples)
@@ -266,18 +276,20 @@ class Batcher:
                 return
             try:
                 self._run(batch)
-            except Exception as exc:  # a bug of ours must fail this batch, never stop the thread
+            except Exception:  # a bug of ours must fail this batch, never stop the thread
                 log.exception("internal error in the batcher of %s", self.name)
                 for part in batch:
-                    self._fail(part.request, ServingError(f"internal error in the batcher: {exc!r}"))
+                    self._fail(
+                        part.request, ServingError("internal error in the batcher; the server log has the details")
+                    )
 
     def _run(self, batch: list[_Part]) -> None:
         now = self.clock()
         live: list[_Part] = []
         for part in batch:
             req = part.request
-            if req.future.done():
-                continue  # an earlier part already failed it
+            if not self._claim(req):
+                continue  # cancelled by its request thread, or an earlier part already failed it
             if now > req.deadline:
                 self._count_drop("deadline")
                 self._fail(
@@ -301,8 +313,9 @@ class Batcher:
             tag = None
             if isinstance(outputs, Tagged):
                 outputs, tag = outputs.outputs, outputs.tag
-            if len(outputs) != len(samples):
-                raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(samples)} inputs")
+            if len(outputs) != len(samples):  # our own words: safe to show the caller
+                log.error("model %s returned %d outputs for %d inputs", self.name, len(outputs), len(samples))
+                raise ModelFailure(f"model {self.name!r} returned {len(outputs)} outputs for {len(samples)} inputs")
         except ServingError as exc:
             self.stats.failed_batches += 1
             for part in live:
@@ -311,7 +324,11 @@ class Batcher:
         except Exception as exc:  # the model's failure fails this batch only
             log.exception("batch of %d samples failed on model %s", len(samples), self.name)
             self.stats.failed_batches += 1
-            err = ModelFailure(f"model {self.name!r} failed on a batch of {len(samples)}: {type(exc).__name__}: {exc}")
+            # The reply names the model, not the exception: its text can hold paths and internals.
+            err = ModelFailure(
+                f"model {self.name!r} failed on a batch of {len(samples)} samples ({type(exc).__name__}); "
+                "the server log has the details"
+            )
             for part in live:
                 self._fail(part.request, err)
             return
@@ -361,6 +378,19 @@ class Batcher:
                 log.exception("metrics observer failed on %s", event)
 
     @staticmethod
-    def _fail(req: _Request, exc: BaseException) -> None:
-        if not req.future.done():
+    def _claim(req: _Request) -> bool:
+        """Move the request's future to running, once; False when it was cancelled or is done.
+
+        A request thread may cancel its future (its deadline passed) at any moment; a running
+        future can no longer be cancelled, so after this only the batch thread changes it and
+        setting its result or exception cannot race with a cancel.
+        """
+        if not req.claimed:
+            req.claimed = True
+            return req.future.set_running_or_notify_cancel()
+        return not req.future.done()
+
+    @classmethod
+    def _fail(cls, req: _Request, exc: BaseException) -> None:
+        if cls._claim(req):
             req.future.set_exception(exc)

@@ -13,8 +13,6 @@ first, then moves CURRENT and waits until every live worker reports the new vers
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -30,8 +28,9 @@ from batching import Batcher, Tagged
 from config import ServerConfig
 from errors import BadRequest, ModelLoadFailed, ModelNotFound, NotReady
 from model_repository import ModelRepository
-from models.base import ModelAdapter
+from models.base import ModelAdapter, RequestLimits
 from models.registry import load_model, parse_specs
+from runtime import trim_heap
 
 log = logging.getLogger("binserve.models")
 
@@ -84,12 +83,7 @@ def _release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    libc = ctypes.util.find_library("c")
-    if libc:
-        try:
-            ctypes.CDLL(libc).malloc_trim(0)  # glibc keeps freed weights mapped unless asked
-        except (OSError, AttributeError):
-            pass
+    trim_heap()
 
 
 class ModelManager:
@@ -107,6 +101,9 @@ class ModelManager:
         for spec in specs:
             self.repo.register(spec)
         self.poll_s = config.repository_poll_ms / 1000.0
+        self.request_limits = RequestLimits(
+            max_samples=config.max_queue_samples, max_text_chars=config.max_text_chars, truncate=config.truncate
+        )
         self._models: dict[str, LoadedModel] = {}
         self._locks = {name: threading.Lock() for name in self.names}
         self._ready = threading.Event()
@@ -134,7 +131,7 @@ class ModelManager:
         return self._ready.wait(timeout_s)
 
     def _load_version(self, name: str, version: str) -> tuple[ModelAdapter, dict]:
-        adapter = load_model(self.repo.spec(name, version), self.device, self.config.autocast)
+        adapter = load_model(self.repo.spec(name, version), self.device, self.config.autocast, self.request_limits)
         adapter.warmup()
         return adapter, _signature(adapter)
 
@@ -249,7 +246,7 @@ class ModelManager:
         if name not in self.names:
             raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(self.names)}")
         if self.load_error:
-            raise NotReady(f"model {name!r} failed to load: {self.load_error}")
+            raise NotReady(f"model {name!r} failed to load; GET /readyz says why")
         raise NotReady(f"model {name!r} is still loading", retry_after_s=1.0)
 
     def describe(self) -> list[dict]:

@@ -15,7 +15,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from errors import LimitExceeded
 from runtime import DeviceRunner
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of an adapter, checked in `validate` before any expensive step."""
+
+    #: samples (texts, token rows, array rows) in one request: more could never fit the queue
+    max_samples: int = 2048
+    #: characters per text before tokenizing; 0: 100 x the model's maximum tokens
+    max_text_chars: int = 0
+    #: cut texts and token rows to the model's maximum length (True), or refuse them with 413
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -35,10 +48,13 @@ class ModelAdapter(abc.ABC):
     #: padded tokens and groups similar lengths, using `sample_length`.
     token_inputs: bool = False
 
-    def __init__(self, name: str, version: str, device: torch.device, autocast: str = "bf16") -> None:
+    def __init__(
+        self, name: str, version: str, device: torch.device, autocast: str = "bf16", limits: RequestLimits | None = None
+    ) -> None:
         self.name = name
         self.version = version
         self.device = device
+        self.limits = limits or RequestLimits()
         #: staging buffers, streams and autocast for this model's batches
         self.runner = DeviceRunner(device, autocast)
 
@@ -48,7 +64,16 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def validate(self, payload: dict) -> Validated:
-        """Check a decoded request and turn it into samples; raises errors.InvalidInput."""
+        """Check a decoded request and turn it into samples; raises errors.InvalidInput (400) or
+        errors.LimitExceeded (413). Sizes are checked before anything costs more than the request."""
+
+    def check_samples(self, n: int, what: str) -> None:
+        """413 for a request of more samples than `limits.max_samples` (it could never be queued)."""
+        if n > self.limits.max_samples:
+            raise LimitExceeded(
+                f"{what} holds {n} samples; one request may hold at most {self.limits.max_samples} "
+                "(max_queue_samples): split it into several requests"
+            )
 
     @abc.abstractmethod
     def run_batch(self, samples: list) -> list[dict]:

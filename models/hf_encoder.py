@@ -17,8 +17,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from binary_protocol import as_array
-from errors import InvalidInput
-from models.base import ModelAdapter, Validated
+from errors import InvalidInput, LimitExceeded
+from models.base import ModelAdapter, RequestLimits, Validated
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -31,8 +31,16 @@ class HFEncoder(ModelAdapter):
     adapter_name = "hf_encoder"
     token_inputs = True
 
-    def __init__(self, name: str, version: str, path: str, device: torch.device, autocast: str = "bf16") -> None:
-        super().__init__(name, version, device, autocast)
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        path: str,
+        device: torch.device,
+        autocast: str = "bf16",
+        limits: RequestLimits | None = None,
+    ) -> None:
+        super().__init__(name, version, device, autocast, limits)
         root = Path(path)
         config = AutoConfig.from_pretrained(root)
         archs = config.architectures or []
@@ -50,6 +58,9 @@ class HFEncoder(ModelAdapter):
         self.vocab_size = int(config.vocab_size)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if self.task == "classification" else None
+        # Tokenizing costs time per character whatever the truncation, so texts are cut (or refused)
+        # at a length that nearly always holds more than max_length tokens (~4-5 characters each).
+        self.max_text_chars = self.limits.max_text_chars or 32 * self.max_length
 
     @property
     def module(self) -> torch.nn.Module:
@@ -61,6 +72,8 @@ class HFEncoder(ModelAdapter):
             "input_ids": f"int token ids, 1-D (one sample) or 2-D/ragged lists (a batch); 0 <= id < {self.vocab_size}",
             "attention_mask": "optional, with input_ids: 1 for tokens to keep",
             "max_length": self.max_length,
+            "max_text_chars": self.max_text_chars,
+            "truncate": self.limits.truncate,
             "outputs": ["embeddings"] if self.task == "embedding" else ["logits", "probabilities"],
             "labels": self.labels,
         }
@@ -83,35 +96,58 @@ class HFEncoder(ModelAdapter):
     def _from_texts(self, texts) -> Validated:
         batched = not isinstance(texts, str)
         texts = [texts] if not batched else texts
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        if not isinstance(texts, (list, tuple)):
+            raise InvalidInput("'texts' must be a str or a list of str")
+        self.check_samples(len(texts), "'texts'")
+        if not all(isinstance(t, str) for t in texts):
             raise InvalidInput("'texts' must be a str or a list of str")
         if not texts:
             raise InvalidInput("'texts' is an empty list; send at least one text")
+        truncate, limit = self.limits.truncate, self.max_text_chars
+        too_long = next((i for i, t in enumerate(texts) if len(t) > limit), None)
+        if too_long is not None:
+            if not truncate:
+                raise LimitExceeded(
+                    f"text {too_long} of 'texts' has {len(texts[too_long])} characters; this model takes at most "
+                    f"{limit} (max_text_chars; or start the server with truncate on)"
+                )
+            texts = [t[:limit] for t in texts]
         enc = self.tokenizer(
             list(texts),
-            truncation=True,
-            max_length=self.max_length,
+            truncation=truncate,
+            max_length=self.max_length if truncate else None,
             return_attention_mask=False,
             return_token_type_ids=False,
         )
-        return Validated([np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]], batched)
+        rows = [np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]]
+        if not truncate:
+            self._check_row_lengths(rows, "text")
+        return Validated(rows, batched)
+
+    def _check_row_lengths(self, rows: list, what: str) -> None:
+        for i, r in enumerate(rows):
+            if len(r) > self.max_length:
+                raise LimitExceeded(
+                    f"{what} {i} has {len(r)} tokens; this model takes at most {self.max_length} "
+                    "(start the server with truncate on to cut them)"
+                )
 
     def _from_ids(self, ids, mask) -> Validated:
-        rows, batched = _rows(ids, "input_ids")
+        rows, batched = _rows(ids, "input_ids", self.check_samples)
         if mask is not None:
-            mask_rows, _ = _rows(mask, "attention_mask")
+            mask_rows, _ = _rows(mask, "attention_mask", self.check_samples)
             if len(mask_rows) != len(rows) or any(len(m) != len(r) for m, r in zip(mask_rows, rows, strict=True)):
                 raise InvalidInput("'attention_mask' must have the same shape as 'input_ids'")
             rows = [r[m != 0] for r, m in zip(rows, mask_rows, strict=True)]
         for i, r in enumerate(rows):
             if len(r) == 0:
                 raise InvalidInput(f"'input_ids' row {i} is empty")
-            if len(r) > self.max_length:
-                raise InvalidInput(
-                    f"'input_ids' row {i} has {len(r)} tokens; this model takes at most {self.max_length}"
-                )
             if r.min() < 0 or r.max() >= self.vocab_size:
                 raise InvalidInput(f"'input_ids' row {i} has ids outside [0, {self.vocab_size})")
+        if self.limits.truncate:
+            rows = [r[: self.max_length] for r in rows]
+        else:
+            self._check_row_lengths(rows, "'input_ids' row")
         return Validated(rows, batched)
 
     # --- batch thread ------------------------------------------------------------------------
@@ -151,9 +187,14 @@ def _only(payload: dict, allowed: set) -> None:
         raise InvalidInput(f"unexpected keys {sorted(extra)}; this model takes {sorted(allowed)}")
 
 
-def _rows(value, name: str) -> tuple[list[np.ndarray], bool]:
-    """Token id input as a list of 1-D int64 rows, and whether it was a batch."""
+def _rows(value, name: str, check_samples) -> tuple[list[np.ndarray], bool]:
+    """Token id input as a list of 1-D int64 rows, and whether it was a batch.
+
+    The number of rows is checked (`check_samples`) before any per-row work.
+    """
     if isinstance(value, np.ndarray):
+        if value.ndim == 2:
+            check_samples(value.shape[0], f"'{name}'")
         arr = as_array(value, dtype=np.int64, name=name)
         if arr.ndim == 1:
             return [arr], False
@@ -168,6 +209,7 @@ def _rows(value, name: str) -> tuple[list[np.ndarray], bool]:
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return [as_array(list(value), dtype=np.int64, name=name)], False
         if all(isinstance(v, (list, tuple, np.ndarray)) for v in value):
+            check_samples(len(value), f"'{name}'")
             rows = [as_array(v, dtype=np.int64, name=f"{name}[{i}]") for i, v in enumerate(value)]
             if any(r.ndim != 1 for r in rows):
                 raise InvalidInput(f"each row of '{name}' must be a flat list of ints")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.base import ModelAdapter
+from models.base import ModelAdapter, RequestLimits
 from models.hf_encoder import HFEncoder
 from models.torch_module import TorchModule
 
@@ -55,6 +55,8 @@ def parse_specs(text: str) -> list[ModelSpec]:
     return specs
 
 
-def load_model(spec: ModelSpec, device: torch.device, autocast: str = "bf16") -> ModelAdapter:
+def load_model(
+    spec: ModelSpec, device: torch.device, autocast: str = "bf16", limits: RequestLimits | None = None
+) -> ModelAdapter:
     """Load (not yet warm) the model a spec names, on `device` (autocast applies on CUDA only)."""
-    return ADAPTERS[spec.adapter](spec.name, spec.version, spec.path, device, autocast)
+    return ADAPTERS[spec.adapter](spec.name, spec.version, spec.path, device, autocast, limits)

@@ -20,7 +20,7 @@ import torch
 
 from binary_protocol import as_array
 from errors import InvalidInput
-from models.base import ModelAdapter, Validated
+from models.base import ModelAdapter, RequestLimits, Validated
 
 
 class TorchModule(ModelAdapter):
@@ -28,8 +28,16 @@ class TorchModule(ModelAdapter):
 
     adapter_name = "torch_module"
 
-    def __init__(self, name: str, version: str, path: str, device: torch.device, autocast: str = "bf16") -> None:
-        super().__init__(name, version, device, autocast)
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        path: str,
+        device: torch.device,
+        autocast: str = "bf16",
+        limits: RequestLimits | None = None,
+    ) -> None:
+        super().__init__(name, version, device, autocast, limits)
         root = Path(path)
         manifest = json.loads((root / "manifest.json").read_text())
         module_path, _, cls_name = manifest["class"].partition(":")
@@ -66,7 +74,10 @@ class TorchModule(ModelAdapter):
         arrays = {}
         batch = set()
         for key, (dtype, shape) in self.inputs.items():
-            arr = as_array(payload[key], dtype=dtype, name=key)
+            value = payload[key]
+            if isinstance(value, np.ndarray) and value.ndim == len(shape) + 1:
+                self.check_samples(value.shape[0], repr(key))  # before any per-sample work
+            arr = as_array(value, dtype=dtype, name=key)
             if arr.shape == shape:
                 batch.add(None)
             elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and arr.shape[0] > 0:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from errors import InvalidInput
+from errors import InvalidInput, LimitExceeded
+from models.base import RequestLimits
 from models.hf_encoder import HFEncoder
 from models.registry import ModelSpec, default_minilm_path, load_model, parse_specs
 from models.torch_module import TorchModule
@@ -67,7 +68,6 @@ def test_input_ids_forms_agree_with_texts(minilm):
         ({"texts": ["x"], "extra": 1}, "unexpected keys \\['extra'\\]"),
         ({"input_ids": [[1, 2], []]}, "row 1 is empty"),
         ({"input_ids": [1, 99999]}, "outside \\[0, 30522\\)"),
-        ({"input_ids": list(range(300))}, "at most 256"),
         ({"input_ids": np.zeros((2, 2, 2), np.int64)}, "must be 1-D"),
         ({"input_ids": np.zeros(3, np.float32) + 0.5}, "dtype float32, expected int64"),
         ({"input_ids": [[1, 2]], "attention_mask": [[1]]}, "same shape"),
@@ -76,6 +76,62 @@ def test_input_ids_forms_agree_with_texts(minilm):
 def test_bad_token_inputs_name_the_problem(minilm, payload, match):
     with pytest.raises(InvalidInput, match=match):
         minilm.validate(payload)
+
+
+# --- sizes are checked before anything expensive --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_minilm() -> HFEncoder:
+    """MiniLM that refuses what it would otherwise truncate, and takes at most 4 samples."""
+    limits = RequestLimits(max_samples=4, max_text_chars=100, truncate=False)
+    return load_model(ModelSpec("minilm", "hf_encoder", default_minilm_path()), CPU, limits=limits)
+
+
+def test_long_token_rows_are_truncated_by_default(minilm):
+    ids = [101, *range(1000, 1400), 102]
+    (row,) = minilm.validate({"input_ids": [ids]}).samples
+    assert row.tolist() == ids[:256]
+
+
+def test_long_texts_are_cut_to_the_model_maximum(minilm):
+    text = "word " * 20_000  # 100k characters, far more than 256 tokens
+    (row,) = minilm.validate({"texts": [text]}).samples
+    assert len(row) == 256 and minilm.max_text_chars == 32 * 256
+    # cutting the characters first changes nothing once the text holds more than max_length tokens
+    (reference,) = minilm.validate({"texts": [text[: minilm.max_text_chars]]}).samples
+    np.testing.assert_array_equal(row, reference)
+
+
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        ({"texts": ["x"] * 5}, "'texts' holds 5 samples; one request may hold at most 4"),
+        ({"input_ids": np.zeros((5, 3), np.int64)}, "'input_ids' holds 5 samples"),
+        ({"input_ids": [[101, 102]] * 5}, "'input_ids' holds 5 samples"),
+        ({"texts": ["y" * 101]}, "text 0 of 'texts' has 101 characters; this model takes at most 100"),
+        ({"input_ids": [list(range(1000, 1300))]}, "'input_ids' row 0 has 300 tokens; this model takes at most 256"),
+    ],
+)
+def test_limits_refuse_with_413_before_the_work(strict_minilm, payload, match):
+    with pytest.raises(LimitExceeded, match=match) as info:
+        strict_minilm.validate(payload)
+    assert info.value.status_code == 413
+
+
+def test_strict_token_limit_counts_tokens_not_characters():
+    limits = RequestLimits(max_text_chars=10_000, truncate=False)
+    model = load_model(ModelSpec("m", "hf_encoder", default_minilm_path()), CPU, limits=limits)
+    with pytest.raises(LimitExceeded, match="text 0 has 302 tokens; this model takes at most 256"):
+        model.validate({"texts": ["word " * 300]})
+
+
+def test_policy_refuses_more_samples_than_a_request_may_hold():
+    limits = RequestLimits(max_samples=2)
+    model = load_model(ModelSpec("policy", "torch_module", "models/policy_v1"), CPU, limits=limits)
+    payload = {"image": np.zeros((3, 480, 640, 3), np.uint8), "state": np.zeros((3, 6), np.float32)}
+    with pytest.raises(LimitExceeded, match="'image' holds 3 samples"):
+        model.validate(payload)
 
 
 def test_policy_single_and_batch(policy):
