@@ -53,6 +53,21 @@ class ServerConfig:
     #: below Kubernetes' terminationGracePeriodSeconds minus the preStop delay
     graceful_timeout_s: float = 30.0
     max_body_bytes: int = 64 * 1024 * 1024
+    #: JSON bodies (curl, browsers) are parsed whole before anything can be counted: a smaller limit
+    max_json_bytes: int = 4 * 1024 * 1024
+    #: what decoding one body may produce at most (each reference to a repeated value counted);
+    #: below this cap the budget is 4x the body + 16 MiB
+    max_decoded_bytes: int = 256 * 1024 * 1024
+    #: characters per text before tokenizing; 0: 100 x the model's maximum tokens
+    max_text_chars: int = 0
+    #: texts (and token rows) longer than the model's maximum are cut to it (TEI's auto-truncate);
+    #: false: such requests get 413
+    truncate: bool = True
+    #: a client that stalls this long while sending its request is cut (408); see README
+    client_timeout_s: float = 5.0
+    #: restart a worker after this many requests (with 10% jitter), a last line of defence
+    #: against memory growth; 0: never. Each restart reloads the models in that worker.
+    max_requests: int = 0
     #: bearer token for /infer; empty: no authentication
     auth_token: str = ""
     #: bearer token for /update_model; empty: the endpoint is disabled (403)
@@ -68,8 +83,13 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.port > 65535:
             raise ValueError(f"port must be at most 65535, got {self.port}")
-        if self.torch_threads < 0 or self.max_wait_ms < 0 or self.max_body_bytes < 1:
-            raise ValueError("torch_threads and max_wait_ms must be >= 0, max_body_bytes >= 1")
+        if self.torch_threads < 0 or self.max_wait_ms < 0 or self.max_text_chars < 0 or self.max_requests < 0:
+            raise ValueError("torch_threads, max_wait_ms, max_text_chars and max_requests must be >= 0")
+        for name in ("max_body_bytes", "max_json_bytes", "max_decoded_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.client_timeout_s <= 0:
+            raise ValueError(f"client_timeout_s must be > 0, got {self.client_timeout_s}")
         if self.graceful_timeout_s <= 0:
             raise ValueError(f"graceful_timeout_s must be > 0, got {self.graceful_timeout_s}")
         if self.repository_poll_ms <= 0 or self.reload_timeout_s <= 0:
@@ -113,8 +133,15 @@ def _field(cls, name: str) -> dataclasses.Field:
     return next(f for f in fields(cls) if f.name == name)
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _parse(f: dataclasses.Field, raw: str):
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if kind is bool:
+        if raw.strip().lower() not in _BOOLS:
+            raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be true or false, got {raw!r}")
+        return _BOOLS[raw.strip().lower()]
     try:
         return kind(raw)
     except ValueError:

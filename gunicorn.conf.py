@@ -1,8 +1,10 @@
 """Gunicorn settings for binserve: plain assignments from ServerConfig, and the worker hooks.
 
-gthread workers: one process holds many request threads, which is what lets one process's batcher
-see many concurrent requests. preload_app stays off so that models and CUDA initialise in each
-worker after the fork, never in the master.
+Workers are gthread with request buffering (`http_worker.BufferingWorker`): one process holds many
+request threads, which is what lets one process's batcher see many concurrent requests, and a
+request reaches a thread only once it has arrived whole, so slow clients cannot hold threads.
+preload_app stays off so that models and CUDA initialise in each worker after the fork, never in
+the master.
 """
 
 import os
@@ -30,13 +32,16 @@ os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 bind = f"{_config.host}:{_config.port}"
 workers = _config.workers
-worker_class = "gthread"
+worker_class = "http_worker.BufferingWorker"
 threads = _config.threads
 preload_app = False
 # Models load on a background thread, so the worker heartbeat is never blocked for long.
 timeout = 120
 graceful_timeout = int(_config.graceful_timeout_s)
 keepalive = 5
+# Last line of defence against memory growth; off by default, since each restart reloads the models.
+max_requests = _config.max_requests
+max_requests_jitter = _config.max_requests // 10
 loglevel = _config.log_level
 # Gunicorn 27's control socket lives at one path per user; several servers (tests, replicas on one
 # host) would fight over it, and binserve does not use it.
@@ -82,5 +87,8 @@ def worker_exit(server, worker):
 
 
 def post_fork(server, worker):
-    """Give each worker an index: it picks GPU index mod N (runtime.select_device)."""
+    """Give each worker an index (it picks GPU index mod N) and an allocator that gives memory back."""
     os.environ["BINSERVE_WORKER_INDEX"] = str(max(0, worker.age - 1))
+    from runtime import configure_allocator
+
+    configure_allocator()  # before the request threads exist

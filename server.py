@@ -32,18 +32,50 @@ from errors import (
     BadRequest,
     DeadlineExceeded,
     Forbidden,
+    LimitExceeded,
     PayloadTooLarge,
     ProtocolError,
+    RequestTimeout,
     ServingError,
     Unauthorized,
 )
 from model_manager import ModelManager
-from runtime import configure_threads, select_device
+from runtime import configure_threads, select_device, trim_heap
 
 log = logging.getLogger("binserve.server")
 
 # How long a request thread waits past its deadline for a batch that already started.
 _DEADLINE_GRACE_S = 5.0
+# After a request this large, glibc is asked to hand freed pages back (a few ms, off the reply path).
+_TRIM_AFTER_BYTES = 4 * 1024 * 1024
+
+
+def _media(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def read_body(config: ServerConfig) -> bytes:
+    """The request body, read to at most its limit + 1 byte: 413 past it, whatever the framing.
+
+    A declared length is checked before anything is read; a chunked body (no length) is cut at
+    limit + 1 bytes, which proves it too large. JSON has its own, smaller limit.
+    """
+    is_json = _media(request.content_type) in ("application/json",) or _media(request.content_type).endswith("+json")
+    limit = config.max_json_bytes if is_json else config.max_body_bytes
+    what = "JSON body" if is_json else "body"
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise LimitExceeded(f"{what} of {declared} bytes is over the {limit}-byte limit")
+    stream = request.environ["wsgi.input"]
+    try:
+        body = stream.read(limit + 1) if declared is None else stream.read(declared)
+    except OSError:  # the socket timed out (client_timeout_s) or broke mid-body
+        raise RequestTimeout(f"the body did not arrive within client_timeout_s={config.client_timeout_s}") from None
+    if len(body) > limit:
+        raise LimitExceeded(f"{what} is over the {limit}-byte limit")
+    if declared is not None and len(body) < declared:
+        raise BadRequest(f"the body ended after {len(body)} of its {declared} declared bytes")
+    return body
 
 
 def _check_token(expected: str) -> None:
@@ -73,6 +105,14 @@ def _client_gone_check(environ: dict):
     return gone
 
 
+def _request_id() -> str:
+    """The caller's X-Request-Id when it is a sane token, else a new one (it goes into logs)."""
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
 def _deadline(start: float, config: ServerConfig) -> float:
     raw = request.headers.get("X-Request-Timeout-Ms")
     if raw is None:
@@ -96,7 +136,11 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
     app = Flask("binserve")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["binserve"] = manager
-    limits = Limits(max_body_bytes=config.max_body_bytes)
+    limits = Limits(
+        max_body_bytes=config.max_body_bytes,
+        max_json_bytes=config.max_json_bytes,
+        max_decoded_bytes=config.max_decoded_bytes,
+    )
 
     @app.post("/infer", defaults={"model": None})
     @app.post("/infer/<model>")
@@ -104,14 +148,10 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
         start = g.started  # set by _count_in, so metrics and Server-Timing share one clock
         if config.auth_token:
             _check_token(config.auth_token)
-        if (request.content_length or 0) > config.max_body_bytes:
-            raise PayloadTooLarge(
-                f"body of {request.content_length} bytes is over the {config.max_body_bytes}-byte limit"
-            )
         deadline = _deadline(start, config)
         loaded = manager.get(model)
         g.model_label = loaded.name
-        payload, fmt = decode_body(request.get_data(cache=False), request.content_type, limits)
+        payload, fmt = decode_body(read_body(config), request.content_type, limits)
         validated = loaded.adapter.validate(payload)
         decoded = time.monotonic()
         future = loaded.batcher.submit(validated.samples, deadline, _client_gone_check(request.environ))
@@ -132,7 +172,7 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
             body,
             content_type=content_type,
             headers={
-                "X-Request-Id": request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+                "X-Request-Id": g.request_id,
                 "X-Model-Version": str(result.tag),
                 "X-Model": loaded.name,
                 "X-Batch-Size": str(result.batch_size),
@@ -142,12 +182,22 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
 
     @app.before_request
     def _count_in():
+        g.request_id = _request_id()
+        sock = request.environ.get("gunicorn.socket")
+        if sock is not None:
+            # Whatever of the body the worker did not buffer, and the reply, must not wait on a stalled client.
+            sock.settimeout(config.client_timeout_s)
         if request.endpoint == "infer":
             g.started = time.monotonic()
             metrics.IN_FLIGHT.inc()
 
     @app.after_request
     def _count_out(response: Response) -> Response:
+        response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        if response.status_code == 413:
+            response.headers["Connection"] = "close"  # do not read the rest of a body we refused
+        if (request.content_length or 0) >= _TRIM_AFTER_BYTES or response.status_code == 413:
+            response.call_on_close(trim_heap)  # after the reply is sent
         if request.endpoint == "infer" and "started" in g:
             # Only served names become labels: a URL naming anything else must not grow the series.
             label = g.get("model_label", metrics.UNKNOWN_MODEL)
@@ -179,7 +229,7 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
                 "(or --admin-token) and send it as 'Authorization: Bearer <secret>'"
             )
         _check_token(config.admin_token)
-        payload, _ = decode_body(request.get_data(cache=False), request.content_type, limits)
+        payload, _ = decode_body(read_body(config), request.content_type, limits)
         name = payload.get("model") or manager.default_name
         version, path = payload.get("version"), payload.get("path")
         if (version is None) == (path is None):
@@ -222,8 +272,10 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
 
     @app.errorhandler(ServingError)
     def serving_error(err: ServingError):
-        if isinstance(err, ProtocolError):
+        if isinstance(err, ProtocolError) and not isinstance(err, PayloadTooLarge):
             g.protocol_error = True
+        if err.status_code >= 500:
+            log.warning("request id %s: %s %s", g.get("request_id", ""), err.status_code, err.message)
         resp = jsonify(err.to_dict())
         resp.status_code = err.status_code
         if err.retry_after_s is not None:
@@ -239,8 +291,11 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
 
     @app.errorhandler(Exception)
     def unexpected(err: Exception):
-        log.exception("unhandled error on %s", request.path)
-        resp = jsonify({"error": {"type": "internal_error", "message": f"{type(err).__name__}: {err}"}})
+        # The details go to the log, under the request id; the caller gets the id, not the internals.
+        rid = g.get("request_id", "")
+        log.exception("unhandled error on %s (request id %s)", request.path, rid)
+        message = f"internal error; the server log has the details under request id {rid}"
+        resp = jsonify({"error": {"type": "internal_error", "message": message}})
         resp.status_code = 500
         return resp
 
