@@ -72,17 +72,39 @@ class ServerConfig:
     auth_token: str = ""
     #: bearer token for /update_model; empty: the endpoint is disabled (403)
     admin_token: str = ""
+    #: comma-separated package prefixes whose nn.Module classes torch_module versions may name
+    trusted_modules: str = "models"
+    #: directory that /update_model may import model directories from; empty: path imports are off
+    import_root: str = ""
+    #: largest model directory /update_model imports (bytes, all files)
+    max_import_bytes: int = 16 * 1024 * 1024 * 1024
+    #: this replica's name in the repository's worker reports; empty: the host name (the pod's name)
+    replica_id: str = ""
+    #: a second port for /update_model and /metrics (kept off the inference Service); 0: the main port
+    admin_port: int = 0
     #: "bf16", "fp16" or "off": autocast on the GPU
     autocast: str = "bf16"
     log_level: str = "info"
+
+    @property
+    def trusted_module_prefixes(self) -> tuple[str, ...]:
+        """`trusted_modules` as a tuple of package prefixes."""
+        return tuple(p.strip() for p in self.trusted_modules.split(",") if p.strip())
 
     def __post_init__(self) -> None:
         positive = ("port", "workers", "threads", "max_batch_size", "max_batch_tokens", "max_queue_samples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.port > 65535:
-            raise ValueError(f"port must be at most 65535, got {self.port}")
+        if self.port > 65535 or not 0 <= self.admin_port <= 65535 or self.admin_port == self.port:
+            raise ValueError(
+                f"port and admin_port must be distinct ports (admin_port 0: none), got {self.port}, {self.admin_port}"
+            )
+        for prefix in self.trusted_module_prefixes:
+            if not all(part.isidentifier() for part in prefix.split(".")):
+                raise ValueError(f"trusted_modules must be dotted package names, got {prefix!r}")
+        if self.max_import_bytes < 1:
+            raise ValueError("max_import_bytes must be at least 1")
         if self.torch_threads < 0 or self.max_wait_ms < 0 or self.max_text_chars < 0 or self.max_requests < 0:
             raise ValueError("torch_threads, max_wait_ms, max_text_chars and max_requests must be >= 0")
         for name in ("max_body_bytes", "max_json_bytes", "max_decoded_bytes"):

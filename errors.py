@@ -35,6 +35,13 @@ class BadRequest(ServingError):
     error_type = "bad_request"
 
 
+class Conflict(ServingError):
+    """The request lost to a concurrent one: e.g. a reload superseded by a later reload (409)."""
+
+    status_code = 409
+    error_type = "superseded"
+
+
 class PayloadTooLarge(ServingError):
     """The body is over the configured size limit (413)."""
 
@@ -156,6 +163,7 @@ _BY_STATUS = {
     403: Forbidden,
     404: ModelNotFound,
     408: RequestTimeout,
+    409: Conflict,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
     429: Overloaded,

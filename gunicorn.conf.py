@@ -17,6 +17,8 @@ from config import ServerConfig
 # prometheus_client's multiprocess mode: every worker writes its metrics to files in this
 # directory, and a scrape of any worker reads all of them. It must be in the environment before
 # any worker imports prometheus_client, so it is set here, in the master, before the fork.
+# Nothing here may import prometheus_client before this line: it picks its value class (in memory,
+# or files in this directory) once, at import, and the workers inherit that choice.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="binserve-metrics-"))
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # e.g. /tmp/metrics on an emptyDir
 
@@ -30,7 +32,9 @@ _config = ServerConfig.from_env()
 # Set here, in the master, so each worker's libgomp reads it when torch loads after the fork.
 os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
-bind = f"{_config.host}:{_config.port}"
+bind = [f"{_config.host}:{_config.port}"]
+if _config.admin_port:  # /update_model and /metrics answer only here (see server.py)
+    bind.append(f"{_config.host}:{_config.admin_port}")
 workers = _config.workers
 worker_class = "http_worker.BufferingWorker"
 threads = _config.threads
@@ -57,10 +61,14 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live gauges (its counters stay, so sums never go backwards)."""
-    from prometheus_client import multiprocess
+    """Drop a dead worker's live gauges and fold its counters and histograms into the archives, so
+    the directory stays bounded however often workers restart and no total goes backwards."""
+    import metrics_archive  # imported here, after PROMETHEUS_MULTIPROC_DIR is set
 
-    multiprocess.mark_process_dead(worker.pid)
+    try:
+        metrics_archive.archive_dead_process(worker.pid)
+    except Exception:  # metrics must never stop the master from replacing a worker
+        server.log.exception("could not archive the metrics of worker %s", worker.pid)
 
 
 def post_worker_init(worker):

@@ -1,14 +1,18 @@
 """The models one worker serves: loading them off the request path, hot reload, a batcher for each.
 
-design: `start()` registers the configured models in the model repository, then loads and warms
-the repository's current version of each on a background thread, so Gunicorn's heartbeat keeps
-beating and /readyz says 503 until all are warm. Each model sits in a `ModelSlot` that its
-`Batcher` calls: the slot reads its adapter once per batch, so swapping `slot.adapter` between
-batches means no batch mixes versions, and every batch is tagged with the version that ran it.
-A watcher thread polls the repository; when a model's CURRENT names another version it loads that
-version beside the old one, warms it, checks it (finite outputs with the old version's keys and
-shapes), swaps it in and lets the old one go. `update()` (POST /update_model) does the same check
-first, then moves CURRENT and waits until every live worker reports the new version.
+design: `start()` registers the configured models in the model repository, then one background
+thread (the watcher) loads and warms the repository's current version of each, so Gunicorn's
+heartbeat keeps beating and /readyz says 503 until all are warm, and goes on polling the
+repository. Each model sits in a `ModelSlot` that its `Batcher` calls: the slot reads its adapter
+once per batch, so swapping `slot.adapter` between batches means no batch mixes versions, and
+every batch is tagged with the version that ran it. When a model's CURRENT names another version
+the watcher loads it beside the old one, warms it, checks it (finite outputs with the old
+version's keys and shapes), swaps it in and lets the old one go. A load or switch that fails is
+retried with exponential backoff (1 s doubling to 60 s), and at once when CURRENT changes, so a
+worker recovers when the repository is fixed; /readyz says why a model is not loaded meanwhile.
+`update()` (POST /update_model) holds the repository's lock for the model while it imports,
+checks and moves CURRENT, then waits until every live worker reports the new version - or answers
+409 at once when a later update superseded it.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch
 import metrics
 from batching import Batcher, Tagged
 from config import ServerConfig
-from errors import BadRequest, ModelLoadFailed, ModelNotFound, NotReady
+from errors import BadRequest, Conflict, Forbidden, ModelLoadFailed, ModelNotFound, NotReady
 from model_repository import ModelRepository
-from models.base import ModelAdapter, RequestLimits
+from models.base import AdapterOptions, ModelAdapter, RequestLimits
 from models.registry import load_model, parse_specs
 from runtime import trim_heap
 
@@ -86,8 +90,12 @@ def _release_memory(device: torch.device) -> None:
     trim_heap()
 
 
+_RETRY_FIRST_S = 1.0
+_RETRY_MAX_S = 60.0
+
+
 class ModelManager:
-    """Loads the configured models and hands out the one a request names."""
+    """Loads the configured models, follows the repository, and hands out the model a request names."""
 
     def __init__(self, config: ServerConfig, device: torch.device) -> None:
         self.config = config
@@ -97,33 +105,45 @@ class ModelManager:
         self.default_name = config.default_model or self.names[0]
         if self.default_name not in self.names:
             raise ValueError(f"default_model {self.default_name!r} is not among the models {self.names}")
-        self.repo = ModelRepository(config.model_repository)
-        for spec in specs:
-            self.repo.register(spec)
+        self.pid = os.getpid()
+        self.repo = ModelRepository(config.model_repository, replica=config.replica_id or None)
+        self.worker_id = self.repo.worker_id(self.pid)
         self.poll_s = config.repository_poll_ms / 1000.0
-        self.request_limits = RequestLimits(
+        limits = RequestLimits(
             max_samples=config.max_queue_samples, max_text_chars=config.max_text_chars, truncate=config.truncate
+        )
+        self.adapter_options = AdapterOptions(
+            autocast=config.autocast, limits=limits, trusted_modules=config.trusted_module_prefixes
         )
         self._models: dict[str, LoadedModel] = {}
         self._locks = {name: threading.Lock() for name in self.names}
         self._ready = threading.Event()
         self._stop = threading.Event()
-        self._failed: dict[str, str] = {}  # model -> version whose load failed here (not retried)
-        self.load_error: str | None = None
+        self._errors: dict[str, str] = {}  # model -> why it is not loaded, or why its last switch failed
+        self._retry: dict[str, tuple[str | None, float, float]] = {}  # model -> (CURRENT then, when, backoff)
         self.draining = False  # set on SIGTERM: /readyz says 503 while accepted requests finish
-        self.pid = os.getpid()
+        for spec in specs:
+            try:
+                self.repo.register(spec)
+            except OSError as exc:  # e.g. a read-only repository that the writer has not filled yet
+                self._errors[spec.name] = f"could not register it in the repository: {exc}"
 
     @property
     def ready(self) -> bool:
         """True once every configured model is loaded and warm."""
         return self._ready.is_set()
 
+    def not_ready_reasons(self) -> dict[str, str]:
+        """Why each model that is not loaded is not (empty while loading for the first time)."""
+        return {name: self._errors[name] for name in self.names if name not in self._models and name in self._errors}
+
     def start(self, background: bool = True) -> ModelManager:
-        """Load and warm all models (on a thread unless `background` is False), then watch the repository."""
+        """Load and warm all models (on the watcher thread unless `background` is False), then watch."""
         if background:
-            threading.Thread(target=self._load_all, name="binserve-loader", daemon=True).start()
+            threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
         else:
-            self._load_all()
+            self._poll()
+            threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
         return self
 
     def wait_ready(self, timeout_s: float | None = None) -> bool:
@@ -131,38 +151,87 @@ class ModelManager:
         return self._ready.wait(timeout_s)
 
     def _load_version(self, name: str, version: str) -> tuple[ModelAdapter, dict]:
-        adapter = load_model(self.repo.spec(name, version), self.device, self.config.autocast, self.request_limits)
+        adapter = load_model(self.repo.spec(name, version), self.device, self.adapter_options)
         adapter.warmup()
         return adapter, _signature(adapter)
 
-    def _load_all(self) -> None:
-        try:
-            for name in self.names:
-                version = self.repo.current(name)
-                adapter, signature = self._load_version(name, version)
-                slot = ModelSlot(adapter, signature)
-                batcher = Batcher(
-                    slot.run,
-                    max_batch_size=self.config.max_batch_size,
-                    max_queue_samples=self.config.max_queue_samples,
-                    max_wait_ms=self.config.max_wait_ms,
-                    max_batch_tokens=self.config.max_batch_tokens,
-                    sample_len=adapter.sample_length if adapter.token_inputs else None,
-                    name=name,
-                    observer=metrics.BatchMetrics(name),
-                ).start()
-                self._models[name] = LoadedModel(name, slot, batcher)
-                self.repo.report(name, self.pid, version)
-                metrics.set_model_info(name, version, str(self.device), adapter.describe()["dtype"])
-                log.info("model %s version %s (%s) is warm on %s", name, version, adapter.adapter_name, self.device)
-            self._ready.set()
-        except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("loading models failed")
-            return
-        threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
+    def _add(self, name: str, version: str) -> None:
+        """Load `version` of a model this worker does not serve yet, and give it a batcher."""
+        adapter, signature = self._load_version(name, version)
+        slot = ModelSlot(adapter, signature)
+        batcher = Batcher(
+            slot.run,
+            max_batch_size=self.config.max_batch_size,
+            max_queue_samples=self.config.max_queue_samples,
+            max_wait_ms=self.config.max_wait_ms,
+            max_batch_tokens=self.config.max_batch_tokens,
+            sample_len=adapter.sample_length if adapter.token_inputs else None,
+            name=name,
+            observer=metrics.BatchMetrics(name),
+        ).start()
+        self._models[name] = LoadedModel(name, slot, batcher)
+        self.repo.report(name, self.pid, version)
+        metrics.set_model_info(name, version, str(self.device), adapter.describe()["dtype"])
+        log.info("model %s version %s (%s) is warm on %s", name, version, adapter.adapter_name, self.device)
 
-    # --- hot reload ------------------------------------------------------------------------------
+    # --- following the repository ----------------------------------------------------------------
+    def _watch(self) -> None:
+        self._poll()
+        while not self._stop.wait(self.poll_s):
+            self._poll()
+
+    def _poll(self) -> None:
+        """One pass: load or switch every model whose CURRENT differs from what this worker serves."""
+        for name in self.names:
+            loaded = self._models.get(name)
+            try:
+                version = self.repo.current(name)
+            except (KeyError, OSError, ValueError) as exc:
+                self._failed(name, None, f"{type(exc).__name__}: {exc}")
+                continue
+            if loaded is None or version != loaded.adapter.version:
+                self._try(name, version)
+            if name in self._models:
+                self._report(name)
+        if all(name in self._models for name in self.names):
+            self._ready.set()
+
+    def _try(self, name: str, version: str) -> None:
+        seen, when, _ = self._retry.get(name, (None, 0.0, 0.0))
+        if seen == version and time.monotonic() < when:
+            return  # backing off; a new CURRENT is tried at once
+        with self._locks[name]:
+            loaded = self._models.get(name)
+            reason = None
+            try:
+                if loaded is None:
+                    self._add(name, version)
+                elif version != loaded.adapter.version:
+                    self._swap_in(loaded, version)
+            except Exception as exc:
+                log.exception("model %s: could not load version %s", name, version)
+                reason = f"version {version}: {type(exc).__name__}: {exc}"  # text only: frames hold the model
+            if reason is not None:
+                if loaded is not None:
+                    metrics.RELOADS.labels(name, "failure").inc()
+                self._failed(name, version, reason)
+                _release_memory(self.device)
+            else:
+                self._errors.pop(name, None)
+                self._retry.pop(name, None)
+
+    def _failed(self, name: str, version: str | None, reason: str) -> None:
+        seen, _, backoff = self._retry.get(name, (None, 0.0, 0.0))
+        backoff = min(_RETRY_MAX_S, 2 * backoff) if seen == version and backoff else _RETRY_FIRST_S
+        self._retry[name] = (version, time.monotonic() + backoff, backoff)
+        self._errors[name] = f"{reason} (retrying in {backoff:.0f}s)"
+
+    def _report(self, name: str) -> None:
+        try:
+            self.repo.report(name, self.pid, self._models[name].adapter.version)
+        except OSError as exc:
+            log.warning("model %s: cannot write this worker's report: %s", name, exc)
+
     def _swap_in(self, loaded: LoadedModel, version: str) -> None:
         """Load, warm and check `version` of `loaded` beside the serving one, then serve it."""
         adapter, signature = self._load_version(loaded.name, version)
@@ -179,31 +248,27 @@ class ModelManager:
         del old
         _release_memory(self.device)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            for name, loaded in self._models.items():
-                version = None
-                try:
-                    version = self.repo.current(name)
-                    if version != loaded.adapter.version and self._failed.get(name) != version:
-                        with self._locks[name]:
-                            if version != loaded.adapter.version:
-                                self._swap_in(loaded, version)
-                    self.repo.report(name, self.pid, loaded.adapter.version)
-                except Exception:
-                    metrics.RELOADS.labels(name, "failure").inc()
-                    self._failed[name] = version
-                    log.exception("model %s: could not switch to version %s", name, version)
-
+    # --- POST /update_model ----------------------------------------------------------------------
     def update(
         self, name: str, *, version: str | None, path: str | None, adapter: str | None, timeout_s: float
     ) -> dict:
         """Check a version (or import `path` as one), make it current, and wait for every worker."""
-        loaded = self.get(name)
-        with self._locks[name]:
+        if name not in self.names:
+            raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(self.names)}")
+        if path is not None and not self.config.import_root:
+            raise Forbidden(
+                "path imports are off: start the server with import_root=<directory> to import model "
+                "directories from under it, or copy the version into the repository and name it"
+            )
+        with self._locks[name], self.repo.lock(name):
+            loaded = self._models.get(name)
+            imported = None
             if path is not None:
+                kind = adapter or (loaded.adapter.adapter_name if loaded else self._current_adapter(name))
                 try:
-                    version = self.repo.import_version(name, path, adapter or loaded.adapter.adapter_name)
+                    version = imported = self.repo.import_version(
+                        name, path, kind, self.config.import_root, self.config.max_import_bytes
+                    )
                 except (ValueError, OSError) as exc:
                     raise BadRequest(f"could not import {path!r} as a version of {name!r}: {exc}") from None
             try:
@@ -212,26 +277,45 @@ class ModelManager:
                 raise ModelNotFound(str(exc.args[0])) from None
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
-            if version != loaded.adapter.version:
+            serving = loaded.adapter.version if loaded else None
+            if version != serving:
                 reason = None
                 try:
-                    self._swap_in(loaded, version)
+                    if loaded is not None:
+                        self._swap_in(loaded, version)
+                    else:
+                        self._add(name, version)
                 except Exception as exc:
-                    # keep only the text: the traceback's frames still hold the refused model
-                    reason = f"{type(exc).__name__}: {exc}"
+                    reason = f"{type(exc).__name__}: {exc}"  # text only: the traceback's frames hold the model
                 if reason is not None:
                     metrics.RELOADS.labels(name, "failure").inc()
+                    if imported is not None:
+                        self.repo.remove_version(name, imported)  # a refused import leaves nothing behind
                     _release_memory(self.device)
-                    raise ModelLoadFailed(
-                        f"version {version} of {name!r} was refused and version {loaded.adapter.version} keeps "
-                        f"serving: {reason}"
-                    )
-            self._failed.pop(name, None)
+                    keeps = f"version {serving} keeps serving" if serving else "nothing was serving it"
+                    raise ModelLoadFailed(f"version {version} of {name!r} was refused and {keeps}: {reason}")
+            self._errors.pop(name, None)
+            self._retry.pop(name, None)
             self.repo.set_current(name, version)
+        return self._await_convergence(name, version, timeout_s)
+
+    def _current_adapter(self, name: str) -> str:
+        try:
+            return self.repo.spec(name, self.repo.current(name)).adapter
+        except (KeyError, ValueError, OSError):
+            raise BadRequest(f"model {name!r} serves no version to take the adapter from; name the 'adapter'") from None
+
+    def _await_convergence(self, name: str, version: str, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
         while True:
+            current = self.repo.current(name)
+            if current != version:
+                raise Conflict(
+                    f"version {version} of {name!r} was superseded by version {current}, made current by a later "
+                    "update, before every worker served it"
+                )
             workers = self.repo.workers(name, max_age_s=3 * self.poll_s + 1)
-            lagging = {pid: v for pid, v in workers.items() if v != version}
+            lagging = {w: v for w, v in workers.items() if v != version}
             if not lagging or time.monotonic() >= deadline:
                 return {"model": name, "version": version, "converged": not lagging, "workers": workers}
             time.sleep(self.poll_s / 2)  # polling the workers' reports, which they refresh every poll
@@ -245,19 +329,21 @@ class ModelManager:
             return loaded
         if name not in self.names:
             raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(self.names)}")
-        if self.load_error:
-            raise NotReady(f"model {name!r} failed to load; GET /readyz says why")
+        if name in self._errors:
+            raise NotReady(f"model {name!r} is not loaded (GET /readyz says why); retrying", retry_after_s=5.0)
         raise NotReady(f"model {name!r} is still loading", retry_after_s=1.0)
 
     def describe(self) -> list[dict]:
         """GET /models: each loaded model's description, batching settings and per-worker versions."""
         out = []
-        for loaded in self._models.values():
+        for loaded in list(self._models.values()):
             info = loaded.adapter.describe()
             info["default"] = loaded.name == self.default_name
+            info["worker"] = self.worker_id
             info["worker_pid"] = self.pid
             info["repository_version"] = self.repo.current(loaded.name)
             info["workers"] = self.repo.workers(loaded.name, max_age_s=3 * self.poll_s + 1)
+            info["last_error"] = self._errors.get(loaded.name)
             info["batching"] = {
                 "max_batch_size": loaded.batcher.max_batch_size,
                 "max_batch_tokens": loaded.batcher.max_batch_tokens if loaded.adapter.token_inputs else None,
@@ -275,6 +361,6 @@ class ModelManager:
     def close(self) -> None:
         """Stop watching, finish queued work and stop every batcher."""
         self._stop.set()
-        for loaded in self._models.values():
+        for loaded in list(self._models.values()):
             loaded.batcher.close()
             self.repo.forget(loaded.name, self.pid)

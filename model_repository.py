@@ -3,19 +3,26 @@
 design: `<root>/<model>/<version>/manifest.json` describes a version (adapter name, and the model
 directory: the version directory itself, or a `path` it points to); `<root>/<model>/CURRENT` names
 the version to serve. Writers replace CURRENT atomically (write a temporary file, rename), so a
-reader sees the old name or the new one, never half. Workers poll CURRENT and report the version
-they serve in `<root>/<model>/.workers/<pid>.json`, touched on every poll, which is how
-/update_model knows when every live worker has converged. The directory is the source of truth:
+reader sees the old name or the new one, never half, and hold `<root>/<model>/.lock` (flock) while
+they import, check and move CURRENT, so concurrent updates from any worker or replica take turns.
+Workers poll CURRENT and report the version they serve in
+`<root>/<model>/.workers/<replica>_<pid>.json`, touched on every poll, which is how /update_model
+knows when every live worker has converged; the replica name (the host name: the pod's name in
+Kubernetes) keeps replicas that number their processes alike apart. The directory is the source of truth:
 no worker needs to receive the update call to follow it, and a worker that starts later loads
 whatever CURRENT says.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +31,85 @@ from models.registry import ADAPTERS, ModelSpec
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+_MAX_IMPORT_FILES = 10_000
+_MAX_IMPORT_DEPTH = 16
+
+
+class _Budget:
+    """Bytes and files an import may still copy."""
+
+    def __init__(self, max_bytes: int, max_files: int) -> None:
+        self.bytes = max_bytes
+        self.files = max_files
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+
+    def spend(self, nbytes: int, what: str) -> None:
+        self.bytes -= nbytes
+        if self.bytes < 0:
+            raise ValueError(f"{what}: the import is over the {self.max_bytes}-byte limit (max_import_bytes)")
+
+
+def _under_root(source: str | Path, import_root: str | Path) -> Path:
+    """`source` (absolute, or relative to the root) if it lies under `import_root` with no symlink on the way."""
+    given_root = os.path.normpath(os.path.abspath(import_root))
+    real_root = os.path.realpath(import_root)
+    src = os.path.normpath(os.path.join(given_root, source))
+    for base in (given_root, real_root):
+        if src.startswith(base + os.sep):
+            rel = os.path.relpath(src, base)
+            if os.path.realpath(src) == os.path.join(real_root, rel):
+                return Path(real_root, rel)
+            break
+    raise ValueError(f"path {str(source)!r} is not a directory under the import root, reached without symlinks")
+
+
+def _copy_confined(src: Path, dst: Path, budget: _Budget, label: str, depth: int = 0) -> None:
+    """Copy directory `src` into the existing `dst`: regular files and directories only, no links."""
+    if depth > _MAX_IMPORT_DEPTH:
+        raise ValueError(f"{label}: directories nested deeper than {_MAX_IMPORT_DEPTH} levels")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY
+    try:
+        dir_fd = os.open(src, flags)
+    except OSError as exc:
+        raise ValueError(f"{label} is not a directory on the server (or is a symlink): {exc.strerror}") from None
+    try:
+        for entry in os.scandir(dir_fd):
+            where = f"{label}/{entry.name}"
+            budget.files -= 1
+            if budget.files < 0:
+                raise ValueError(f"{label}: more than {budget.max_files} files")
+            if entry.is_symlink():
+                raise ValueError(f"{where} is a symlink; imports copy no symlinks")
+            if entry.is_dir(follow_symlinks=False):
+                (dst / entry.name).mkdir()
+                _copy_confined(src / entry.name, dst / entry.name, budget, where, depth + 1)
+            elif entry.is_file(follow_symlinks=False):
+                _copy_file(dir_fd, entry.name, dst / entry.name, budget, where)
+            else:
+                raise ValueError(f"{where} is not a regular file or directory")
+    finally:
+        os.close(dir_fd)
+
+
+def _copy_file(dir_fd: int, name: str, dst: Path, budget: _Budget, where: str) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{where} is not a regular file")
+        budget.spend(info.st_size, where)
+        with open(fd, "rb", closefd=False) as fin, open(dst, "xb") as fout:
+            copied = 0
+            while chunk := fin.read(1 << 20):
+                copied += len(chunk)
+                if copied > info.st_size:  # grew while being copied
+                    budget.spend(len(chunk), where)
+                fout.write(chunk)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -36,9 +122,14 @@ def _atomic_write(path: Path, text: str) -> None:
 class ModelRepository:
     """Versions of each model on disk, which one is current, and which worker serves which."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, replica: str | None = None) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        replica = replica or socket.gethostname() or "local"
+        if not _NAME.match(replica):
+            raise ValueError(f"replica id {replica!r} must be letters, digits, '.', '_' or '-'")
+        #: this replica's name in worker reports (the pod's name in Kubernetes)
+        self.replica = replica
 
     def model_dir(self, model: str) -> Path:
         if not _NAME.match(model):
@@ -91,49 +182,96 @@ class ModelRepository:
         self.spec(model, version)
         _atomic_write(self.model_dir(model) / "CURRENT", version + "\n")
 
-    def import_version(self, model: str, source: str | Path, adapter: str) -> str:
-        """Copy a model directory in as the next numbered version; returns the version."""
-        src = Path(source)
-        if not src.is_dir():
-            raise ValueError(f"path {str(source)!r} is not a directory on the server")
+    def import_version(
+        self, model: str, source: str | Path, adapter: str, import_root: str | Path, max_bytes: int
+    ) -> str:
+        """Copy a model directory from under `import_root` in as the next numbered version; returns it.
+
+        The copy follows no symlink and copies no special file (both refused), stays under
+        `max_bytes` and `_MAX_IMPORT_FILES`, and is checked and copied in one pass over file
+        descriptors opened with O_NOFOLLOW, so the source cannot change between check and copy.
+        It is staged in a hidden directory that is removed whatever happens, and renamed into place
+        whole.
+        """
+        src = _under_root(source, import_root)
         if adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {adapter!r} (known: {sorted(ADAPTERS)})")
-        numbers = [int(v) for v in self.versions(model) if v.isdigit()]
-        version = str(max(numbers, default=0) + 1)
         staging = Path(tempfile.mkdtemp(dir=self.model_dir(model), prefix=".import-"))
-        shutil.copytree(src, staging, dirs_exist_ok=True)
-        _atomic_write(staging / "binserve.json", json.dumps({"adapter": adapter}, indent=2) + "\n")
-        os.rename(staging, self.model_dir(model) / version)  # appears whole or not at all
-        return version
+        try:
+            _copy_confined(src, staging, _Budget(max_bytes, _MAX_IMPORT_FILES), str(source))
+            _atomic_write(staging / "binserve.json", json.dumps({"adapter": adapter}, indent=2) + "\n")
+            numbers = [int(v) for v in self.versions(model) if v.isdigit()]
+            version = str(max(numbers, default=0) + 1)
+            os.rename(staging, self.model_dir(model) / version)  # appears whole or not at all
+            return version
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; left over on any failure
+
+    def remove_version(self, model: str, version: str) -> None:
+        """Delete a version that was refused (never the current one)."""
+        if version == self.current(model):
+            raise ValueError(f"version {version} of {model!r} is current; it cannot be removed")
+        self.spec(model, version)  # validates the name
+        shutil.rmtree(self.model_dir(model) / version, ignore_errors=True)
+
+    def remove_stale_staging(self, model: str, older_than_s: float = 3600.0) -> None:
+        """Remove `.import-*` staging directories left by a process that died mid-import."""
+        now = time.time()
+        for d in self.model_dir(model).glob(".import-*"):
+            try:
+                if now - d.lstat().st_mtime > older_than_s:
+                    shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                continue
 
     # --- which worker serves what --------------------------------------------------------------
+    def worker_id(self, pid: int) -> str:
+        """This replica's name for worker `pid`: unique across replicas, which all number pids from 1."""
+        return f"{self.replica}:{pid}"
+
     def report(self, model: str, pid: int, version: str) -> None:
-        """Record (and keep fresh) that worker `pid` serves `version`."""
+        """Record (and keep fresh) that worker `pid` of this replica serves `version`."""
         wdir = self.model_dir(model) / ".workers"
         wdir.mkdir(exist_ok=True)
-        _atomic_write(wdir / f"{pid}.json", json.dumps({"version": version, "pid": pid}))
+        info = {"version": version, "replica": self.replica, "pid": pid}
+        _atomic_write(wdir / f"{self.replica}_{pid}.json", json.dumps(info))
 
     def forget(self, model: str, pid: int) -> None:
         """Remove a worker's report (it is exiting)."""
         try:
-            (self.model_dir(model) / ".workers" / f"{pid}.json").unlink()
-        except FileNotFoundError:
+            (self.model_dir(model) / ".workers" / f"{self.replica}_{pid}.json").unlink()
+        except OSError:
             pass
 
-    def workers(self, model: str, max_age_s: float) -> dict[int, str]:
-        """Versions served by the workers that reported within `max_age_s` (stale reports are removed)."""
+    def workers(self, model: str, max_age_s: float) -> dict[str, str]:
+        """Versions served by the workers ("replica:pid") that reported within `max_age_s`.
+
+        Stale reports are ignored; this replica's own are removed once long stale (its dead
+        workers), another replica's never - it may only be slow, and it cleans up after itself.
+        """
         wdir = self.model_dir(model) / ".workers"
-        out: dict[int, str] = {}
+        out: dict[str, str] = {}
         now = time.time()  # file mtimes are wall-clock times
         for f in wdir.glob("*.json") if wdir.is_dir() else ():
             try:
                 age = now - f.stat().st_mtime
+                info = json.loads(f.read_text())
                 if age > max_age_s:
-                    if age > 10 * max_age_s:
+                    if age > 10 * max_age_s and info["replica"] == self.replica:
                         f.unlink()
                     continue
-                info = json.loads(f.read_text())
-                out[int(info["pid"])] = info["version"]
-            except (OSError, ValueError, KeyError):
+                out[f"{info['replica']}:{int(info['pid'])}"] = info["version"]
+            except (OSError, ValueError, KeyError, TypeError):
                 continue  # replaced or removed while we read it
         return out
+
+    @contextlib.contextmanager
+    def lock(self, model: str):
+        """Hold the repository's lock for `model` (every process and replica sharing the directory)."""
+        path = self.model_dir(model) / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock

@@ -2,7 +2,8 @@
 
 design: measured on the project's 2-core machines, two processes each running torch with 2
 intra-op threads collapse throughput about 10x (their OpenMP threads spin against each other), so
-each worker gets the cores it may really use divided by the number of workers. CUDA is touched
+each worker gets the cores it may really use - the affinity mask, capped by the container's CPU
+quota from its cgroup - divided by the number of workers. CUDA is touched
 only here, after Gunicorn forked the worker; worker i takes GPU i mod N.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,12 +60,65 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """CPUs this process's cgroup may use by its CFS quota (a container's CPU limit); None if unlimited.
+
+    cgroup v2: `cpu.max` ("<quota> <period>" or "max <period>") of this process's cgroup and its
+    ancestors, the smallest; cgroup v1: `cpu.cfs_quota_us` / `cpu.cfs_period_us` of the cpu
+    controller's group (-1: unlimited). A container usually sees its own cgroup as the root.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    limits = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        rel = rel.lstrip("/")
+        if controllers == "":  # v2 unified hierarchy: walk up from the process's group
+            group = Path(root, rel)
+            while True:
+                limits.append(_quota_v2(group / "cpu.max"))
+                if group == Path(root) or Path(root) not in group.parents:
+                    break
+                group = group.parent
+        elif "cpu" in controllers.split(","):
+            for base in (Path(root, controllers), Path(root, "cpu"), Path(root, "cpu,cpuacct")):
+                if base.is_dir():
+                    limits.append(_quota_v1(base / rel))
+                    break
+    found = [x for x in limits if x is not None]
+    return min(found) if found else None
+
+
+def _quota_v2(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _quota_v1(group: Path) -> float | None:
+    try:
+        quota = int((group / "cpu.cfs_quota_us").read_text())
+        period = int((group / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
+def usable_cores() -> int:
+    """Cores this process may use: the affinity mask, capped by the cgroup CPU quota (a container's
+    limit), rounded up. A 2-CPU pod on a 64-core node is 2, not 64."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return cores
 
 
 def configure_threads(config: ServerConfig) -> int:

@@ -23,7 +23,7 @@ import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 import metrics
 from binary_protocol import Limits, decode_body, encode_body, reply_format
@@ -46,6 +46,8 @@ log = logging.getLogger("binserve.server")
 
 # How long a request thread waits past its deadline for a batch that already started.
 _DEADLINE_GRACE_S = 5.0
+# Served only on config.admin_port when one is set.
+_ADMIN_ENDPOINTS = frozenset({"update_model", "metrics_endpoint"})
 # After a request this large, glibc is asked to hand freed pages back (a few ms, off the reply path).
 _TRIM_AFTER_BYTES = 4 * 1024 * 1024
 
@@ -183,6 +185,11 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
     @app.before_request
     def _count_in():
         g.request_id = _request_id()
+        if config.admin_port and request.endpoint in _ADMIN_ENDPOINTS:
+            # With an admin port, the admin surface is not reachable through the inference port (and
+            # so not through the Service that exposes only that port).
+            if request.environ.get("SERVER_PORT") != str(config.admin_port):
+                raise NotFound()
         sock = request.environ.get("gunicorn.socket")
         if sock is not None:
             # Whatever of the body the worker did not buffer, and the reply, must not wait on a stalled client.
@@ -243,7 +250,7 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
         result = manager.update(name, version=version, path=path, adapter=payload.get("adapter"), timeout_s=timeout_s)
         if result["converged"]:
             return jsonify(result)
-        lagging = sorted(pid for pid, v in result["workers"].items() if v != result["version"])
+        lagging = sorted(w for w, v in result["workers"].items() if v != result["version"])
         body = {
             "error": {
                 "type": "reload_incomplete",
@@ -263,8 +270,11 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
             return jsonify(status="draining", pid=os.getpid()), 503
         if manager.ready:
             return jsonify(status="ready", pid=os.getpid())
-        status = f"failed: {manager.load_error}" if manager.load_error else "loading"
-        return jsonify(status=status, pid=os.getpid()), 503
+        reasons = manager.not_ready_reasons()
+        if reasons:  # the worker keeps retrying; /healthz stays 200 (a restart would not fix the repository)
+            status = "failed: " + "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
+            return jsonify(status=status, models=reasons, pid=os.getpid()), 503
+        return jsonify(status="loading", pid=os.getpid()), 503
 
     @app.get("/models")
     def models():

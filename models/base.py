@@ -32,6 +32,17 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
+class AdapterOptions:
+    """How a model version is served, beyond its files: what the operator configured."""
+
+    #: "bf16", "fp16" or "off": autocast on a GPU
+    autocast: str = "bf16"
+    limits: RequestLimits = RequestLimits()
+    #: package prefixes that model code (torch_module classes) may be imported from; see README
+    trusted_modules: tuple[str, ...] = ("models",)
+
+
+@dataclass(frozen=True)
 class Validated:
     """A request checked against the model: its samples, and whether the reply keeps a batch axis."""
 
@@ -48,15 +59,14 @@ class ModelAdapter(abc.ABC):
     #: padded tokens and groups similar lengths, using `sample_length`.
     token_inputs: bool = False
 
-    def __init__(
-        self, name: str, version: str, device: torch.device, autocast: str = "bf16", limits: RequestLimits | None = None
-    ) -> None:
+    def __init__(self, name: str, version: str, device: torch.device, options: AdapterOptions | None = None) -> None:
         self.name = name
         self.version = version
         self.device = device
-        self.limits = limits or RequestLimits()
+        self.options = options or AdapterOptions()
+        self.limits = self.options.limits
         #: staging buffers, streams and autocast for this model's batches
-        self.runner = DeviceRunner(device, autocast)
+        self.runner = DeviceRunner(device, self.options.autocast)
 
     @abc.abstractmethod
     def input_spec(self) -> dict:

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from binary_protocol import as_array
 from errors import InvalidInput, LimitExceeded
-from models.base import ModelAdapter, RequestLimits, Validated
+from models.base import AdapterOptions, ModelAdapter, Validated
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -37,10 +37,9 @@ class HFEncoder(ModelAdapter):
         version: str,
         path: str,
         device: torch.device,
-        autocast: str = "bf16",
-        limits: RequestLimits | None = None,
+        options: AdapterOptions | None = None,
     ) -> None:
-        super().__init__(name, version, device, autocast, limits)
+        super().__init__(name, version, device, options)
         root = Path(path)
         config = AutoConfig.from_pretrained(root)
         archs = config.architectures or []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.base import ModelAdapter, RequestLimits
+from models.base import AdapterOptions, ModelAdapter
 from models.hf_encoder import HFEncoder
 from models.torch_module import TorchModule
 
@@ -55,8 +55,6 @@ def parse_specs(text: str) -> list[ModelSpec]:
     return specs
 
 
-def load_model(
-    spec: ModelSpec, device: torch.device, autocast: str = "bf16", limits: RequestLimits | None = None
-) -> ModelAdapter:
-    """Load (not yet warm) the model a spec names, on `device` (autocast applies on CUDA only)."""
-    return ADAPTERS[spec.adapter](spec.name, spec.version, spec.path, device, autocast, limits)
+def load_model(spec: ModelSpec, device: torch.device, options: AdapterOptions | None = None) -> ModelAdapter:
+    """Load (not yet warm) the model a spec names, on `device`, served as `options` say."""
+    return ADAPTERS[spec.adapter](spec.name, spec.version, spec.path, device, options)

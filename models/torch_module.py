@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,39 @@ import torch
 
 from binary_protocol import as_array
 from errors import InvalidInput
-from models.base import ModelAdapter, RequestLimits, Validated
+from models.base import AdapterOptions, ModelAdapter, Validated
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+class UntrustedModelCode(ValueError):
+    """A manifest names code outside the packages the operator trusts (refused before it runs)."""
+
+
+def trusted_class(spec: str, prefixes: tuple[str, ...]) -> type[torch.nn.Module]:
+    """The nn.Module class `spec` ("package.module:Class") names, if it lives under a trusted package.
+
+    The module path is checked before anything is imported (importing runs a module's code), and
+    the class after: it must be an nn.Module subclass defined under a trusted package too, so a
+    trusted module's re-exported `subprocess` or `os.system` is refused like any other name.
+    """
+    rule = (
+        f"torch_module classes must be torch.nn.Module subclasses from modules under the trusted packages "
+        f"{list(prefixes)} (setting trusted_modules)"
+    )
+
+    def trusted(module_path: str) -> bool:
+        return any(module_path == p or module_path.startswith(p + ".") for p in prefixes)
+
+    module_path, colon, name = spec.partition(":")
+    if not colon or not _DOTTED.match(module_path) or not name.isidentifier():
+        raise UntrustedModelCode(f"class {spec!r} is not of the form 'package.module:Class'; {rule}")
+    if not trusted(module_path):
+        raise UntrustedModelCode(f"class {spec!r} is refused: {rule}")
+    cls = getattr(importlib.import_module(module_path), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and trusted(cls.__module__)):
+        raise UntrustedModelCode(f"class {spec!r} is refused: {rule}")
+    return cls
 
 
 class TorchModule(ModelAdapter):
@@ -34,16 +67,20 @@ class TorchModule(ModelAdapter):
         version: str,
         path: str,
         device: torch.device,
-        autocast: str = "bf16",
-        limits: RequestLimits | None = None,
+        options: AdapterOptions | None = None,
     ) -> None:
-        super().__init__(name, version, device, autocast, limits)
+        super().__init__(name, version, device, options)
         root = Path(path)
         manifest = json.loads((root / "manifest.json").read_text())
-        module_path, _, cls_name = manifest["class"].partition(":")
-        cls = getattr(importlib.import_module(module_path), cls_name)
-        model = cls(**manifest.get("init_args", {}))
-        model.load_state_dict(safetensors.torch.load_file(root / manifest.get("weights", "model.safetensors")))
+        cls = trusted_class(str(manifest.get("class", "")), self.options.trusted_modules)
+        init_args = manifest.get("init_args", {})
+        if not isinstance(init_args, dict):
+            raise ValueError(f"{root}/manifest.json: 'init_args' must be an object of keyword arguments")
+        weights = str(manifest.get("weights", "model.safetensors"))
+        if Path(weights).name != weights or not weights.endswith(".safetensors"):
+            raise ValueError(f"'weights' must name a .safetensors file in the model directory, got {weights!r}")
+        model = cls(**init_args)
+        model.load_state_dict(safetensors.torch.load_file(root / weights))
         self._model = model.to(device).eval()
         self.inputs = {k: (np.dtype(v["dtype"]), tuple(v["shape"])) for k, v in manifest["inputs"].items()}
         self.output_names = list(manifest.get("outputs", ["output"]))

@@ -25,7 +25,9 @@ def free_port() -> int:
 class ServerProcess:
     """`python server.py` as a user starts it; `start()` returns once every worker is ready."""
 
-    def __init__(self, workers: int = 2, models: str = "", log_path: Path | None = None, **settings) -> None:
+    def __init__(
+        self, workers: int = 2, models: str = "", log_path: Path | None = None, env: dict | None = None, **settings
+    ) -> None:
         self.port = free_port()
         # each server gets its own model repository unless a test shares one on purpose
         settings.setdefault("model_repository", tempfile.mkdtemp(prefix="binserve-repo-"))
@@ -40,9 +42,11 @@ class ServerProcess:
         self.args = args
         self.log_path = log_path or Path(os.environ.get("BINSERVE_TEST_LOG_DIR", "/tmp")) / f"binserve-{self.port}.log"
         self.proc: subprocess.Popen | None = None
+        self.extra_env = env or {}
 
-    def start(self, timeout_s: float = 180.0) -> ServerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BINSERVE_")}
+    def start(self, timeout_s: float = 180.0, wait: bool = True) -> ServerProcess:
+        """Start the server; with `wait`, return once every worker is ready (else at once)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BINSERVE_")} | self.extra_env
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "server.py"), *self.args],
@@ -52,6 +56,8 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if not wait:
+            return self
         try:
             self.wait_ready(timeout_s)
         except BaseException:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.base import AdapterOptions
 from models.registry import ModelSpec, default_minilm_path, load_model
 from runtime import DeviceRunner
 
@@ -14,7 +15,11 @@ TEXTS = [f"a sentence of some length number {i}" * (1 + i % 3) for i in range(24
 
 
 def embed(device: str, autocast: str) -> np.ndarray:
-    model = load_model(ModelSpec("minilm", "hf_encoder", default_minilm_path()), torch.device(device), autocast)
+    model = load_model(
+        ModelSpec("minilm", "hf_encoder", default_minilm_path()),
+        torch.device(device),
+        AdapterOptions(autocast=autocast),
+    )
     v = model.validate({"texts": TEXTS})
     return model.join(model.run_batch(v.samples), True)["embeddings"]
 

@@ -55,9 +55,15 @@ def versions(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def reload_server():
-    with ServerProcess(workers=2, admin_token=ADMIN, repository_poll_ms=200) as srv:
+def reload_server(versions):
+    root = versions["v2"].parent  # path imports only from under the import root
+    with ServerProcess(workers=2, admin_token=ADMIN, repository_poll_ms=200, import_root=root) as srv:
         yield srv
+
+
+def pid_of(worker: str) -> int:
+    """The pid in a worker report key, "replica:pid"."""
+    return int(worker.rsplit(":", 1)[1])
 
 
 def update(srv, token=ADMIN, **body) -> requests.Response:
@@ -65,9 +71,9 @@ def update(srv, token=ADMIN, **body) -> requests.Response:
     return requests.post(f"{srv.base_url}/update_model", json={"model": "minilm", **body}, headers=headers, timeout=300)
 
 
-def worker_rss(pids) -> int:
+def worker_rss(workers) -> int:
     total = 0
-    for pid in pids:
+    for pid in map(pid_of, workers):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1]) * 1024
@@ -146,6 +152,10 @@ def test_bad_version_is_refused_and_traffic_continues(reload_server, versions, b
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "model_load_failed" and f"version {before} keeps serving" in err["message"]
+    model_dir = srv.repository / "minilm"
+    assert not list(model_dir.glob(".import-*")), "an import's staging directory was left behind"
+    on_disk = sorted(p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert max(map(int, on_disk)) <= max(int(before), 2), f"the refused version stayed on disk: {on_disk}"
     info = requests.get(f"{srv.base_url}/models", timeout=10).json()["models"][0]
     assert info["repository_version"] == before and info["version"] == before
     out = InferenceClient(srv.base_url).infer({"texts": ["still serving"]})
@@ -183,7 +193,7 @@ def test_a_restarted_worker_comes_up_on_the_current_version(reload_server, versi
     r = update(srv, path=str(versions["v2"]))  # a fresh version, so the test stands alone
     assert r.status_code == 200 and r.json()["converged"], r.text
     current = r.json()["version"]
-    victim = int(next(iter(r.json()["workers"])))
+    victim = pid_of(next(iter(r.json()["workers"])))
     os.kill(victim, signal.SIGKILL)  # Gunicorn's master starts a replacement worker
     deadline = time.monotonic() + 120
     workers: dict = {}
@@ -192,7 +202,7 @@ def test_a_restarted_worker_comes_up_on_the_current_version(reload_server, versi
         if not info["ready"]:  # answered by the replacement worker while it loads
             time.sleep(0.2)
             continue
-        workers = {int(p): v for p, v in info["models"][0]["workers"].items()}
+        workers = {pid_of(w): v for w, v in info["models"][0]["workers"].items()}
         if len(workers) == 2 and victim not in workers:
             break
         time.sleep(0.2)  # polling the workers' reports, refreshed every 200 ms

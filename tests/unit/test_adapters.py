@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from errors import InvalidInput, LimitExceeded
-from models.base import RequestLimits
+from models.base import AdapterOptions, RequestLimits
 from models.hf_encoder import HFEncoder
 from models.registry import ModelSpec, default_minilm_path, load_model, parse_specs
 from models.torch_module import TorchModule
@@ -85,7 +85,7 @@ def test_bad_token_inputs_name_the_problem(minilm, payload, match):
 def strict_minilm() -> HFEncoder:
     """MiniLM that refuses what it would otherwise truncate, and takes at most 4 samples."""
     limits = RequestLimits(max_samples=4, max_text_chars=100, truncate=False)
-    return load_model(ModelSpec("minilm", "hf_encoder", default_minilm_path()), CPU, limits=limits)
+    return load_model(ModelSpec("minilm", "hf_encoder", default_minilm_path()), CPU, AdapterOptions(limits=limits))
 
 
 def test_long_token_rows_are_truncated_by_default(minilm):
@@ -121,14 +121,14 @@ def test_limits_refuse_with_413_before_the_work(strict_minilm, payload, match):
 
 def test_strict_token_limit_counts_tokens_not_characters():
     limits = RequestLimits(max_text_chars=10_000, truncate=False)
-    model = load_model(ModelSpec("m", "hf_encoder", default_minilm_path()), CPU, limits=limits)
+    model = load_model(ModelSpec("m", "hf_encoder", default_minilm_path()), CPU, AdapterOptions(limits=limits))
     with pytest.raises(LimitExceeded, match="text 0 has 302 tokens; this model takes at most 256"):
         model.validate({"texts": ["word " * 300]})
 
 
 def test_policy_refuses_more_samples_than_a_request_may_hold():
     limits = RequestLimits(max_samples=2)
-    model = load_model(ModelSpec("policy", "torch_module", "models/policy_v1"), CPU, limits=limits)
+    model = load_model(ModelSpec("policy", "torch_module", "models/policy_v1"), CPU, AdapterOptions(limits=limits))
     payload = {"image": np.zeros((3, 480, 640, 3), np.uint8), "state": np.zeros((3, 6), np.float32)}
     with pytest.raises(LimitExceeded, match="'image' holds 3 samples"):
         model.validate(payload)

@@ -1,0 +1,226 @@
+"""What the admin token cannot do: run untrusted code, follow symlinks out of the import root, leave
+files behind; reports that keep replicas apart; CPU limits read from a (simulated) cgroup; the
+metrics directory folded down when workers die."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_repository import ModelRepository
+from models.base import AdapterOptions
+from models.registry import ModelSpec, load_model
+from models.torch_module import UntrustedModelCode, trusted_class
+from runtime import cgroup_cpu_limit
+
+# --- model code only from trusted packages --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "subprocess:call",
+        "os:system",
+        "builtins:eval",
+        "torch.nn:Linear",  # a real nn.Module, but not from a trusted package
+        "models.torch_module:importlib",  # a module re-exported by a trusted one
+        "models.registry:ModelSpec",  # trusted, but not an nn.Module
+        "models_evil.x:Net",  # a prefix of the name is not a package prefix
+        "models.example_policy",
+        "../models/x:Net",
+        "",
+    ],
+)
+def test_untrusted_classes_are_refused(spec):
+    with pytest.raises(UntrustedModelCode, match="trusted packages \\['models'\\]"):
+        trusted_class(spec, ("models",))
+
+
+def test_the_module_is_not_even_imported(tmp_path, monkeypatch):
+    sentinel = tmp_path / "imported"
+    (tmp_path / "sneaky_mod.py").write_text(f"open({str(sentinel)!r}, 'w').close()\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UntrustedModelCode):
+        trusted_class("sneaky_mod:Net", ("models",))
+    assert not sentinel.exists() and "sneaky_mod" not in sys.modules
+
+
+def test_trusted_class_is_returned():
+    from models.example_policy import PolicyNet
+
+    assert trusted_class("models.example_policy:PolicyNet", ("models",)) is PolicyNet
+
+
+def test_a_manifest_that_names_a_command_never_runs_it(tmp_path):
+    sentinel = tmp_path / "ran"
+    model_dir = tmp_path / "version"
+    model_dir.mkdir()
+    manifest = {
+        "class": "subprocess:call",
+        "init_args": {"args": ["touch", str(sentinel)]},
+        "inputs": {"x": {"dtype": "float32", "shape": [2]}},
+    }
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UntrustedModelCode, match="'subprocess:call' is refused"):
+        load_model(ModelSpec("m", "torch_module", str(model_dir)), torch.device("cpu"), AdapterOptions())
+    assert not sentinel.exists()
+
+
+def test_weights_must_be_a_safetensors_file_in_the_directory(tmp_path):
+    manifest = json.loads(Path("models/policy_v1/manifest.json").read_text())
+    for weights in ("../policy_v1/model.safetensors", "model.pt", "/etc/passwd"):
+        d = tmp_path / weights.replace("/", "_")
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({**manifest, "weights": weights}))
+        with pytest.raises(ValueError, match="must name a .safetensors file"):
+            load_model(ModelSpec("p", "torch_module", str(d)), torch.device("cpu"))
+
+
+# --- confined imports ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path) -> ModelRepository:
+    r = ModelRepository(tmp_path / "repo", replica="r1")
+    r.register(ModelSpec("m", "torch_module", str(Path("models/policy_v1").resolve())))
+    return r
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    d = tmp_path / "imports"
+    (d / "good" / "sub").mkdir(parents=True)
+    (d / "good" / "manifest.json").write_text("{}")
+    (d / "good" / "sub" / "weights.bin").write_bytes(b"w" * 100)
+    return d
+
+
+def leftovers(repo: ModelRepository) -> list[str]:
+    return sorted(p.name for p in (repo.root / "m").iterdir() if p.name not in ("1", "CURRENT"))
+
+
+def test_an_import_copies_regular_files(repo, root):
+    version = repo.import_version("m", str(root / "good"), "torch_module", root, 10_000)
+    assert version == "2"
+    assert (repo.root / "m" / "2" / "sub" / "weights.bin").read_bytes() == b"w" * 100
+    assert json.loads((repo.root / "m" / "2" / "binserve.json").read_text()) == {"adapter": "torch_module"}
+    assert repo.import_version("m", "good", "torch_module", root, 10_000) == "3"  # relative to the root
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda root: (root / "good" / "etc").symlink_to("/etc"), "is a symlink"),
+        (lambda root: (root / "good" / "passwd").symlink_to("/etc/passwd"), "is a symlink"),
+        (lambda root: (root / "good" / "loop").symlink_to(root / "good"), "is a symlink"),
+        (lambda root: os.mkfifo(root / "good" / "pipe"), "not a regular file"),
+        (lambda root: (root / "good" / "big").write_bytes(b"x" * 20_000), "over the 10000-byte limit"),
+    ],
+    ids=["dir symlink", "file symlink", "symlink loop", "fifo", "too big"],
+)
+def test_bad_imports_are_refused_and_leave_nothing(repo, root, make, match):
+    make(root)
+    with pytest.raises(ValueError, match=match):
+        repo.import_version("m", str(root / "good"), "torch_module", root, 10_000)
+    assert leftovers(repo) == [], "staging or a partial version stayed on disk"
+    assert repo.versions("m") == ["1"]
+
+
+@pytest.mark.parametrize("where", ["outside", "via symlink", "dotdot"])
+def test_imports_only_from_under_the_import_root(repo, root, tmp_path, where):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "manifest.json").write_text("{}")
+    source = {
+        "outside": str(outside),
+        "via symlink": str(root / "link"),
+        "dotdot": str(root / ".." / "outside"),
+    }[where]
+    (root / "link").symlink_to(outside)
+    with pytest.raises(ValueError, match="not a directory under the import root"):
+        repo.import_version("m", source, "torch_module", root, 10_000)
+    assert leftovers(repo) == []
+
+
+def test_a_refused_version_can_be_removed_but_not_the_current_one(repo, root):
+    v = repo.import_version("m", str(root / "good"), "torch_module", root, 10_000)
+    repo.remove_version("m", v)
+    assert repo.versions("m") == ["1"]
+    with pytest.raises(ValueError, match="is current"):
+        repo.remove_version("m", "1")
+
+
+# --- reports per replica ---------------------------------------------------------------------------
+
+
+def test_two_replicas_with_the_same_pids_keep_their_reports_apart(tmp_path):
+    spec = ModelSpec("m", "torch_module", str(Path("models/policy_v1").resolve()))
+    a, b = ModelRepository(tmp_path, replica="pod-a"), ModelRepository(tmp_path, replica="pod-b")
+    a.register(spec)
+    for pid in (1, 7):  # every pod numbers its processes from 1
+        a.report("m", pid, "1")
+        b.report("m", pid, "2")
+    assert a.workers("m", 60) == {"pod-a:1": "1", "pod-a:7": "1", "pod-b:1": "2", "pod-b:7": "2"}
+    b.forget("m", 7)  # pod-b's worker 7 exits
+    assert set(a.workers("m", 60)) == {"pod-a:1", "pod-a:7", "pod-b:1"}
+
+
+def test_pruning_never_removes_another_replicas_report(tmp_path):
+    spec = ModelSpec("m", "torch_module", str(Path("models/policy_v1").resolve()))
+    a, b = ModelRepository(tmp_path, replica="a"), ModelRepository(tmp_path, replica="a_b")
+    a.register(spec)
+    a.report("m", 1, "1")
+    b.report("m", 1, "1")
+    old = 1_000_000_000
+    for f in (tmp_path / "m" / ".workers").glob("*.json"):
+        os.utime(f, (old, old))
+    assert a.workers("m", max_age_s=1) == {}  # both stale
+    assert sorted(f.name for f in (tmp_path / "m" / ".workers").iterdir()) == ["a_b_1.json"]
+
+
+# --- threads follow the container's CPU limit --------------------------------------------------------
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota(tmp_path):
+    write(tmp_path / "proc", "0::/kubepods/pod1/ctr\n")
+    write(tmp_path / "fs" / "kubepods" / "pod1" / "ctr" / "cpu.max", "max 100000\n")
+    write(tmp_path / "fs" / "kubepods" / "pod1" / "cpu.max", "250000 100000\n")  # the pod's limit: 2.5 CPUs
+    assert cgroup_cpu_limit(str(tmp_path / "fs"), str(tmp_path / "proc")) == 2.5
+    write(tmp_path / "fs" / "kubepods" / "pod1" / "cpu.max", "max 100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "fs"), str(tmp_path / "proc")) is None
+
+
+def test_cgroup_v1_quota(tmp_path):
+    write(tmp_path / "proc", "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n")
+    write(tmp_path / "fs" / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "200000\n")
+    write(tmp_path / "fs" / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "fs"), str(tmp_path / "proc")) == 2.0
+    write(tmp_path / "fs" / "cpu,cpuacct" / "docker" / "abc" / "cpu.cfs_quota_us", "-1\n")
+    assert cgroup_cpu_limit(str(tmp_path / "fs"), str(tmp_path / "proc")) is None
+
+
+def test_threads_per_worker_follow_the_quota(monkeypatch):
+    import runtime
+    from config import ServerConfig
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
+    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 2.0)  # a 2-CPU pod
+    assert runtime.usable_cores() == 2
+    before = torch.get_num_threads()
+    try:
+        assert runtime.configure_threads(ServerConfig(workers=1)) == 2
+        assert runtime.configure_threads(ServerConfig(workers=4)) == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 0.5)
+    assert runtime.usable_cores() == 1
