@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
+IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-gpu lint load
+.PHONY: install serve test bench-protocol bench-serve bench-gpu lint load image docker-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,3 +42,11 @@ bench-gpu: install
 # Locust against a running server (make serve in another terminal); add LOCUST_ARGS=--headless ...
 load: install
 	$(VENV)/bin/locust -f locustfile.py --host http://$(HOST):$(PORT) $(LOCUST_ARGS)
+
+# The container image, built without a registry (debootstrap base + host wheelhouse; see README).
+image: install
+	PYTHON=$(PY) bash deploy/build-image.sh $(IMAGE)
+
+# Build the image, then run it as users do: tests/container (needs a running Docker daemon).
+docker-test: image
+	BINSERVE_IMAGE=$(IMAGE) $(PY) -m pytest -p no:cacheprovider tests/container

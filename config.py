@@ -80,6 +80,9 @@ class ServerConfig:
     max_import_bytes: int = 16 * 1024 * 1024 * 1024
     #: this replica's name in the repository's worker reports; empty: the host name (the pod's name)
     replica_id: str = ""
+    #: where workers report the version they serve (shared by replicas); empty: inside the model
+    #: repository. Set it when replicas mount the repository read-only
+    report_dir: str = ""
     #: a second port for /update_model and /metrics (kept off the inference Service); 0: the main port
     admin_port: int = 0
     #: "bf16", "fp16" or "off": autocast on the GPU

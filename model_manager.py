@@ -106,7 +106,9 @@ class ModelManager:
         if self.default_name not in self.names:
             raise ValueError(f"default_model {self.default_name!r} is not among the models {self.names}")
         self.pid = os.getpid()
-        self.repo = ModelRepository(config.model_repository, replica=config.replica_id or None)
+        self.repo = ModelRepository(
+            config.model_repository, replica=config.replica_id or None, report_root=config.report_dir or None
+        )
         self.worker_id = self.repo.worker_id(self.pid)
         self.poll_s = config.repository_poll_ms / 1000.0
         limits = RequestLimits(

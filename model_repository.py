@@ -122,9 +122,11 @@ def _atomic_write(path: Path, text: str) -> None:
 class ModelRepository:
     """Versions of each model on disk, which one is current, and which worker serves which."""
 
-    def __init__(self, root: str | Path, replica: str | None = None) -> None:
+    def __init__(self, root: str | Path, replica: str | None = None, report_root: str | Path | None = None) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        #: where worker reports go: the repository itself, or a writable directory beside a read-only one
+        self.report_root = Path(report_root).resolve() if report_root else self.root
         replica = replica or socket.gethostname() or "local"
         if not _NAME.match(replica):
             raise ValueError(f"replica id {replica!r} must be letters, digits, '.', '_' or '-'")
@@ -229,17 +231,21 @@ class ModelRepository:
         """This replica's name for worker `pid`: unique across replicas, which all number pids from 1."""
         return f"{self.replica}:{pid}"
 
+    def _reports(self, model: str) -> Path:
+        self.model_dir(model)  # validates the name
+        return self.report_root / model / ".workers"
+
     def report(self, model: str, pid: int, version: str) -> None:
         """Record (and keep fresh) that worker `pid` of this replica serves `version`."""
-        wdir = self.model_dir(model) / ".workers"
-        wdir.mkdir(exist_ok=True)
+        wdir = self._reports(model)
+        wdir.mkdir(parents=True, exist_ok=True)
         info = {"version": version, "replica": self.replica, "pid": pid}
         _atomic_write(wdir / f"{self.replica}_{pid}.json", json.dumps(info))
 
     def forget(self, model: str, pid: int) -> None:
         """Remove a worker's report (it is exiting)."""
         try:
-            (self.model_dir(model) / ".workers" / f"{self.replica}_{pid}.json").unlink()
+            (self._reports(model) / f"{self.replica}_{pid}.json").unlink()
         except OSError:
             pass
 
@@ -249,7 +255,7 @@ class ModelRepository:
         Stale reports are ignored; this replica's own are removed once long stale (its dead
         workers), another replica's never - it may only be slow, and it cleans up after itself.
         """
-        wdir = self.model_dir(model) / ".workers"
+        wdir = self._reports(model)
         out: dict[str, str] = {}
         now = time.time()  # file mtimes are wall-clock times
         for f in wdir.glob("*.json") if wdir.is_dir() else ():

@@ -224,3 +224,13 @@ def test_threads_per_worker_follow_the_quota(monkeypatch):
         torch.set_num_threads(before)
     monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 0.5)
     assert runtime.usable_cores() == 1
+
+
+def test_reports_can_live_beside_a_read_only_repository(tmp_path):
+    spec = ModelSpec("m", "torch_module", str(Path("models/policy_v1").resolve()))
+    writer = ModelRepository(tmp_path / "repo", replica="writer")
+    writer.register(spec)
+    replica = ModelRepository(tmp_path / "repo", replica="pod-a", report_root=tmp_path / "status")
+    replica.report("m", 3, "1")
+    assert not (tmp_path / "repo" / "m" / ".workers").exists()  # nothing written into the repository
+    assert ModelRepository(tmp_path / "repo", report_root=tmp_path / "status").workers("m", 60) == {"pod-a:3": "1"}

@@ -1,0 +1,201 @@
+"""The real image, run as a user runs it: non-root, read-only root filesystem, binary and JSON
+inference equal to the reference, metrics, a stop with requests in flight that loses none, and two
+containers on one model-repository volume following a reload sent to one of them.
+
+Needs Docker and a built image: `make docker-test` builds it (deploy/build-image.sh) and runs this
+with BINSERVE_IMAGE set; without that variable the module is skipped (CI always sets it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
+
+from models.registry import default_minilm_path
+from request_tools import InferenceClient
+from tests.serverproc import free_port
+
+IMAGE = os.environ.get("BINSERVE_IMAGE", "")
+pytestmark = pytest.mark.skipif(not IMAGE, reason="BINSERVE_IMAGE is not set (make docker-test sets it)")
+TEXTS = [f"a sentence for the container, number {i}" for i in range(64)]
+
+
+def docker(*args: str, check: bool = True, timeout: float = 180) -> str:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+class Container:
+    """`docker run -d` of the image with a read-only root and a size-limited /tmp; removed on exit."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.name = f"binserve-test-{uuid.uuid4().hex[:8]}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
+        self.args = [
+            "run", "-d", "--name", self.name, "--read-only", "--tmpfs", "/tmp:size=256m",
+            "-p", f"127.0.0.1:{self.port}:8000", *env_args, *args, IMAGE,
+        ]  # fmt: skip
+
+    def __enter__(self) -> Container:
+        docker(*self.args)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if docker("inspect", "-f", "{{.State.Running}}", self.name) != "true":
+                raise RuntimeError(f"container exited: {docker('logs', self.name, check=False)[-2000:]}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or the worker is busy loading the model
+            time.sleep(0.25)  # polling interval between readiness probes
+        raise TimeoutError(f"{self.name} not ready: {docker('logs', self.name, check=False)[-2000:]}")
+
+    def __exit__(self, *exc) -> None:
+        docker("rm", "-f", self.name, check=False)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return SentenceTransformer(default_minilm_path(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def container():
+    with Container() as c:
+        yield c
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_the_image_is_small_enough_to_ship():
+    size = int(docker("image", "inspect", "-f", "{{.Size}}", IMAGE))
+    print(f"\n{IMAGE}: {size / 2**20:.0f} MiB")
+    assert size < 2 * 2**30, f"{size / 2**20:.0f} MiB"  # torch's CPU build is most of it
+
+
+def test_it_runs_as_non_root_on_a_read_only_root_filesystem(container):
+    assert docker("inspect", "-f", "{{.Config.User}}", container.name) == "10001"
+    assert docker("inspect", "-f", "{{.HostConfig.ReadonlyRootfs}}", container.name) == "true"
+    assert docker("exec", container.name, "id", "-u") == "10001"
+    proc = subprocess.run(["docker", "exec", container.name, "touch", "/app/x"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Read-only file system" in proc.stderr
+
+
+def test_binary_and_json_inference_match_the_reference(container, reference):
+    with InferenceClient(container.url) as client:
+        framed = client.infer({"texts": TEXTS})["embeddings"]
+    assert framed.shape == (64, 384)
+    assert cosines(framed, reference.encode(TEXTS)).min() > 0.9999
+    r = requests.post(f"{container.url}/infer", json={"texts": TEXTS[:2]}, timeout=30)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    np.testing.assert_allclose(np.asarray(r.json()["embeddings"], np.float32), framed[:2], atol=1e-5)
+
+
+def test_metrics_are_scraped(container):
+    InferenceClient(container.url).infer({"texts": ["counted"]})
+    text = requests.get(f"{container.url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    served = sum(s.value for s in families["binserve_requests"].samples if s.labels.get("code") == "200")
+    assert served >= 1 and "binserve_inference_duration_seconds" in families
+
+
+def test_docker_stop_with_requests_in_flight_loses_none():
+    with Container() as c:
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def call(i: int) -> None:
+            with InferenceClient(c.url, retries=0, timeout=120) as client:
+                reply = client.request({"texts": [f"{t} {i}" for t in TEXTS]})
+            with lock:
+                statuses.append(reply.status)
+
+        def in_flight() -> float:
+            text = requests.get(f"{c.url}/metrics", timeout=5).text
+            return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("binserve_in_flight"))
+
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(call, i) for i in range(16)]
+            deadline = time.monotonic() + 60
+            while in_flight() < 8 and time.monotonic() < deadline:
+                time.sleep(0.02)  # polling the server's own in-flight gauge
+            assert in_flight() >= 8, "the requests never got in flight"
+            docker("stop", "-t", "60", c.name, timeout=120)  # SIGTERM, then up to 60 s to finish
+            for f in futures:
+                f.result(timeout=120)
+        assert statuses == [200] * 16
+        assert docker("inspect", "-f", "{{.State.ExitCode}}", c.name) == "0"
+
+
+@pytest.fixture(scope="module")
+def version_two(tmp_path_factory) -> Path:
+    """MiniLM with perturbed weights (2% of each tensor's std): a second version to reload to."""
+    root = tmp_path_factory.mktemp("imports")
+    src, dst = Path(default_minilm_path()), root / "v2"
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt"):
+            shutil.copy(f, dst / f.name)
+    shutil.copytree(src / "1_Pooling", dst / "1_Pooling")
+    gen = torch.Generator().manual_seed(0)
+    weights = {
+        k: (t + 0.02 * t.std() * torch.randn(t.shape, generator=gen)) if t.is_floating_point() and t.numel() > 1 else t
+        for k, t in load_file(src / "model.safetensors").items()
+    }
+    save_file(weights, dst / "model.safetensors")
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)  # readable by the image's user
+    return dst
+
+
+def test_two_containers_on_one_repository_volume_follow_a_reload(version_two):
+    """As deployment.yaml runs them: a writer, and a replica that mounts the repository read-only;
+    both report the version they serve in a shared status volume."""
+    volume, status = (f"binserve-test-{kind}-{uuid.uuid4().hex[:8]}" for kind in ("models", "status"))
+    for v in (volume, status):
+        docker("volume", "create", v)
+    try:
+        common = {"BINSERVE_REPOSITORY_POLL_MS": "200", "BINSERVE_REPORT_DIR": "/status"}
+        writer_env = {**common, "BINSERVE_ADMIN_TOKEN": "s3cret", "BINSERVE_IMPORT_ROOT": "/imports"}
+        imports = ["-v", f"{version_two.parent}:/imports:ro"]
+        with (
+            Container("-v", f"{volume}:/models", "-v", f"{status}:/status", *imports, env=writer_env) as a,
+            Container("-v", f"{volume}:/models:ro", "-v", f"{status}:/status", env=common) as b,
+        ):
+            r = requests.post(
+                f"{a.url}/update_model",
+                json={"model": "minilm", "path": "/imports/v2"},
+                headers={"Authorization": "Bearer s3cret"},
+                timeout=300,
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["version"] == "2" and body["converged"], json.dumps(body)
+            assert len({w.split(":")[0] for w in body["workers"]}) == 2, body["workers"]  # both containers
+            reply = InferenceClient(b.url).request({"texts": TEXTS[:4]})  # the container that got no call
+            assert reply.model_version == "2"
+            expected = SentenceTransformer(str(version_two), device="cpu").encode(TEXTS[:4])
+            assert cosines(reply.outputs["embeddings"], expected).min() > 0.9999
+    finally:
+        docker("volume", "rm", "-f", volume, status, check=False)
