@@ -14,6 +14,9 @@ import os
 from dataclasses import dataclass, fields
 
 ENV_PREFIX = "BINSERVE_"
+#: what `runtime` and `precision` may name (models/engines.py explains them)
+RUNTIMES = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,15 @@ class ServerConfig:
     reload_timeout_s: float = 120.0
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = 1
+    #: Gunicorn worker processes; 0: two where the process may use two cores or more, else one (the
+    #: workers share the cores between their running batches: a lone request still gets them all)
+    workers: int = 0
     #: request threads per Gunicorn worker (gthread): how many requests one process can batch
     threads: int = 64
     #: "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     device: str = "auto"
-    #: torch intra-op threads per worker; 0: the cores this process may use / workers
+    #: intra-op threads of a batch (torch and ONNX Runtime); 0: the usable cores, shared between the
+    #: batches that run at the same moment (coreshare.py)
     torch_threads: int = 0
     max_batch_size: int = 32
     #: padded tokens (rows x longest row) per batch, for token inputs; small enough that long
@@ -85,9 +91,23 @@ class ServerConfig:
     report_dir: str = ""
     #: a second port for /update_model and /metrics (kept off the inference Service); 0: the main port
     admin_port: int = 0
-    #: "bf16", "fp16" or "off": autocast on the GPU
-    autocast: str = "bf16"
+    #: "auto", "torch" or "onnx": which runtimes a model may run on (auto: the fastest that passes the
+    #: accuracy gate, per batch size); a version's settings override it
+    runtime: str = "auto"
+    #: "auto", "fp32", "bf16", "fp16" or "int8" (auto: those the hardware computes natively)
+    precision: str = "auto"
+    #: the accuracy gate for embeddings: smallest cosine to fp32 an engine may give
+    min_cosine: float = 0.999
+    #: where ONNX exports and engine timings are cached; empty: `<version>/.cache` in the repository
+    #: (keys cover the files, tools and machine, so one directory can serve every model and version)
+    cache_dir: str = ""
     log_level: str = "info"
+
+    def worker_count(self) -> int:
+        """`workers`, with 0 resolved: two on two or more usable cores (measured best: bench/RESULTS.md)."""
+        import coreshare
+
+        return self.workers or min(2, coreshare.usable_cores())
 
     @property
     def trusted_module_prefixes(self) -> tuple[str, ...]:
@@ -95,7 +115,7 @@ class ServerConfig:
         return tuple(p.strip() for p in self.trusted_modules.split(",") if p.strip())
 
     def __post_init__(self) -> None:
-        positive = ("port", "workers", "threads", "max_batch_size", "max_batch_tokens", "max_queue_samples")
+        positive = ("port", "threads", "max_batch_size", "max_batch_tokens", "max_queue_samples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -108,6 +128,8 @@ class ServerConfig:
                 raise ValueError(f"trusted_modules must be dotted package names, got {prefix!r}")
         if self.max_import_bytes < 1:
             raise ValueError("max_import_bytes must be at least 1")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: automatic), got {self.workers}")
         if self.torch_threads < 0 or self.max_wait_ms < 0 or self.max_text_chars < 0 or self.max_requests < 0:
             raise ValueError("torch_threads, max_wait_ms, max_text_chars and max_requests must be >= 0")
         for name in ("max_body_bytes", "max_json_bytes", "max_decoded_bytes"):
@@ -121,8 +143,10 @@ class ServerConfig:
             raise ValueError("repository_poll_ms and reload_timeout_s must be > 0")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
-        if self.autocast not in ("bf16", "fp16", "off"):
-            raise ValueError(f"autocast must be bf16, fp16 or off, got {self.autocast!r}")
+        if self.runtime not in RUNTIMES or self.precision not in PRECISIONS:
+            raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of {PRECISIONS}")
+        if not 0 < self.min_cosine <= 1:
+            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from models.registry import ADAPTERS, ModelSpec
+from models.registry import ADAPTERS, ModelSpec, check_settings
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -141,11 +141,20 @@ class ModelRepository:
     def register(self, spec: ModelSpec) -> None:
         """Make `spec` version 1 of its model if the model is not in the repository yet."""
         mdir = self.model_dir(spec.name)
-        if (mdir / "CURRENT").exists():
-            return
         vdir = mdir / spec.version
-        vdir.mkdir(parents=True, exist_ok=True)
         manifest = {"adapter": spec.adapter, "path": str(Path(spec.path).resolve())}
+        if spec.settings:
+            manifest["settings"] = spec.settings
+        if (mdir / "CURRENT").exists():
+            # The configured version follows its configuration (settings given with --models).
+            try:
+                if json.loads((vdir / "binserve.json").read_text()).get("path") == manifest["path"]:
+                    if json.loads((vdir / "binserve.json").read_text()) != manifest:
+                        _atomic_write(vdir / "binserve.json", json.dumps(manifest, indent=2) + "\n")
+            except (OSError, ValueError):
+                pass
+            return
+        vdir.mkdir(parents=True, exist_ok=True)
         _atomic_write(vdir / "binserve.json", json.dumps(manifest, indent=2) + "\n")
         _atomic_write(mdir / "CURRENT", spec.version + "\n")
 
@@ -176,8 +185,10 @@ class ModelRepository:
         adapter = manifest.get("adapter")
         if adapter not in ADAPTERS:
             raise ValueError(f"{vdir}/binserve.json: unknown adapter {adapter!r}")
+        settings = check_settings(manifest.get("settings", {}), f"{vdir}/binserve.json")
         path = Path(manifest.get("path", vdir))
-        return ModelSpec(model, adapter, str(path if path.is_absolute() else vdir / path), version)
+        path = path if path.is_absolute() else vdir / path
+        return ModelSpec(model, adapter, str(path), version, settings=settings, cache_dir=str(vdir / ".cache"))
 
     def set_current(self, model: str, version: str) -> None:
         """Point every worker at `version` (which must exist)."""

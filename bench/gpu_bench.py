@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.serve_bench import drive, text_of  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
 from models.base import AdapterOptions  # noqa: E402
+from models.engines import RuntimeSettings  # noqa: E402
 from models.registry import ModelSpec, default_minilm_path, load_model  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
@@ -46,7 +47,9 @@ def write_bert_base(root: Path) -> Path:
 
 
 def raw_throughput(path: str, device: str, autocast: str, batches: list[int], seconds: float) -> dict[int, float]:
-    model = load_model(ModelSpec("m", "hf_encoder", path), torch.device(device), AdapterOptions(autocast=autocast))
+    precision = "fp32" if autocast == "off" else autocast
+    options = AdapterOptions(runtime=RuntimeSettings(runtime="torch", precision=precision))
+    model = load_model(ModelSpec("m", "hf_encoder", path), torch.device(device), options)
     sample = model.validate({"texts": [text_of(SEQ, 0)]}).samples[0]
     out = {}
     for b in batches:

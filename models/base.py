@@ -1,22 +1,47 @@
 """The adapter contract between the server and a model.
 
-design: an adapter owns one loaded model on one device and knows its inputs. The request thread
-calls `validate` (decode-time checks and any CPU work such as tokenization, BEFORE the request is
-queued, so a bad request never reaches a batch); the batch thread calls `run_batch` with the
-samples of many requests (collate, forward under `torch.inference_mode`, split back to one output
-per sample); the request thread calls `join` to shape the reply. Adapters never import Flask.
+design: an adapter owns one loaded model version on one device and knows its inputs. The request
+thread calls `validate` (decode-time checks and cheap CPU work such as tokenization, BEFORE the
+request is queued, so a bad request never reaches a batch); the batch thread calls `run_batch` with
+the samples of many requests: `collate` them into host arrays, run the engine the version's plan
+picks for that batch size (models/engines.py: torch or ONNX Runtime, fp32, bf16, fp16 or int8,
+chosen at load by accuracy and measured speed), and `split` the outputs back to one dict per
+sample; the request thread calls `join` to shape the reply. An adapter supplies the pieces the
+engines need - its torch forward, an exportable module, inputs to check accuracy on and a way to
+compare outputs - and the base class builds the candidates and the plan. Adapters never import Flask.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import copy
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from errors import LimitExceeded
-from runtime import DeviceRunner
+from models.engines import (
+    TORCH_DTYPES,
+    Engine,
+    Plan,
+    RuntimeSettings,
+    cache_key,
+    cached_path,
+    exclusive,
+    export_onnx,
+    load_record,
+    machine_key,
+    make_plan,
+    native,
+    ort_engine,
+    quantize_int8,
+    save_record,
+)
+from runtime import DeviceRunner, batch_threads, in_compute_thread
 
 
 @dataclass(frozen=True)
@@ -25,7 +50,7 @@ class RequestLimits:
 
     #: samples (texts, token rows, array rows) in one request: more could never fit the queue
     max_samples: int = 2048
-    #: characters per text before tokenizing; 0: 100 x the model's maximum tokens
+    #: characters per text before tokenizing; 0: 32 x the model's maximum tokens
     max_text_chars: int = 0
     #: cut texts and token rows to the model's maximum length (True), or refuse them with 413
     truncate: bool = True
@@ -35,8 +60,7 @@ class RequestLimits:
 class AdapterOptions:
     """How a model version is served, beyond its files: what the operator configured."""
 
-    #: "bf16", "fp16" or "off": autocast on a GPU
-    autocast: str = "bf16"
+    runtime: RuntimeSettings = RuntimeSettings()
     limits: RequestLimits = RequestLimits()
     #: package prefixes that model code (torch_module classes) may be imported from; see README
     trusted_modules: tuple[str, ...] = ("models",)
@@ -50,6 +74,17 @@ class Validated:
     batched: bool
 
 
+@dataclass(frozen=True)
+class OnnxSpec:
+    """How to export an adapter's model: a module taking the collated inputs in order, and names."""
+
+    module: torch.nn.Module
+    example: dict  # collated host arrays to trace with (a padded batch, for token models)
+    inputs: list[str]
+    outputs: list[str]
+    dynamic: dict  # input/output name -> {axis: name} for torch.onnx.export's dynamic_axes
+
+
 class ModelAdapter(abc.ABC):
     """One loaded model version on one device."""
 
@@ -58,16 +93,25 @@ class ModelAdapter(abc.ABC):
     #: True when samples are token rows padded per batch: the batcher then bounds batches by
     #: padded tokens and groups similar lengths, using `sample_length`.
     token_inputs: bool = False
+    #: bf16 on a CPU by casting the weights (faster for small batches than autocast, which casts
+    #: them on every call) rather than by autocast; only for modules whose inputs are integers
+    bf16_weights_on_cpu: bool = False
 
-    def __init__(self, name: str, version: str, device: torch.device, options: AdapterOptions | None = None) -> None:
+    def __init__(
+        self, name: str, version: str, device: torch.device, options: AdapterOptions | None = None, path: str = ""
+    ) -> None:
         self.name = name
+        #: the directory the version's files are in (ONNX exports are keyed by its files)
+        self.model_dir = Path(path)
         self.version = version
         self.device = device
         self.options = options or AdapterOptions()
         self.limits = self.options.limits
-        #: staging buffers, streams and autocast for this model's batches
-        self.runner = DeviceRunner(device, self.options.autocast)
+        #: staging buffers and streams for this model's batches
+        self.runner = DeviceRunner(device)
+        self.plan: Plan | None = None
 
+    # --- what an adapter supplies -----------------------------------------------------------------
     @abc.abstractmethod
     def input_spec(self) -> dict:
         """JSON description of the accepted inputs (shown by GET /models)."""
@@ -77,23 +121,17 @@ class ModelAdapter(abc.ABC):
         """Check a decoded request and turn it into samples; raises errors.InvalidInput (400) or
         errors.LimitExceeded (413). Sizes are checked before anything costs more than the request."""
 
-    def check_samples(self, n: int, what: str) -> None:
-        """413 for a request of more samples than `limits.max_samples` (it could never be queued)."""
-        if n > self.limits.max_samples:
-            raise LimitExceeded(
-                f"{what} holds {n} samples; one request may hold at most {self.limits.max_samples} "
-                "(max_queue_samples): split it into several requests"
-            )
+    @abc.abstractmethod
+    def collate(self, samples: list) -> dict[str, np.ndarray]:
+        """Host arrays for a batch of samples (into the runner's staging buffers)."""
 
     @abc.abstractmethod
-    def run_batch(self, samples: list) -> list[dict]:
-        """Run samples from many requests as one batch; returns one output dict per sample."""
+    def torch_forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The forward pass on device tensors, with whatever post-processing the outputs need."""
 
-    def join(self, outputs: list[dict], batched: bool) -> dict:
-        """One request's reply from its per-sample output dicts: stacked, or the lone sample's."""
-        if not batched:
-            return dict(outputs[0])
-        return {k: np.stack([o[k] for o in outputs]) for k in outputs[0]}
+    @abc.abstractmethod
+    def accuracy(self, reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[bool, str]:
+        """Whether `got` is close enough to fp32's `reference` for this model, and a short measure."""
 
     @abc.abstractmethod
     def example_payload(self) -> dict:
@@ -102,14 +140,146 @@ class ModelAdapter(abc.ABC):
     @property
     @abc.abstractmethod
     def module(self) -> torch.nn.Module:
-        """The underlying torch module (for parameter counts and dtype)."""
+        """The underlying torch module in fp32 (the reference every other engine is checked against)."""
+
+    def gate_samples(self) -> list:
+        """Samples the accuracy gate runs (as one batch, and the first alone): varied, realistic."""
+        return self.validate(self.example_payload()).samples
+
+    def bench_samples(self, n: int) -> list:
+        """n representative samples for timing the engines at load."""
+        samples = self.gate_samples()
+        return (samples * n)[:n]
+
+    def onnx_spec(self) -> OnnxSpec | None:
+        """How to export the model to ONNX, or None when it cannot be."""
+        return None
+
+    def int8_excluded(self, node_name: str) -> bool:
+        """MatMuls that int8 quantization leaves in fp32 (the ones that cost too much accuracy)."""
+        return False
+
+    def split(self, outputs: dict[str, np.ndarray], n: int) -> list[dict]:
+        """One output dict per sample."""
+        return [{k: v[i] for k, v in outputs.items()} for i in range(n)]
 
     def sample_length(self, sample) -> int:
         """Tokens in one sample (only called when `token_inputs`)."""
         return len(sample)
 
+    # --- limits -----------------------------------------------------------------------------------
+    def check_samples(self, n: int, what: str) -> None:
+        """413 for a request of more samples than `limits.max_samples` (it could never be queued)."""
+        if n > self.limits.max_samples:
+            raise LimitExceeded(
+                f"{what} holds {n} samples; one request may hold at most {self.limits.max_samples} "
+                "(max_queue_samples): split it into several requests"
+            )
+
+    # --- engines and the plan ---------------------------------------------------------------------
+    def torch_engine(self, precision: str) -> Engine:
+        """torch in `precision`: fp32 as loaded; bf16/fp16 by autocast, or by cast weights (see above)."""
+        dtype = TORCH_DTYPES[precision]
+        module, autocast = self.module, (dtype if precision != "fp32" else None)
+        if precision == "bf16" and self.bf16_weights_on_cpu and self.device.type == "cpu":
+            module, autocast = _cast_copy(self.module, dtype), None
+        runner = self.runner
+
+        def run(host: dict) -> dict:
+            return runner.to_host(runner.forward(self.torch_forward, module, runner.to_device(host), autocast=autocast))
+
+        return Engine(f"torch-{precision}", run)
+
+    def onnx_engine(self, precision: str) -> Engine:
+        """ONNX Runtime on the CPU: the exported model (cached beside the version), int8-quantized if asked."""
+        spec = self.onnx_spec()
+        if spec is None:
+            raise RuntimeError(f"{self.adapter_name} models of this kind do not export to ONNX")
+        model_dir = self.model_dir
+        key = cache_key(model_dir, self.adapter_name, *spec.inputs, *spec.outputs)
+        fp32 = cached_path(self.options.runtime.cache_dir, f"{key}-fp32.onnx")
+        shipped = model_dir / "model.onnx"
+        if shipped.is_file():
+            fp32 = shipped  # the version ships its own export
+        else:
+            example = tuple(torch.from_numpy(np.ascontiguousarray(spec.example[k])) for k in spec.inputs)
+            export_onnx(spec.module, example, spec.inputs, spec.outputs, spec.dynamic, fp32)
+        path = fp32
+        if precision == "int8":
+            path = quantize_int8(
+                fp32, cached_path(self.options.runtime.cache_dir, f"{key}-int8.onnx"), self.int8_excluded
+            )
+        return ort_engine(f"onnx-{precision}", path, spec.inputs, spec.outputs)
+
+    def prepare(self) -> None:
+        """Choose the engines: every candidate the settings and the device allow, gated and timed."""
+        in_compute_thread()
+        s = self.options.runtime
+        runtimes = ("torch", "onnx") if s.runtime == "auto" else (s.runtime,)
+        precisions = ("fp32", "bf16", "fp16", "int8") if s.precision == "auto" else (s.precision,)
+        candidates, skipped = [], []
+        for rt in runtimes:
+            for p in precisions:
+                name = f"{rt}-{p}"
+                if name == "torch-fp32" or (rt == "torch" and p == "int8"):
+                    continue  # the reference itself; int8 is ONNX Runtime's
+                if rt == "onnx" and (self.device.type != "cpu" or p in ("bf16", "fp16")):
+                    skipped.append((name, f"ONNX Runtime runs fp32 and int8 on the CPU here, not {p} on {self.device}"))
+                elif not native(p, self.device):
+                    skipped.append((name, f"{p} is not native on this {self.device.type}"))
+                else:
+                    maker = self.torch_engine if rt == "torch" else self.onnx_engine
+                    candidates.append((name, lambda maker=maker, p=p: maker(p)))
+        gate = self.gate_samples()
+        # owned copies: on a GPU collate fills reusable pinned buffers, which the next collate overwrites
+        gate_sets = [{k: v.copy() for k, v in self.collate(g).items()} for g in (gate, gate[:1])]
+        explicit = s.runtime != "auto" or s.precision != "auto"
+        record_file = None
+        try:
+            settings_key = repr(dataclasses.replace(s, cache_dir=None))
+            key = cache_key(self.model_dir, self.adapter_name, "plan", machine_key(self.device), settings_key)
+            record_file = cached_path(s.cache_dir, f"{key}-plan.json")
+        except OSError:
+            pass
+        # Workers load the same version at the same moment; timing engines side by side would make
+        # each disturb the other's numbers. The first measures alone, the others reuse its record.
+        with exclusive(record_file) if record_file else contextlib.nullcontext():
+            self.plan = make_plan(
+                self.torch_engine("fp32"),
+                candidates,
+                lambda n: self.collate(self.bench_samples(n)),
+                gate_sets,
+                self.accuracy,
+                # asked for another engine explicitly: fp32 torch is the reference, used only as a fallback
+                reference_eligible=not explicit or (s.runtime in ("auto", "torch") and s.precision in ("auto", "fp32")),
+                record=load_record(record_file) if record_file else None,
+            )
+            if record_file:
+                save_record(record_file, self.plan.record())
+        for name, why in skipped:
+            self.plan.note_skipped(name, why)
+
+    # --- the batch thread ---------------------------------------------------------------------------
+    def run_batch(self, samples: list) -> list[dict]:
+        """Run samples from many requests as one batch; returns one output dict per sample."""
+        if self.plan is None:
+            self.prepare()
+        self.runner.next_batch()
+        host = self.collate(samples)
+        with batch_threads():
+            outputs = self.plan.engine_for(len(samples))(host)
+        return self.split(outputs, len(samples))
+
+    def join(self, outputs: list[dict], batched: bool) -> dict:
+        """One request's reply from its per-sample output dicts: stacked, or the lone sample's."""
+        if not batched:
+            return dict(outputs[0])
+        return {k: np.stack([o[k] for o in outputs]) for k in outputs[0]}
+
     def warmup(self, batch_sizes=(1, 4)) -> None:
-        """Run the example through the model at a few batch sizes (allocator, kernels, caches)."""
+        """Choose the engines, then run the example through them at a few batch sizes."""
+        if self.plan is None:
+            self.prepare()
         validated = self.validate(self.example_payload())
         for n in batch_sizes:
             samples = (validated.samples * n)[:n]
@@ -126,8 +296,13 @@ class ModelAdapter(abc.ABC):
             "adapter": self.adapter_name,
             "device": str(self.device),
             "dtype": str(params[0].dtype).replace("torch.", "") if params else None,
-            "autocast": str(self.runner.autocast).replace("torch.", "") if self.runner.autocast else "off",
+            "engines": self.plan.engines if self.plan else [],
+            "runtime": self.plan.describe() if self.plan else None,
             "device_memory_bytes": self.runner.memory_bytes(),
             "parameters": sum(p.numel() for p in params),
             "inputs": self.input_spec(),
         }
+
+
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return copy.deepcopy(module).to(dtype)

@@ -1,10 +1,12 @@
 """Adapter for a local Hugging Face encoder directory: sentence embeddings or sequence classification.
 
 design: tokenization happens in `validate`, on the request thread, with the fast tokenizer and
-without padding, so the batch thread only pads to the batch's own longest row and runs the forward
-pass. Embedding models (AutoModel) give pooled, L2-normalised embeddings, pooled as the directory's
-sentence-transformers config says (mean by default); `*ForSequenceClassification` models give logits
-and softmax probabilities. Weights load through safetensors only.
+without padding (~0.05 ms a text), so the batch thread only pads to the batch's own longest row and
+runs the forward pass on the engine its plan picks (models/engines.py). Embedding models
+(AutoModel) give pooled, L2-normalised embeddings, pooled as the directory's sentence-transformers
+config says (mean by default); `*ForSequenceClassification` models give logits and softmax
+probabilities. Pooling is part of `EncoderHead`, the module both torch and the ONNX export run, so
+every engine returns the final outputs. Weights load through safetensors only.
 """
 
 from __future__ import annotations
@@ -18,11 +20,50 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from binary_protocol import as_array
 from errors import InvalidInput, LimitExceeded
-from models.base import AdapterOptions, ModelAdapter, Validated
+from models.base import AdapterOptions, ModelAdapter, OnnxSpec, Validated
 
 
 def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# Texts the accuracy gate checks every engine on: short to long, so padding, attention over long
+# rows and truncation are all exercised.
+GATE_TEXTS = [
+    "hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "binserve batches concurrent requests in a background thread and answers in a binary format.",
+    "What is the capital of France, and how many people live there today?",
+    "Stock markets fell sharply after the central bank raised interest rates again on Tuesday.",
+    "The patient was given antibiotics for the infection and recovered within a week.",
+    " ".join(f"a long text of many words, number {i}, to fill the rows" for i in range(24)),
+    "Ünïcödé, emoji 🙂 and numbers 3.14159 mixed in one line.",
+]
+# Timing samples: about 25 tokens, like a typical short query or sentence.
+BENCH_TEXT = "a model serves many requests quickly while the batches grow under load on every core of the cpu"
+
+
+class EncoderHead(torch.nn.Module):
+    """The encoder plus its pooling: (input_ids, attention_mask) -> final outputs, for torch and ONNX."""
+
+    def __init__(self, model: torch.nn.Module, task: str, pooling: str) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.task == "classification":
+            logits = out.logits.float()
+            return logits, torch.softmax(logits, dim=-1)
+        hidden = out.last_hidden_state.float()  # pool in fp32 whatever the engine computed in
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        return (torch.nn.functional.normalize(pooled.float(), p=2, dim=1),)
 
 
 class HFEncoder(ModelAdapter):
@@ -30,6 +71,7 @@ class HFEncoder(ModelAdapter):
 
     adapter_name = "hf_encoder"
     token_inputs = True
+    bf16_weights_on_cpu = True  # integer inputs; measured faster than autocast for small batches
 
     def __init__(
         self,
@@ -39,7 +81,7 @@ class HFEncoder(ModelAdapter):
         device: torch.device,
         options: AdapterOptions | None = None,
     ) -> None:
-        super().__init__(name, version, device, options)
+        super().__init__(name, version, device, options, path)
         root = Path(path)
         config = AutoConfig.from_pretrained(root)
         archs = config.architectures or []
@@ -60,6 +102,8 @@ class HFEncoder(ModelAdapter):
         # Tokenizing costs time per character whatever the truncation, so texts are cut (or refused)
         # at a length that nearly always holds more than max_length tokens (~4-5 characters each).
         self.max_text_chars = self.limits.max_text_chars or 32 * self.max_length
+        self.output_names = ["embeddings"] if self.task == "embedding" else ["logits", "probabilities"]
+        self._heads: dict[int, EncoderHead] = {}
 
     @property
     def module(self) -> torch.nn.Module:
@@ -102,6 +146,10 @@ class HFEncoder(ModelAdapter):
             raise InvalidInput("'texts' must be a str or a list of str")
         if not texts:
             raise InvalidInput("'texts' is an empty list; send at least one text")
+        return Validated(self._tokenize(texts), batched)
+
+    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        """Token rows of `texts`, cut or refused as the limits say (per-text checks, not the count)."""
         truncate, limit = self.limits.truncate, self.max_text_chars
         too_long = next((i for i, t in enumerate(texts) if len(t) > limit), None)
         if too_long is not None:
@@ -121,7 +169,7 @@ class HFEncoder(ModelAdapter):
         rows = [np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]]
         if not truncate:
             self._check_row_lengths(rows, "text")
-        return Validated(rows, batched)
+        return rows
 
     def _check_row_lengths(self, rows: list, what: str) -> None:
         for i, r in enumerate(rows):
@@ -150,9 +198,8 @@ class HFEncoder(ModelAdapter):
         return Validated(rows, batched)
 
     # --- batch thread ------------------------------------------------------------------------
-    def run_batch(self, samples: list) -> list[dict]:
+    def collate(self, samples: list) -> dict[str, np.ndarray]:
         runner = self.runner
-        runner.next_batch()
         lengths = [len(s) for s in samples]
         shape = (len(samples), max(lengths))
         ids = runner.staging("input_ids", shape, np.int64)
@@ -162,22 +209,48 @@ class HFEncoder(ModelAdapter):
         for i, (s, n) in enumerate(zip(samples, lengths, strict=True)):
             ids[i, :n] = s
             mask[i, :n] = 1
-        inputs = runner.to_device({"input_ids": ids, "attention_mask": mask})
-        outputs = runner.to_host(runner.forward(self._forward, inputs))
-        return [{k: v[i] for k, v in outputs.items()} for i in range(len(samples))]
+        return {"input_ids": ids, "attention_mask": mask}
 
-    def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self._model(**inputs)
-        if self.task == "classification":
-            logits = out.logits.float()
-            return {"logits": logits, "probabilities": torch.softmax(logits, dim=-1)}
-        hidden = out.last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            m = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-        return {"embeddings": torch.nn.functional.normalize(pooled.float(), p=2, dim=1)}
+    def torch_forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        head = self._heads.get(id(module))
+        if head is None:
+            head = self._heads[id(module)] = EncoderHead(module, self.task, self.pooling)
+        return dict(zip(self.output_names, head(inputs["input_ids"], inputs["attention_mask"]), strict=True))
+
+    def onnx_spec(self) -> OnnxSpec:
+        # traced with a padded batch, so the attention-mask path is in the graph
+        example = self.collate(self._tokenize(GATE_TEXTS[1:3]))
+        axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}
+        axes.update({name: {0: "batch"} for name in self.output_names})
+        return OnnxSpec(
+            EncoderHead(self._model, self.task, self.pooling),
+            example,
+            ["input_ids", "attention_mask"],
+            self.output_names,
+            axes,
+        )
+
+    def int8_excluded(self, node_name: str) -> bool:
+        # Measured on MiniLM: quantizing every MatMul gives cosine 0.988 to fp32; leaving the FFN
+        # output projections (the ones after GELU, with the widest activations) in fp32 gives 0.993.
+        return "/output/dense" in node_name and "/attention/" not in node_name
+
+    # internal samples: not a request, so not held to a request's limits (a server may allow 4 a request)
+    def gate_samples(self) -> list:
+        return self._tokenize(GATE_TEXTS)
+
+    def bench_samples(self, n: int) -> list:
+        return self._tokenize([f"{BENCH_TEXT} {i}" for i in range(n)])
+
+    def accuracy(self, reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[bool, str]:
+        s = self.options.runtime
+        if self.task == "embedding":
+            a, b = reference["embeddings"].astype(np.float64), got["embeddings"].astype(np.float64)
+            cos = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+            return cos >= s.min_cosine, f"min cosine {cos:.6f} (gate {s.min_cosine})"
+        same = bool((reference["probabilities"].argmax(1) == got["probabilities"].argmax(1)).all())
+        err = float(np.abs(reference["probabilities"] - got["probabilities"]).max())
+        return same and err <= s.max_prob_error, f"argmax {'equal' if same else 'differs'}, max prob error {err:.5f}"
 
 
 def _only(payload: dict, allowed: set) -> None:

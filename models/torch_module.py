@@ -4,8 +4,11 @@ design: a model directory holds `manifest.json` - the module's import path ("pkg
 constructor arguments, the weights file and one entry per input (dtype and per-sample shape) - and
 the weights as safetensors (never a pickle). A request is one sample (every input at its declared
 shape) or a batch (every input with one more leading dimension, all the same length). The batch
-thread stacks samples per input and calls `module(**inputs)`; a tensor, tuple or dict result is
-split into one output dict per sample, named by the manifest's `outputs`.
+thread stacks samples per input and runs `module(**inputs)` on the engine the plan picks (torch
+fp32 or bf16 autocast, ONNX Runtime for modules that export; models/engines.py), gated by the
+manifest's `accuracy` tolerances (`{"rtol": ..., "atol": ...}`); modules with convolutions run in
+channels_last. A tensor, tuple or dict result is split into one output dict per sample, named by
+the manifest's `outputs`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from binary_protocol import as_array
 from errors import InvalidInput
-from models.base import AdapterOptions, ModelAdapter, Validated
+from models.base import AdapterOptions, ModelAdapter, OnnxSpec, Validated
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -69,7 +72,7 @@ class TorchModule(ModelAdapter):
         device: torch.device,
         options: AdapterOptions | None = None,
     ) -> None:
-        super().__init__(name, version, device, options)
+        super().__init__(name, version, device, options, path)
         root = Path(path)
         manifest = json.loads((root / "manifest.json").read_text())
         cls = trusted_class(str(manifest.get("class", "")), self.options.trusted_modules)
@@ -81,9 +84,18 @@ class TorchModule(ModelAdapter):
             raise ValueError(f"'weights' must name a .safetensors file in the model directory, got {weights!r}")
         model = cls(**init_args)
         model.load_state_dict(safetensors.torch.load_file(root / weights))
-        self._model = model.to(device).eval()
+        model = model.to(device).eval()
+        if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)  # oneDNN's and cuDNN's fast layout
+        self._model = model
         self.inputs = {k: (np.dtype(v["dtype"]), tuple(v["shape"])) for k, v in manifest["inputs"].items()}
         self.output_names = list(manifest.get("outputs", ["output"]))
+        # the accuracy gate for other engines: the manifest's tolerances, else the server's
+        tol = manifest.get("accuracy", {})
+        self.tolerance = (
+            float(tol.get("rtol", self.options.runtime.rtol)),
+            float(tol.get("atol", self.options.runtime.atol)),
+        )
 
     @property
     def module(self) -> torch.nn.Module:
@@ -132,20 +144,55 @@ class TorchModule(ModelAdapter):
             return Validated([arrays], batched=False)
         return Validated([{k: a[i] for k, a in arrays.items()} for i in range(n)], batched=True)
 
-    def run_batch(self, samples: list) -> list[dict]:
-        runner = self.runner
-        runner.next_batch()
+    def collate(self, samples: list) -> dict[str, np.ndarray]:
         host = {}
         for k, (dtype, shape) in self.inputs.items():
-            host[k] = runner.staging(k, (len(samples), *shape), dtype)
+            host[k] = self.runner.staging(k, (len(samples), *shape), dtype)
             np.stack([s[k] for s in samples], out=host[k])
-        outputs = runner.to_host(runner.forward(self._forward, runner.to_device(host)))
-        return [{k: a[i] for k, a in outputs.items()} for i in range(len(samples))]
+        return host
 
-    def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self._model(**inputs)
+    def torch_forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = module(**inputs)
         if isinstance(out, torch.Tensor):
             return {self.output_names[0]: out}
         if isinstance(out, (tuple, list)):
             return dict(zip(self.output_names, out, strict=True))
         return dict(out)
+
+    def onnx_spec(self) -> OnnxSpec:
+        names = list(self.inputs)
+        example = self.collate(self.gate_samples()[:2])
+        axes = {k: {0: "batch"} for k in [*names, *self.output_names]}
+        return OnnxSpec(_Positional(self._model, names), example, names, self.output_names, axes)
+
+    def gate_samples(self) -> list:
+        rng = np.random.default_rng(1)
+        samples = self.validate(self.example_payload()).samples
+        for _ in range(3):
+            samples.append(
+                {
+                    k: (rng.integers(0, 255, shape) if dt.kind in "iu" else rng.standard_normal(shape)).astype(dt)
+                    for k, (dt, shape) in self.inputs.items()
+                }
+            )
+        return samples
+
+    def accuracy(self, reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[bool, str]:
+        rtol, atol = self.tolerance
+        worst = max(
+            float(np.max(np.abs(got[k].astype(np.float64) - r) - rtol * np.abs(r))) if r.size else -1.0
+            for k, r in ((k, reference[k].astype(np.float64)) for k in reference)
+        )
+        return worst <= atol, f"max |error| - rtol x |fp32| = {worst:.2e} (atol {atol}, rtol {rtol})"
+
+
+class _Positional(torch.nn.Module):
+    """The user's module called with positional inputs in the manifest's order (what ONNX export passes)."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.module = module
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor):
+        return self.module(**dict(zip(self.names, tensors, strict=True)))

@@ -8,21 +8,25 @@ import torch
 
 from errors import InvalidInput, LimitExceeded
 from models.base import AdapterOptions, RequestLimits
+from models.engines import RuntimeSettings
 from models.hf_encoder import HFEncoder
 from models.registry import ModelSpec, default_minilm_path, load_model, parse_specs
 from models.torch_module import TorchModule
 
 CPU = torch.device("cpu")
+# These tests check collation, padding and splitting exactly, so they pin the fp32 reference engine;
+# tests/unit/test_engines.py checks the other engines against it.
+FP32 = AdapterOptions(runtime=RuntimeSettings(runtime="torch", precision="fp32"))
 
 
 @pytest.fixture(scope="module")
 def minilm() -> HFEncoder:
-    return load_model(ModelSpec("minilm", "hf_encoder", default_minilm_path()), CPU)
+    return load_model(ModelSpec("minilm", "hf_encoder", default_minilm_path()), CPU, FP32)
 
 
 @pytest.fixture(scope="module")
 def policy() -> TorchModule:
-    return load_model(ModelSpec("policy", "torch_module", "models/policy_v1"), CPU)
+    return load_model(ModelSpec("policy", "torch_module", "models/policy_v1"), CPU, FP32)
 
 
 def test_texts_are_tokenized_without_padding(minilm):
@@ -129,6 +133,7 @@ def test_strict_token_limit_counts_tokens_not_characters():
 def test_policy_refuses_more_samples_than_a_request_may_hold():
     limits = RequestLimits(max_samples=2)
     model = load_model(ModelSpec("policy", "torch_module", "models/policy_v1"), CPU, AdapterOptions(limits=limits))
+    assert model.plan is None  # validation needs no engines
     payload = {"image": np.zeros((3, 480, 640, 3), np.uint8), "state": np.zeros((3, 6), np.float32)}
     with pytest.raises(LimitExceeded, match="'image' holds 3 samples"):
         model.validate(payload)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from coreshare import cgroup_cpu_limit
 from model_repository import ModelRepository
 from models.base import AdapterOptions
 from models.registry import ModelSpec, load_model
 from models.torch_module import UntrustedModelCode, trusted_class
-from runtime import cgroup_cpu_limit
 
 # --- model code only from trusted packages --------------------------------------------------------
 
@@ -210,20 +210,23 @@ def test_cgroup_v1_quota(tmp_path):
 
 
 def test_threads_per_worker_follow_the_quota(monkeypatch):
+    import coreshare
     import runtime
     from config import ServerConfig
 
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
-    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 2.0)  # a 2-CPU pod
-    assert runtime.usable_cores() == 2
+    monkeypatch.setattr(coreshare.os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
+    monkeypatch.setattr(coreshare, "cgroup_cpu_limit", lambda: 2.0)  # a 2-CPU pod
+    assert runtime.usable_cores() == 2 and ServerConfig().worker_count() == 2
     before = torch.get_num_threads()
     try:
-        assert runtime.configure_threads(ServerConfig(workers=1)) == 2
-        assert runtime.configure_threads(ServerConfig(workers=4)) == 1
+        assert runtime.configure_threads(ServerConfig(workers=1)) == 2 and runtime.thread_counts() == [2]
+        # four workers share the pod's 2 CPUs: a lone batch gets both, concurrent ones one each
+        assert runtime.configure_threads(ServerConfig(workers=4)) == 2 and runtime.thread_counts() == [2, 1]
+        assert runtime.configure_threads(ServerConfig(workers=4, torch_threads=1)) == 1
     finally:
-        torch.set_num_threads(before)
-    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 0.5)
-    assert runtime.usable_cores() == 1
+        runtime.configure_threads(ServerConfig(torch_threads=before))
+    monkeypatch.setattr(coreshare, "cgroup_cpu_limit", lambda: 0.5)
+    assert runtime.usable_cores() == 1 and ServerConfig().worker_count() == 1
 
 
 def test_reports_can_live_beside_a_read_only_repository(tmp_path):

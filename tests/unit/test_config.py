@@ -29,7 +29,9 @@ def test_round_trip_through_env():
     [
         ({"port": 0}, "port must be at least 1"),
         ({"max_batch_size": 0}, "max_batch_size"),
-        ({"autocast": "fp8"}, "autocast"),
+        ({"precision": "fp8"}, "precision"),
+        ({"runtime": "tensorrt"}, "runtime"),
+        ({"min_cosine": 1.5}, "min_cosine"),
         ({"device": "tpu"}, "device"),
         ({"request_timeout_s": 0}, "request_timeout_s"),
     ],

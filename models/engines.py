@@ -1,0 +1,409 @@
+"""Runtimes and precisions: the engines one model version can run on, and which one runs each batch.
+
+design: an engine is a function from collated host arrays to output host arrays. The candidates are
+torch in fp32, bf16 or fp16 and ONNX Runtime in fp32 or int8 (CPU), limited to what the hardware
+computes natively (bf16 on CPUs with avx512_bf16/AMX and on GPUs that support it; fp16 on GPUs) and
+to what the operator asked for (`runtime`, `precision`: "auto" means every one that applies). At
+load, each candidate passes an accuracy gate - its outputs on varied inputs, as a batch and alone,
+compared with torch fp32 by the adapter (embeddings: cosine; classifiers: argmax and probability
+error; arrays: tolerances) - or is not used, and each one that passes is timed at a few batch sizes
+on this machine. The plan gives every batch size to the engine that was fastest there: on a 2-core
+EPYC, ONNX Runtime wins single requests and torch bf16 wins full batches, and a server at low and
+at high load gets both. `describe()` says what was chosen and why. ONNX exports (and their int8
+quantization) are cached beside the version, so reloads and restarts load them in a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import PRECISIONS, RUNTIMES
+from runtime import compute_threads, current_threads, thread_counts
+
+log = logging.getLogger("binserve.engines")
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BENCH_SIZES = (1, 4, 16)  # the plan's batch sizes; a batch goes to the winner of the nearest one
+_EXPORT_VERSION = "binserve-onnx-1"  # bump when the exported wrapper or its settings change
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How a model version should run: from the server's flags, overridden by the version's settings."""
+
+    runtime: str = "auto"
+    precision: str = "auto"
+    #: the accuracy gate: embeddings' smallest cosine to fp32; classifiers' largest probability error;
+    #: arrays' tolerances (numpy.allclose)
+    min_cosine: float = 0.999
+    max_prob_error: float = 0.01
+    rtol: float = 1e-2
+    atol: float = 1e-3
+    #: where ONNX exports are cached (None: a per-host temporary directory)
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0 < self.min_cosine <= 1 or self.max_prob_error < 0 or self.rtol < 0 or self.atol < 0:
+            raise ValueError("min_cosine must be in (0, 1]; max_prob_error, rtol and atol >= 0")
+
+
+def native(precision: str, device: torch.device) -> bool:
+    """Whether `device` computes in `precision` natively (emulated bf16 is slower than fp32)."""
+    if precision in ("fp32", "int8"):
+        return precision == "fp32" or device.type == "cpu"
+    if device.type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported()
+    if precision == "bf16":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+class Engine:
+    """One way to run a batch: `engine(host_arrays) -> output_arrays`."""
+
+    def __init__(self, name: str, fn: Callable[[dict], dict]) -> None:
+        self.name = name
+        self.fn = fn
+
+    def __call__(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.fn(host)
+
+
+@dataclass
+class Trial:
+    """What happened to one candidate at load."""
+
+    engine: str
+    used: bool = False
+    passed: bool | None = None
+    accuracy: str | None = None
+    seq_per_s: dict[int, float] = field(default_factory=dict)
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {
+            "engine": self.engine,
+            "used": self.used,
+            "accuracy": self.accuracy,
+            "seq_per_s": {str(k): round(v, 1) for k, v in self.seq_per_s.items()},
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_record(cls, engine: str, rec: dict) -> Trial:
+        seq = {int(n): float(v) for n, v in rec.get("seq_per_s", {}).items()}
+        return cls(engine, bool(rec.get("used")), rec.get("passed"), rec.get("accuracy"), seq, rec.get("note", ""))
+
+
+class Plan:
+    """Which engine runs a batch of n samples: steps of (largest n, engine), the last unbounded."""
+
+    def __init__(self, steps: list[tuple[float, Engine]], trials: list[Trial]) -> None:
+        self.steps = steps
+        self.trials = trials
+
+    def engine_for(self, n: int) -> Engine:
+        for limit, engine in self.steps:
+            if n <= limit:
+                return engine
+        return self.steps[-1][1]
+
+    @property
+    def engines(self) -> list[str]:
+        """The engines the plan uses, smallest batches first."""
+        return [e.name for _, e in self.steps]
+
+    def record(self) -> dict:
+        """Every candidate's verdict, timings and fate, to reuse on the next load of the same files here."""
+        return {
+            t.engine: {"used": t.used, "passed": t.passed, "accuracy": t.accuracy, "note": t.note,
+                       "seq_per_s": {str(n): v for n, v in t.seq_per_s.items()}}
+            for t in self.trials
+        }  # fmt: skip
+
+    def note_skipped(self, engine: str, why: str) -> None:
+        """Record a candidate that was not tried (not native here, not applicable)."""
+        self.trials.append(Trial(engine, note=f"skipped: {why}"))
+
+    def describe(self) -> dict:
+        """For GET /models: the plan, and each candidate's accuracy, speed and fate."""
+        steps = [
+            {"max_batch": None if limit == float("inf") else int(limit), "engine": e.name} for limit, e in self.steps
+        ]
+        return {"plan": steps, "candidates": [t.as_dict() for t in self.trials]}
+
+
+def _time_per_call(engine: Engine, host: dict, budget_s: float = 0.12) -> float:
+    """Best time of one call (the least disturbed by other load on a shared machine)."""
+    engine(host)  # first call: allocations, kernel selection
+    best, spent = float("inf"), 0.0
+    while spent < budget_s or best == float("inf"):
+        t0 = time.perf_counter()
+        engine(host)
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+    return best
+
+
+def make_plan(
+    reference: Engine,
+    candidates: list[tuple[str, Callable[[], Engine]]],
+    collate: Callable[[int], dict],
+    gate_sets: list[dict],
+    accuracy: Callable[[dict, dict], tuple[bool, str]],
+    reference_eligible: bool = True,
+    record: dict | None = None,
+) -> Plan:
+    """Gate every candidate against `reference` on `gate_sets`, time those that pass, pick per batch size.
+
+    `collate(n)` gives host arrays of n representative samples for timing. The reference (torch
+    fp32) competes like any candidate when `reference_eligible`; otherwise (the operator asked for
+    another engine) it is used only when no candidate passes, so a plan always exists.
+
+    `record` is `Plan.record()` from an earlier load of the same files with the same settings on
+    this machine: then only the engines it used are built and gated again (the others failed the
+    gate or were slower, which the same files cannot change), and its timings are reused. If an
+    engine it used now fails, everything is evaluated afresh.
+    """
+    names = [reference.name] + [name for name, _ in candidates]
+    if record and set(names) <= set(record):
+        used = {n for n in names if record[n].get("used")}
+        plan = _evaluate(reference, [(n, m) for n, m in candidates if n in used], collate, gate_sets, accuracy,
+                         reference_eligible or reference.name in used, record)  # fmt: skip
+        if plan is not None:
+            plan.trials += [Trial.from_record(n, record[n]) for n in names if n not in used and n != reference.name]
+            return plan
+    return _evaluate(reference, candidates, collate, gate_sets, accuracy, reference_eligible, None)
+
+
+def _evaluate(reference, candidates, collate, gate_sets, accuracy, reference_eligible, record) -> Plan | None:
+    trials = [Trial(reference.name, passed=True, accuracy="reference")]
+    passing = []
+    expected = [reference(host) for host in gate_sets]
+    for name, make in candidates:
+        trial = Trial(name)
+        trials.append(trial)
+        try:
+            engine = make()
+            results = [accuracy(ref, engine(host)) for ref, host in zip(expected, gate_sets, strict=True)]
+        except Exception as exc:  # a runtime that cannot run this model is not a candidate
+            log.warning("engine %s is not available: %s: %s", name, type(exc).__name__, exc)
+            trial.passed, trial.note = False, f"not available: {type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        trial.accuracy = "; ".join(msg for _, msg in results)
+        trial.passed = all(ok for ok, _ in results)
+        if trial.passed:
+            passing.append(engine)
+        else:
+            trial.note = "failed the accuracy gate"
+    if record is not None and len(passing) < len(candidates):
+        return None  # an engine the record used fails now: evaluate everything again
+    if reference_eligible or not passing:
+        passing.insert(0, reference)
+    by_name = {t.engine: t for t in trials}
+    if len(passing) > 1:
+        if record is not None:
+            for e in passing:
+                by_name[e.name].seq_per_s = {int(n): float(v) for n, v in record[e.name]["seq_per_s"].items()}
+        else:
+            for n in BENCH_SIZES:
+                host = collate(n)
+                for engine in passing:
+                    by_name[engine.name].seq_per_s[n] = n / _time_per_call(engine, host)
+    steps: list[tuple[float, Engine]] = []
+    for i, n in enumerate(BENCH_SIZES):
+        best = max(passing, key=lambda e: by_name[e.name].seq_per_s.get(n, 0.0))
+        # a batch goes to the winner of the nearest measured size (geometric midpoints: 2, 8)
+        limit = float("inf") if i == len(BENCH_SIZES) - 1 else (n * BENCH_SIZES[i + 1]) ** 0.5
+        if steps and steps[-1][1] is best:
+            steps[-1] = (limit, best)
+        else:
+            steps.append((limit, best))
+    for _, engine in steps:
+        by_name[engine.name].used = True
+    for t in trials:
+        if not t.used and not t.note:
+            t.note = "slower than the engines used" if t.seq_per_s else "not eligible: another engine was asked for"
+    return Plan(steps, trials)
+
+
+# --- ONNX Runtime ----------------------------------------------------------------------------------
+
+
+def cache_key(model_dir: str | Path, *parts: str) -> str:
+    """A key for derived files: the model files' names, sizes and mtimes, the tool versions, `parts`."""
+    import onnxruntime
+
+    h = hashlib.sha256()
+    for p in sorted(Path(model_dir).rglob("*")):
+        if p.is_file() and ".cache" not in p.parts:
+            st = p.stat()
+            h.update(f"{p.relative_to(model_dir)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(f"{torch.__version__};{onnxruntime.__version__};{_EXPORT_VERSION};{';'.join(parts)}".encode())
+    return h.hexdigest()[:24]
+
+
+def machine_key(device: torch.device) -> str:
+    """What engine timings depend on besides the model: the processor, the threads, the device."""
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return hashlib.sha256(f"{cpu};{gpu};{compute_threads()};{device}".encode()).hexdigest()[:12]
+
+
+def load_record(path: Path) -> dict:
+    """A plan record saved by an earlier load (empty when there is none or it is unreadable)."""
+    try:
+        raw = json.loads(path.read_text())
+        return raw if isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values()) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_record(path: Path, record: dict) -> None:
+    """Keep a plan record for the next load (best effort: a read-only cache just measures again)."""
+    try:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def cached_path(cache_dir: str | None, name: str) -> Path:
+    """Where a derived file lives: the version's cache directory if writable, else a host temp cache."""
+    for base in (cache_dir, os.path.join(tempfile.gettempdir(), "binserve-cache")):
+        if not base:
+            continue
+        try:
+            os.makedirs(base, exist_ok=True)
+            if os.access(base, os.W_OK) or os.path.exists(os.path.join(base, name)):
+                return Path(base, name)
+        except OSError:
+            continue
+    raise OSError("no writable cache directory for ONNX exports")
+
+
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """One process at a time makes (or measures for) `path`: workers load a version at the same moment."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's tracer warnings and the quantizer's root-logger advice are not ours to print."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def export_onnx(
+    module: torch.nn.Module, example: tuple, names_in: list[str], names_out: list[str], dynamic: dict, path: Path
+) -> Path:
+    """Export (a copy of) `module` to `path` unless it is there; written whole or not at all.
+
+    The copy matters: tracing leaves state behind in the traced module (a live BERT model answered
+    differently for padded batches after being exported itself).
+    """
+    with exclusive(path):
+        if path.exists():
+            return path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with torch.inference_mode(False), torch.no_grad(), _quiet():
+                torch.onnx.export(
+                    copy.deepcopy(module).float().eval(),
+                    example,
+                    str(tmp),
+                    input_names=names_in,
+                    output_names=names_out,
+                    dynamic_axes=dynamic,
+                    opset_version=17,
+                    dynamo=False,
+                )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def quantize_int8(fp32_path: Path, path: Path, exclude: Callable[[str], bool]) -> Path:
+    """Dynamic int8 with per-channel weights, leaving out the MatMuls `exclude` names (cached)."""
+    with exclusive(path):
+        if path.exists():
+            return path
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        graph = onnx.load(str(fp32_path), load_external_data=False).graph
+        skipped = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and exclude(n.name)]
+        with tempfile.TemporaryDirectory(dir=path.parent) as work:  # the quantizer writes files beside its input
+            src = Path(work, "model.onnx")
+            shutil.copyfile(fp32_path, src)
+            with _quiet():
+                quantize_dynamic(str(src), str(Path(work, "int8.onnx")), per_channel=True,
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=skipped)  # fmt: skip
+            os.replace(Path(work, "int8.onnx"), path)
+    return path
+
+
+def ort_engine(name: str, path: Path, names_in: list[str], names_out: list[str]) -> Engine:
+    """ONNX Runtime on the CPU, with a session for each thread count a batch can be given here."""
+    import onnxruntime as ort
+
+    def session(threads: int):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Like GOMP_SPINCOUNT for torch: threads that spin after each op steal the cores that request
+        # threads need between batches.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The CPU arena keeps the largest batch's memory for ever; plain malloc gives it back after a
+        # big request (runtime.configure_allocator), and costs these models nothing measurable.
+        so.enable_cpu_mem_arena = False
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    sessions = {n: session(n) for n in thread_counts()}
+
+    def run(host: dict) -> dict:
+        sess = sessions.get(current_threads()) or sessions[max(sessions)]
+        outs = sess.run(names_out, {k: host[k] for k in names_in})
+        return dict(zip(names_out, outs, strict=True))
+
+    return Engine(name, run)
