@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
-WORKERS ?= 1
+WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
 .PHONY: install serve test bench-protocol bench-serve bench-gpu lint load image docker-test

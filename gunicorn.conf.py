@@ -12,6 +12,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+import coreshare
 from config import ServerConfig
 
 # prometheus_client's multiprocess mode: every worker writes its metrics to files in this
@@ -24,6 +25,10 @@ os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # e.g. /tmp/
 
 _config = ServerConfig.from_env()
 
+# The cores' share between workers' running batches lives in shared memory made here, in the
+# master, so that every worker forked from it sees the same slots (coreshare.py).
+coreshare.create()
+
 # torch's OpenMP threads (GNU libgomp) spin ~300k iterations after each parallel region before they
 # sleep. Inside one forward that keeps them hot between ops; between batches the spinning steals
 # the cores that request threads need for HTTP, decoding and tokenizing. Measured on the 2-core
@@ -35,7 +40,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 bind = [f"{_config.host}:{_config.port}"]
 if _config.admin_port:  # /update_model and /metrics answer only here (see server.py)
     bind.append(f"{_config.host}:{_config.admin_port}")
-workers = _config.workers
+workers = _config.worker_count()
 worker_class = "http_worker.BufferingWorker"
 threads = _config.threads
 preload_app = False
@@ -62,7 +67,9 @@ def on_starting(server):
 
 def child_exit(server, worker):
     """Drop a dead worker's live gauges and fold its counters and histograms into the archives, so
-    the directory stays bounded however often workers restart and no total goes backwards."""
+    the directory stays bounded however often workers restart and no total goes backwards; free its
+    share of the cores (it may have died mid-batch)."""
+    coreshare.clear(max(0, worker.age - 1))
     import metrics_archive  # imported here, after PROMETHEUS_MULTIPROC_DIR is set
 
     try:
@@ -72,11 +79,18 @@ def child_exit(server, worker):
 
 
 def post_worker_init(worker):
-    """On SIGTERM, report not-ready first, then let Gunicorn drain as usual.
+    """binserve's own log lines go where Gunicorn's go; on SIGTERM, report not-ready first, then
+    let Gunicorn drain as usual.
 
     Gunicorn's gthread worker stops accepting and finishes accepted requests within
     graceful_timeout; /readyz answering 503 meanwhile tells a load balancer to stop sending.
     """
+    import logging
+
+    ours = logging.getLogger("binserve")
+    ours.handlers = list(worker.log.error_log.handlers)
+    ours.setLevel(worker.log.error_log.level)
+    ours.propagate = False
     manager = worker.wsgi.extensions["binserve"]
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 

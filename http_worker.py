@@ -214,6 +214,21 @@ class BufferingWorker(ThreadWorker):
         rb = RequestBuffer(self.max_body_bytes, initial, self.max_json_bytes)
         self._buffering[conn] = (rb, time.monotonic() + self.client_timeout_s)
         self._buffered += len(initial)
+        if rb.status == NEED_MORE:
+            # A keep-alive socket comes here because it is readable: read now, rather than register
+            # it and wait for epoll to say so again (a round trip per request saved).
+            try:
+                data = conn.sock.recv(_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data is not None:
+                if not data:
+                    self._drop(conn, registered=False)
+                    return
+                self._buffered += len(data)
+                rb.feed(data)
         if not self._progress(conn, rb):
             self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
 

@@ -33,6 +33,7 @@ from config import ServerConfig
 from errors import BadRequest, Conflict, Forbidden, ModelLoadFailed, ModelNotFound, NotReady
 from model_repository import ModelRepository
 from models.base import AdapterOptions, ModelAdapter, RequestLimits
+from models.engines import RuntimeSettings
 from models.registry import load_model, parse_specs
 from runtime import trim_heap
 
@@ -115,7 +116,11 @@ class ModelManager:
             max_samples=config.max_queue_samples, max_text_chars=config.max_text_chars, truncate=config.truncate
         )
         self.adapter_options = AdapterOptions(
-            autocast=config.autocast, limits=limits, trusted_modules=config.trusted_module_prefixes
+            runtime=RuntimeSettings(
+                config.runtime, config.precision, config.min_cosine, cache_dir=config.cache_dir or None
+            ),
+            limits=limits,
+            trusted_modules=config.trusted_module_prefixes,
         )
         self._models: dict[str, LoadedModel] = {}
         self._locks = {name: threading.Lock() for name in self.names}
@@ -141,21 +146,33 @@ class ModelManager:
 
     def start(self, background: bool = True) -> ModelManager:
         """Load and warm all models (on the watcher thread unless `background` is False), then watch."""
-        if background:
-            threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
-        else:
+        if not background:
             self._poll()
-            threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
+        threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
+        # Reports are refreshed by a thread of their own: a load can take seconds (engines are
+        # exported, gated and timed), and a worker busy loading is alive, not gone.
+        threading.Thread(target=self._heartbeat, name="binserve-report", daemon=True).start()
         return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            for name in list(self._models):
+                self._report(name)
 
     def wait_ready(self, timeout_s: float | None = None) -> bool:
         """Block until ready (or the timeout); returns readiness."""
         return self._ready.wait(timeout_s)
 
     def _load_version(self, name: str, version: str) -> tuple[ModelAdapter, dict]:
+        started = time.monotonic()
         adapter = load_model(self.repo.spec(name, version), self.device, self.adapter_options)
         adapter.warmup()
-        return adapter, _signature(adapter)
+        signature = _signature(adapter)
+        log.info(
+            "model %s version %s: loaded in %.1fs, engines %s", name, version, time.monotonic() - started,
+            adapter.plan.engines,
+        )  # fmt: skip
+        return adapter, signature
 
     def _add(self, name: str, version: str) -> None:
         """Load `version` of a model this worker does not serve yet, and give it a batcher."""
@@ -193,8 +210,6 @@ class ModelManager:
                 continue
             if loaded is None or version != loaded.adapter.version:
                 self._try(name, version)
-            if name in self._models:
-                self._report(name)
         if all(name in self._models for name in self.names):
             self._ready.set()
 
@@ -206,6 +221,10 @@ class ModelManager:
             loaded = self._models.get(name)
             reason = None
             try:
+                # CURRENT again, under the lock: an update may have moved it while we waited for the lock
+                version = self.repo.current(name)
+                if loaded is not None and version == loaded.adapter.version:
+                    return
                 if loaded is None:
                     self._add(name, version)
                 elif version != loaded.adapter.version:
@@ -318,8 +337,9 @@ class ModelManager:
                 )
             workers = self.repo.workers(name, max_age_s=3 * self.poll_s + 1)
             lagging = {w: v for w, v in workers.items() if v != version}
-            if not lagging or time.monotonic() >= deadline:
-                return {"model": name, "version": version, "converged": not lagging, "workers": workers}
+            converged = bool(workers) and not lagging  # at least this worker reports, once it serves it
+            if converged or time.monotonic() >= deadline:
+                return {"model": name, "version": version, "converged": converged, "workers": workers}
             time.sleep(self.poll_s / 2)  # polling the workers' reports, which they refresh every poll
 
     # --- lookups ---------------------------------------------------------------------------------

@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import math
-import os
-from pathlib import Path
+import threading
 
 import numpy as np
 import torch
 
+import coreshare
 from config import ServerConfig
+from coreshare import cgroup_cpu_limit, usable_cores  # noqa: F401 - re-exported: where callers look for them
 
 
 def _libc():
@@ -60,72 +60,70 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
-    """CPUs this process's cgroup may use by its CFS quota (a container's CPU limit); None if unlimited.
+_compute_threads = 0  # the most threads a batch may use in this worker (configure_threads)
+_adaptive = False  # share the cores with the other workers' running batches (coreshare)
+_workers = 1
+_worker_index = 0
+_thread_state = threading.local()
 
-    cgroup v2: `cpu.max` ("<quota> <period>" or "max <period>") of this process's cgroup and its
-    ancestors, the smallest; cgroup v1: `cpu.cfs_quota_us` / `cpu.cfs_period_us` of the cpu
-    controller's group (-1: unlimited). A container usually sees its own cgroup as the root.
+
+def configure_threads(config: ServerConfig, worker_index: int = 0) -> int:
+    """Decide this worker's compute threads; returns the most a batch may use.
+
+    torch_threads = 0 (the default): a batch uses the cores (affinity and cgroup quota) divided by
+    the batches running at that moment in all workers of the host - all of them when it runs alone
+    (coreshare.py says why). A number: every batch uses that many.
     """
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        lines = []
-    limits = []
-    for line in lines:
-        _, controllers, rel = line.split(":", 2)
-        rel = rel.lstrip("/")
-        if controllers == "":  # v2 unified hierarchy: walk up from the process's group
-            group = Path(root, rel)
-            while True:
-                limits.append(_quota_v2(group / "cpu.max"))
-                if group == Path(root) or Path(root) not in group.parents:
-                    break
-                group = group.parent
-        elif "cpu" in controllers.split(","):
-            for base in (Path(root, controllers), Path(root, "cpu"), Path(root, "cpu,cpuacct")):
-                if base.is_dir():
-                    limits.append(_quota_v1(base / rel))
-                    break
-    found = [x for x in limits if x is not None]
-    return min(found) if found else None
+    global _compute_threads, _adaptive, _workers, _worker_index
+    _adaptive = config.torch_threads == 0
+    _compute_threads = config.torch_threads or usable_cores()
+    _workers, _worker_index = config.worker_count(), worker_index
+    torch.set_num_threads(_compute_threads)
+    _thread_state.threads = _compute_threads
+    return _compute_threads
 
 
-def _quota_v2(path: Path) -> float | None:
-    try:
-        quota, period = path.read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    return None if quota == "max" else int(quota) / int(period)
+def compute_threads() -> int:
+    """The most intra-op threads a batch may use in this worker (torch and ONNX Runtime alike)."""
+    return _compute_threads or torch.get_num_threads()
 
 
-def _quota_v1(group: Path) -> float | None:
-    try:
-        quota = int((group / "cpu.cfs_quota_us").read_text())
-        period = int((group / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return None if quota <= 0 or period <= 0 else quota / period
+def thread_counts() -> list[int]:
+    """Every thread count a batch of this worker can be given (ONNX Runtime keeps a session for each)."""
+    if not _adaptive:
+        return [compute_threads()]
+    return sorted({max(1, compute_threads() // active) for active in range(1, _workers + 1)}, reverse=True)
 
 
-def usable_cores() -> int:
-    """Cores this process may use: the affinity mask, capped by the cgroup CPU quota (a container's
-    limit), rounded up. A 2-CPU pod on a 64-core node is 2, not 64."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_limit()
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota)))
-    return cores
+def current_threads() -> int:
+    """The threads the calling thread's batch may use now."""
+    return getattr(_thread_state, "threads", 0) or compute_threads()
 
 
-def configure_threads(config: ServerConfig) -> int:
-    """Set torch's intra-op threads for this worker; returns the number set."""
-    n = config.torch_threads or max(1, usable_cores() // config.workers)
-    torch.set_num_threads(n)
-    return n
+def _apply(n: int) -> None:
+    # OpenMP keeps the thread count per thread: torch.set_num_threads in the main thread does not
+    # bind a batcher thread, whose parallel regions (oneDNN's among them) would use every core.
+    if getattr(_thread_state, "threads", 0) != n:
+        torch.set_num_threads(n)
+        _thread_state.threads = n
+
+
+def in_compute_thread() -> None:
+    """Apply the worker's full thread count in the calling thread (loading, warm-up), once per thread."""
+    if _compute_threads:
+        _apply(_compute_threads)
+
+
+@contextlib.contextmanager
+def batch_threads():
+    """Run one batch with this worker's share of the cores; yields the thread count it got."""
+    if not _adaptive or not _compute_threads:
+        in_compute_thread()
+        yield current_threads()
+        return
+    with coreshare.share(_compute_threads, _worker_index) as n:
+        _apply(n)
+        yield n
 
 
 def select_device(config: ServerConfig, worker_index: int = 0) -> torch.device:
@@ -139,19 +137,6 @@ def select_device(config: ServerConfig, worker_index: int = 0) -> torch.device:
     return torch.device("cuda", worker_index % torch.cuda.device_count())
 
 
-def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The dtype autocast uses on `device` for a config setting; None means no autocast.
-
-    Only CUDA autocasts: bf16 where the GPU supports it (else fp16), fp16 when asked, off when asked.
-    CPU inference stays float32 (CPU autocast to bf16 is slower than fp32 on most CPUs).
-    """
-    if device.type != "cuda" or setting == "off":
-        return None
-    if setting == "bf16" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
 class DeviceRunner:
     """Moves collated batches to the device, runs the model there, and brings outputs back.
 
@@ -159,16 +144,16 @@ class DeviceRunner:
     name and slot, grown when a batch needs more, never `pin_memory()` per request); the copy to
     the device is `non_blocking` on a copy stream, and the compute stream waits on the copy's event
     rather than the host waiting; the model runs on the compute stream under inference_mode and
-    autocast; outputs come back once per batch into pinned buffers and the host synchronises only
-    on that copy's event. Two slots alternate, so collating batch k+1 never writes into buffers
-    that batch k's copy may still be reading. (CPU): the same calls, with plain arrays and no
-    streams: `staging` gives a fresh array that torch uses without a copy.
+    the autocast its engine asks for (models/engines.py); outputs come back once per batch into
+    pinned buffers and the host synchronises only on that copy's event. Two slots alternate, so
+    collating batch k+1 never writes into buffers that batch k's copy may still be reading.
+    (CPU): the same calls, with plain arrays and no streams: `staging` gives a fresh array that
+    torch uses without a copy.
     """
 
-    def __init__(self, device: torch.device, autocast: str = "bf16") -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.autocast = autocast_dtype(autocast, device)
         self._slot = 0
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}
         if self.cuda:
@@ -209,16 +194,16 @@ class DeviceRunner:
             t.record_stream(self.compute_stream)  # the allocator must not reuse them before compute ends
         return tensors
 
-    def forward(self, fn, *args, **kwargs):
-        """Run `fn` on the compute stream under inference_mode and the configured autocast."""
+    def forward(self, fn, *args, autocast: torch.dtype | None = None):
+        """Run `fn(*args)` on the compute stream under inference_mode, and autocast to `autocast` if given."""
         stream = torch.cuda.stream(self.compute_stream) if self.cuda else contextlib.nullcontext()
         amp = (
-            torch.autocast(device_type="cuda", dtype=self.autocast)
-            if self.autocast is not None
+            torch.autocast(device_type=self.device.type, dtype=autocast)
+            if autocast is not None
             else contextlib.nullcontext()
         )
         with stream, torch.inference_mode(), amp:
-            return fn(*args, **kwargs)
+            return fn(*args)
 
     def to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Outputs as numpy arrays owned by the caller; floats come back as float32."""

@@ -132,8 +132,9 @@ def create_app(config: ServerConfig | None = None, *, manager: ModelManager | No
     """Build the Flask app for `config` (default: from BINSERVE_* env); models load in the background."""
     config = config or ServerConfig.from_env()
     if manager is None:
-        configure_threads(config)
-        device = select_device(config, int(os.environ.get("BINSERVE_WORKER_INDEX", "0")))
+        worker_index = int(os.environ.get("BINSERVE_WORKER_INDEX", "0"))
+        configure_threads(config, worker_index)
+        device = select_device(config, worker_index)
         manager = ModelManager(config, device).start(background=True)
     app = Flask("binserve")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, **config.to_env()}
     print(
-        f"binserve: starting {config.workers} Gunicorn worker(s) on http://{config.host}:{config.port} "
+        f"binserve: starting {config.worker_count()} Gunicorn worker(s) on http://{config.host}:{config.port} "
         f"(models: {config.models or 'minilm (default)'}); ready when GET /readyz answers 200",
         flush=True,
     )

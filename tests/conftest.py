@@ -24,5 +24,5 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def server():
     """binserve under Gunicorn with 2 gthread workers, MiniLM (default) and the policy model."""
-    with ServerProcess(workers=2, models=MODELS) as srv:
+    with ServerProcess(workers=2, models=MODELS, cache_dir="") as srv:  # the default cache, in the repository
         yield srv

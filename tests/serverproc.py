@@ -13,7 +13,10 @@ from pathlib import Path
 
 import requests
 
+from config import ServerConfig
+
 ROOT = Path(__file__).resolve().parent.parent
+_SHARED_CACHE = tempfile.mkdtemp(prefix="binserve-test-cache-")
 
 
 def free_port() -> int:
@@ -31,8 +34,13 @@ class ServerProcess:
         self.port = free_port()
         # each server gets its own model repository unless a test shares one on purpose
         settings.setdefault("model_repository", tempfile.mkdtemp(prefix="binserve-repo-"))
+        # Test servers share one cache of ONNX exports and engine timings (content-keyed, so safe to
+        # share); pass cache_dir="" to use the default, the version's own .cache.
+        settings.setdefault("cache_dir", _SHARED_CACHE)
+        if settings["cache_dir"] == "":
+            del settings["cache_dir"]
         self.repository = Path(settings["model_repository"])
-        self.workers = workers
+        self.workers = ServerConfig(workers=workers).worker_count()  # 0: as many as the server picks
         self.base_url = f"http://127.0.0.1:{self.port}"
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)]
         if models:

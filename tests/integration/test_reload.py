@@ -40,7 +40,7 @@ def versions(tmp_path_factory) -> dict[str, Path]:
     copy_tokenizer_and_config(src, v2)
     gen = torch.Generator().manual_seed(0)
     weights = {
-        k: (t + 0.02 * t.std() * torch.randn(t.shape, generator=gen)) if t.is_floating_point() and t.numel() > 1 else t
+        k: (t + 0.05 * t.std() * torch.randn(t.shape, generator=gen)) if t.is_floating_point() and t.numel() > 1 else t
         for k, t in load_file(src / "model.safetensors").items()
     }
     save_file(weights, v2 / "model.safetensors")
@@ -87,7 +87,7 @@ def test_reload_under_load_drops_nothing_and_every_reply_matches_its_version(rel
         "2": SentenceTransformer(str(versions["v2"]), device="cpu").encode(TEXTS),
     }
     cross = (refs["1"] * refs["2"]).sum(1) / np.linalg.norm(refs["1"], axis=1) / np.linalg.norm(refs["2"], axis=1)
-    assert cross.max() < 0.9995, "the two versions must differ measurably"
+    assert cross.max() < 0.995, "the two versions must differ measurably"
 
     r = update(srv, path=str(versions["v2"]))  # import as version 2, and switch to it
     assert r.status_code == 200, r.text
@@ -113,7 +113,7 @@ def test_reload_under_load_drops_nothing_and_every_reply_matches_its_version(rel
                 cos = float(emb @ ref / np.linalg.norm(emb) / np.linalg.norm(ref))
                 with lock:
                     seen[reply.model_version] += 1
-                    if cos < 0.9999:
+                    if cos < 0.999:  # the accuracy gate of the engines serving it
                         mismatches.append((reply.model_version, cos))
                 i += 16
 

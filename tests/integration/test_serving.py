@@ -19,6 +19,8 @@ from models.example_policy import PolicyNet
 from models.registry import default_minilm_path
 from request_tools import InferenceClient, send_inference_request
 
+# What the server promises for its default engines (the accuracy gate): cosine to fp32 >= 0.999.
+GATE = 0.999
 TEXTS = [f"sentence number {i} about {'cats' if i % 2 else 'the stock market'} and more" for i in range(64)]
 
 
@@ -35,13 +37,13 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_one_text_matches_the_model_run_directly(server, reference):
     out = send_inference_request({"texts": [TEXTS[0]]}, f"{server.base_url}/infer")
     assert out["embeddings"].shape == (1, 384) and out["embeddings"].dtype == np.float32
-    assert cosines(out["embeddings"], reference.encode([TEXTS[0]]))[0] > 0.9999
+    assert cosines(out["embeddings"], reference.encode([TEXTS[0]]))[0] >= GATE
 
 
 def test_64_texts_in_one_request_match(server, reference):
     out = send_inference_request({"texts": TEXTS}, f"{server.base_url}/infer/minilm")
     assert out["embeddings"].shape == (64, 384)
-    assert cosines(out["embeddings"], reference.encode(TEXTS)).min() > 0.9999
+    assert cosines(out["embeddings"], reference.encode(TEXTS)).min() >= GATE
 
 
 def test_single_text_reply_mirrors_the_request(server):
@@ -55,7 +57,7 @@ def test_concurrent_requests_are_batched(server, reference):
     sizes = [r.batch_size for r in replies]
     assert max(sizes) > 1, f"no request shared a batch: {sizes}"
     got = np.concatenate([r.outputs["embeddings"] for r in replies])
-    assert cosines(got, reference.encode(TEXTS)).min() > 0.9999  # batching changed no result
+    assert cosines(got, reference.encode(TEXTS)).min() >= GATE  # batching changed no result
     timing = replies[0].headers["Server-Timing"]
     assert all(f"{k};dur=" in timing for k in ("decode", "queue", "infer", "encode"))
 
@@ -105,7 +107,7 @@ def test_policy_model_over_http(server):
     net.load_state_dict(load_file("models/policy_v1/model.safetensors"))
     with torch.inference_mode():
         direct = net(torch.from_numpy(image), torch.from_numpy(state)).numpy()
-    np.testing.assert_allclose(out["action"], direct, atol=1e-5)
+    np.testing.assert_allclose(out["action"], direct, rtol=1e-2, atol=1e-3)  # the policy's accuracy gate
 
 
 @pytest.mark.parametrize(
@@ -220,3 +222,17 @@ def test_framed_body_built_by_hand_works(server):
         f"{server.base_url}/infer", data=body, headers={"Content-Type": "application/x-binserve"}, timeout=30
     )
     assert r.status_code == 200 and int(r.headers["X-Batch-Size"]) >= 1 and r.headers["X-Model-Version"] == "1"
+
+
+def test_the_default_runtime_plan_is_shown_and_its_export_cached_with_the_version(server):
+    info = requests.get(f"{server.base_url}/models", timeout=10).json()
+    minilm = next(m for m in info["models"] if m["name"] == "minilm")
+    plan = minilm["runtime"]["plan"]
+    assert plan and plan[-1]["max_batch"] is None and minilm["engines"] == [s["engine"] for s in plan]
+    candidates = {c["engine"]: c for c in minilm["runtime"]["candidates"]}
+    for step in plan:
+        assert candidates[step["engine"]]["used"]
+    cache = server.repository / "minilm" / "1" / ".cache"
+    if any(e.startswith("onnx") for e in minilm["engines"]):
+        assert list(cache.glob("*-fp32.onnx")), "the ONNX export is not cached with the version"
+    assert list(cache.glob("*-plan.json")), "the plan's record is not cached with the version"

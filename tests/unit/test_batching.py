@@ -278,18 +278,31 @@ def test_grouping_looks_no_further_than_the_window():
 
 def test_abandoned_requests_are_not_computed():
     model = GatedModel()
-    b = Batcher(model, max_batch_size=4).start()
+    clock = FakeClock()
+    b = Batcher(model, max_batch_size=4, clock=clock).start()
     blocker = b.submit([0], deadline=1e9)
     assert model.entered.acquire(timeout=5)
-    gone = b.submit([1], deadline=1e9, abandoned=lambda: True)
-    here = b.submit([2], deadline=1e9, abandoned=lambda: False)
+    asked = []
+    gone = b.submit([1], deadline=1e9, abandoned=lambda: asked.append(1) or True)
+    here = b.submit([2], deadline=1e9, abandoned=lambda: asked.append(2) or False)
+    clock.now += 0.1  # they waited long enough to be asked
     model.gate.release()
     model.gate.release()
     blocker.result(timeout=5)
     with pytest.raises(Exception, match="client disconnected"):
         gone.result(timeout=5)
     assert here.result(timeout=5).outputs == [4]
-    assert model.batches == [[0], [2]] and b.stats.abandoned == 1
+    assert model.batches == [[0], [2]] and b.stats.abandoned == 1 and asked == [1, 2]
+    b.close()
+
+
+def test_requests_that_just_arrived_are_not_asked_whether_their_client_left():
+    clock = FakeClock()
+    b = Batcher(lambda xs: xs, clock=clock, abandoned_after_s=0.05)
+    asked = []
+    f = b.submit([1], deadline=1e9, abandoned=lambda: asked.append(1) or True)
+    b.start()
+    assert f.result(timeout=5).outputs == [1] and asked == []  # no system call for a fresh request
     b.close()
 
 

@@ -1,4 +1,4 @@
-"""The device runner's CPU path, device selection and autocast choice."""
+"""The device runner's CPU path, autocast on the CPU, device selection and threads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from config import ServerConfig
-from runtime import DeviceRunner, autocast_dtype, configure_threads, select_device
+from runtime import DeviceRunner, configure_threads, select_device
 
 CPU = torch.device("cpu")
 
@@ -20,12 +20,17 @@ def test_cpu_runner_is_plain_numpy_and_torch():
     out = r.to_host(r.forward(lambda d: {"y": d["x"].to(torch.float64) * 2}, {"x": t}))
     assert out["y"].dtype == np.float32 and out["y"].tolist() == [[0, 2, 4], [6, 8, 10]]
     assert torch.is_inference_mode_enabled() is False
-    assert r.memory_bytes() is None and r.autocast is None
+    assert r.memory_bytes() is None
 
 
-def test_autocast_is_cuda_only():
-    assert autocast_dtype("bf16", CPU) is None
-    assert autocast_dtype("off", CPU) is None
+def test_cpu_autocast_is_per_call():
+    r = DeviceRunner(CPU)
+    w = torch.randn(4, 4)
+    x = torch.randn(2, 4)
+    plain = r.forward(lambda a: a @ w, x)
+    lowered = r.forward(lambda a: a @ w, x, autocast=torch.bfloat16)
+    assert plain.dtype == torch.float32 and lowered.dtype == torch.bfloat16
+    assert torch.allclose(lowered.float(), plain, rtol=0.05, atol=0.05)
 
 
 def test_select_device_and_threads():
