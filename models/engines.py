@@ -309,8 +309,21 @@ def cached_path(cache_dir: str | None, name: str) -> Path:
 
 @contextlib.contextmanager
 def exclusive(path: Path):
-    """One process at a time makes (or measures for) `path`: workers load a version at the same moment."""
-    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    """One process at a time makes (or measures for) `path`: workers load a version at the same moment.
+
+    On a read-only cache (a replica mounting the repository read-only, whose files the writer made)
+    the lock file cannot be created: it is opened read-only if the writer left one (flock needs no
+    write access), else nothing is locked - nothing will be written there either.
+    """
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            yield
+            return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

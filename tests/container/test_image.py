@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 
+from config import ServerConfig
 from models.registry import default_minilm_path
 from request_tools import InferenceClient
 from tests.serverproc import free_port
@@ -57,17 +58,28 @@ class Container:
 
     def __enter__(self) -> Container:
         docker(*self.args)
-        deadline = time.monotonic() + 180
+        # every worker of the container, as a Service would spread requests over them all (the
+        # container sees this machine's cores, so it starts as many workers as a server here)
+        workers, ready = ServerConfig().worker_count(), set()
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if docker("inspect", "-f", "{{.State.Running}}", self.name) != "true":
-                raise RuntimeError(f"container exited: {docker('logs', self.name, check=False)[-2000:]}")
+                raise RuntimeError(f"container exited: {self.logs()}")
             try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
+                r = requests.get(f"{self.url}/readyz", timeout=2, headers={"Connection": "close"})
+                if r.status_code == 200:
+                    ready.add(r.json()["pid"])
+                    if len(ready) >= workers:
+                        return self
             except (requests.ConnectionError, requests.Timeout):
                 pass  # not listening yet, or the worker is busy loading the model
             time.sleep(0.25)  # polling interval between readiness probes
-        raise TimeoutError(f"{self.name} not ready: {docker('logs', self.name, check=False)[-2000:]}")
+        raise TimeoutError(f"{self.name}: {len(ready)} of {workers} workers ready; log: {self.logs()}")
+
+    def logs(self) -> str:
+        """The container's output (Gunicorn logs to stderr), the last part."""
+        proc = subprocess.run(["docker", "logs", self.name], capture_output=True, text=True, timeout=30)
+        return (proc.stdout + proc.stderr)[-3000:]
 
     def __exit__(self, *exc) -> None:
         docker("rm", "-f", self.name, check=False)
@@ -109,7 +121,9 @@ def test_binary_and_json_inference_match_the_reference(container, reference):
     assert cosines(framed, reference.encode(TEXTS)).min() >= 0.999  # the accuracy gate
     r = requests.post(f"{container.url}/infer", json={"texts": TEXTS[:2]}, timeout=30)
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
-    np.testing.assert_allclose(np.asarray(r.json()["embeddings"], np.float32), framed[:2], atol=1e-5)
+    # a batch of 2 and one of 64 may run on different engines (the plan picks one per batch size):
+    # equal within the accuracy gate, not bit for bit
+    assert cosines(np.asarray(r.json()["embeddings"], np.float32), framed[:2]).min() >= 0.999
 
 
 def test_metrics_are_scraped(container):

@@ -251,3 +251,29 @@ def test_policy_engines_stay_within_its_tolerance(tmp_path):
     np.testing.assert_allclose(got, direct, rtol=1e-2, atol=1e-3)
     names = {c["engine"]: c for c in model.describe()["runtime"]["candidates"]}
     assert "not available" not in names["onnx-fp32"]["note"], names["onnx-fp32"]  # the CNN exports
+
+
+def test_exclusive_works_on_a_read_only_cache(tmp_path, monkeypatch):
+    """A replica mounting the repository read-only cannot create lock files: it locks the writer's
+    lock file read-only if there is one, else goes on unlocked (it writes nothing there)."""
+    import errno
+    import os
+
+    from models.engines import exclusive
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & (os.O_CREAT | os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    target = tmp_path / "model.onnx"
+    monkeypatch.setattr(os, "open", read_only)
+    with exclusive(target):  # no lock file yet
+        pass
+    monkeypatch.setattr(os, "open", real_open)
+    (tmp_path / ".model.onnx.lock").touch()  # what the writer leaves
+    monkeypatch.setattr(os, "open", read_only)
+    with exclusive(target):
+        pass
