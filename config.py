@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, fields
 
 ENV_PREFIX = "BINSERVE_"
+#: the server's version (V2 server metadata, the image tag)
+VERSION = "0.3.0"
 #: what `runtime` and `precision` may name (models/engines.py explains them)
 RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")

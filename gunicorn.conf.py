@@ -38,7 +38,7 @@ coreshare.create()
 os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 bind = [f"{_config.host}:{_config.port}"]
-if _config.admin_port:  # /update_model and /metrics answer only here (see server.py)
+if _config.admin_port:  # /update_model and /metrics answer only here (see api/admin.py)
     bind.append(f"{_config.host}:{_config.admin_port}")
 workers = _config.worker_count()
 worker_class = "http_worker.BufferingWorker"

@@ -39,7 +39,9 @@ RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 UNKNOWN_MODEL = "_unknown"  # the label for URLs naming no served model (keeps cardinality bounded)
 
 REQUESTS = Counter(
-    "binserve_requests_total", "Inference requests answered, by model and HTTP status.", ["model", "code"]
+    "binserve_requests_total",
+    "Inference requests answered, by model, HTTP status and protocol (native, v2, openai).",
+    ["model", "code", "protocol"],
 )
 REQUEST_DURATION = Histogram(
     "binserve_request_duration_seconds",

@@ -355,6 +355,10 @@ class ModelManager:
             raise NotReady(f"model {name!r} is not loaded (GET /readyz says why); retrying", retry_after_s=5.0)
         raise NotReady(f"model {name!r} is still loading", retry_after_s=1.0)
 
+    def served(self) -> list[LoadedModel]:
+        """The models this worker serves now."""
+        return list(self._models.values())
+
     def describe(self) -> list[dict]:
         """GET /models: each loaded model's description, batching settings and per-worker versions."""
         out = []

@@ -75,6 +75,15 @@ class Validated:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One input a model takes, per sample: numpy dtype (None: text) and shape (-1: any size)."""
+
+    name: str
+    dtype: np.dtype | None
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class OnnxSpec:
     """How to export an adapter's model: a module taking the collated inputs in order, and names."""
 
@@ -115,6 +124,10 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def input_spec(self) -> dict:
         """JSON description of the accepted inputs (shown by GET /models)."""
+
+    @abc.abstractmethod
+    def input_tensors(self) -> list[TensorSpec]:
+        """The named inputs a request may carry, per sample (tensor protocols describe them)."""
 
     @abc.abstractmethod
     def validate(self, payload: dict) -> Validated:

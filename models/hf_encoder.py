@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from binary_protocol import as_array
 from errors import InvalidInput, LimitExceeded
-from models.base import AdapterOptions, ModelAdapter, OnnxSpec, Validated
+from models.base import AdapterOptions, ModelAdapter, OnnxSpec, TensorSpec, Validated
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -120,6 +120,15 @@ class HFEncoder(ModelAdapter):
             "outputs": ["embeddings"] if self.task == "embedding" else ["logits", "probabilities"],
             "labels": self.labels,
         }
+
+    def input_tensors(self) -> list[TensorSpec]:
+        # texts or token ids, not both in one request; ids rows are of any length up to max_length
+        ids = np.dtype(np.int64)
+        return [
+            TensorSpec("texts", None, ()),
+            TensorSpec("input_ids", ids, (-1,)),
+            TensorSpec("attention_mask", ids, (-1,)),
+        ]
 
     def example_payload(self) -> dict:
         return {"texts": ["binserve warms the model up with this sentence."]}

@@ -24,7 +24,7 @@ import torch
 
 from binary_protocol import as_array
 from errors import InvalidInput
-from models.base import AdapterOptions, ModelAdapter, OnnxSpec, Validated
+from models.base import AdapterOptions, ModelAdapter, OnnxSpec, TensorSpec, Validated
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -106,6 +106,9 @@ class TorchModule(ModelAdapter):
             **{k: {"dtype": str(dt), "shape": list(shape)} for k, (dt, shape) in self.inputs.items()},
             "outputs": self.output_names,
         }
+
+    def input_tensors(self) -> list[TensorSpec]:
+        return [TensorSpec(k, dt, shape) for k, (dt, shape) in self.inputs.items()]
 
     def example_payload(self) -> dict:
         rng = np.random.default_rng(0)

@@ -26,7 +26,7 @@ def test_names_follow_prometheus_conventions():
 
 
 def test_single_process_exposition_parses():
-    metrics.REQUESTS.labels("unit", "200").inc()
+    metrics.REQUESTS.labels("unit", "200", "native").inc()
     body, content_type = metrics.exposition()
     assert content_type.startswith("text/plain")
     names = {s.name for f in text_string_to_metric_families(body.decode()) for s in f.samples}

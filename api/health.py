@@ -1,0 +1,38 @@
+"""Health and discovery: `/healthz` (liveness), `/readyz` (readiness, with reasons), `/models`.
+
+design: liveness stays 200 while the process can answer at all (a restart would not fix a bad
+repository; the worker keeps retrying its loads); readiness is what load balancers follow.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, jsonify
+
+
+def blueprint(manager) -> Blueprint:
+    """The health routes for `manager`."""
+    bp = Blueprint("health", __name__)
+
+    @bp.get("/healthz")
+    def healthz():
+        return jsonify(status="ok", pid=os.getpid())
+
+    @bp.get("/readyz")
+    def readyz():
+        if manager.draining:
+            return jsonify(status="draining", pid=os.getpid()), 503
+        if manager.ready:
+            return jsonify(status="ready", pid=os.getpid())
+        reasons = manager.not_ready_reasons()
+        if reasons:  # the worker keeps retrying; /healthz stays 200 (a restart would not fix the repository)
+            status = "failed: " + "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
+            return jsonify(status=status, models=reasons, pid=os.getpid()), 503
+        return jsonify(status="loading", pid=os.getpid()), 503
+
+    @bp.get("/models")
+    def models():
+        return jsonify(default=manager.default_name, ready=manager.ready, models=manager.describe())
+
+    return bp

@@ -1,0 +1,264 @@
+"""The request pipeline every protocol shares: read, authorize, validate, submit, wait, time.
+
+design: a blueprint translates its wire shape into an adapter payload, hands it to
+`Pipeline.infer`, and translates the adapter's reply back; limits, deadlines, the batcher,
+`Server-Timing` and the request metrics are the same whichever protocol a request came in by, so a
+V2 or OpenAI request is batched with native requests for the same model. `install_hooks` adds the
+per-request bookkeeping (request id, socket timeout, in-flight and request metrics) for views marked
+with `inference_view`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import select
+import socket
+import time
+import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from flask import Flask, Response, current_app, g, request
+
+import metrics
+from batching import BatchResult
+from binary_protocol import Limits, decode_body
+from config import ServerConfig
+from errors import BadRequest, DeadlineExceeded, Forbidden, LimitExceeded, ModelNotFound, RequestTimeout, Unauthorized
+from model_manager import LoadedModel
+from models.base import Validated
+from runtime import trim_heap
+
+# How long a request thread waits past its deadline for a batch that already started.
+_DEADLINE_GRACE_S = 5.0
+# After a request this large, glibc is asked to hand freed pages back (a few ms, off the reply path).
+_TRIM_AFTER_BYTES = 4 * 1024 * 1024
+# The longest deadline a caller may ask for.
+_MAX_TIMEOUT_MS = 3_600_000
+
+
+def inference_view(protocol: str):
+    """Mark a view as an inference request of `protocol`: counted in the request metrics."""
+
+    def mark(view):
+        view.binserve_protocol = protocol
+        return view
+
+    return mark
+
+
+def _protocol_of_request() -> str | None:
+    view = current_app.view_functions.get(request.endpoint or "")
+    return getattr(view, "binserve_protocol", None)
+
+
+def media_type(content_type: str | None) -> str:
+    """The bare media type of a Content-Type header, lower case."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type names JSON (which has its own, smaller size limit)."""
+    media = media_type(content_type)
+    return media == "application/json" or media.endswith("+json")
+
+
+def read_body(config: ServerConfig) -> bytes:
+    """The request body, read to at most its limit + 1 byte: 413 past it, whatever the framing.
+
+    A declared length is checked before anything is read; a chunked body (no length) is cut at
+    limit + 1 bytes, which proves it too large. JSON has its own, smaller limit.
+    """
+    json_body = is_json(request.content_type)
+    limit = config.max_json_bytes if json_body else config.max_body_bytes
+    what = "JSON body" if json_body else "body"
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise LimitExceeded(f"{what} of {declared} bytes is over the {limit}-byte limit")
+    stream = request.environ["wsgi.input"]
+    try:
+        body = stream.read(limit + 1) if declared is None else stream.read(declared)
+    except OSError:  # the socket timed out (client_timeout_s) or broke mid-body
+        raise RequestTimeout(f"the body did not arrive within client_timeout_s={config.client_timeout_s}") from None
+    if len(body) > limit:
+        raise LimitExceeded(f"{what} is over the {limit}-byte limit")
+    if declared is not None and len(body) < declared:
+        raise BadRequest(f"the body ended after {len(body)} of its {declared} declared bytes")
+    return body
+
+
+def check_token(expected: str) -> None:
+    """Bearer-token check in constant time; 401 without a token, 403 with a wrong one."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("this endpoint needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise Forbidden("the bearer token is not valid")
+
+
+def client_gone_check(environ: dict):
+    """A check that the client hung up, from the socket Gunicorn puts in the environ (None if absent)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            # readable with no data to peek at means EOF: the client closed its side
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    return gone
+
+
+def _request_id() -> str:
+    """The caller's X-Request-Id when it is a sane token, else a new one (it goes into logs)."""
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Outcome:
+    """What a request's batch gave back: the adapter's reply and how the time was spent."""
+
+    loaded: LoadedModel
+    validated: Validated
+    reply: dict
+    result: BatchResult
+    started: float
+    decoded: float
+
+    def headers(self, encode_s: float) -> dict[str, str]:
+        """The metadata headers every protocol sends with a reply."""
+        timing = (
+            f"decode;dur={(self.decoded - self.started) * 1000:.2f}, queue;dur={self.result.queue_s * 1000:.2f}, "
+            f"infer;dur={self.result.infer_s * 1000:.2f}, encode;dur={encode_s * 1000:.2f}"
+        )
+        return {
+            "X-Request-Id": g.request_id,
+            "X-Model-Version": str(self.result.tag),
+            "X-Model": self.loaded.name,
+            "X-Batch-Size": str(self.result.batch_size),
+            "Server-Timing": timing,
+        }
+
+
+class Pipeline:
+    """The shared steps of an inference request, for one app's config and model manager."""
+
+    def __init__(self, config: ServerConfig, manager) -> None:
+        self.config = config
+        self.manager = manager
+        self.limits = Limits(
+            max_body_bytes=config.max_body_bytes,
+            max_json_bytes=config.max_json_bytes,
+            max_decoded_bytes=config.max_decoded_bytes,
+        )
+
+    def authorize(self) -> None:
+        """The inference token, when the server has one."""
+        if self.config.auth_token:
+            check_token(self.config.auth_token)
+
+    def body(self) -> bytes:
+        """The request body within its limit (see `read_body`)."""
+        return read_body(self.config)
+
+    def decode(self) -> tuple[dict, str]:
+        """The body decoded by the native protocol's rules: (payload, format)."""
+        return decode_body(self.body(), request.content_type, self.limits)
+
+    def deadline(self, timeout_ms: float | None = None, what: str = "X-Request-Timeout-Ms") -> float:
+        """The request's deadline: `timeout_ms` (a protocol's own field), else the header, else the default."""
+        raw = request.headers.get("X-Request-Timeout-Ms") if timeout_ms is None else timeout_ms
+        if raw is None:
+            return g.started + self.config.request_timeout_s
+        try:
+            ms = float(raw)
+        except (TypeError, ValueError):
+            raise BadRequest(f"{what} must be a number of milliseconds, got {raw!r}") from None
+        if not 0 < ms <= _MAX_TIMEOUT_MS:
+            raise BadRequest(f"{what} must be in (0, {_MAX_TIMEOUT_MS}] milliseconds, got {raw!r}")
+        return g.started + ms / 1000.0
+
+    def model(self, name: str | None, version: str | None = None) -> LoadedModel:
+        """The served model `name` (None: the default); 404 when `version` is given and not the one served."""
+        loaded = self.manager.get(name)
+        g.model_label = loaded.name
+        if version is not None and version != loaded.adapter.version:
+            raise ModelNotFound(self._version_message(loaded, version))
+        return loaded
+
+    def _version_message(self, loaded: LoadedModel, version: str) -> str:
+        served = loaded.adapter.version
+        try:
+            known = version in self.manager.repo.versions(loaded.name)
+        except (AttributeError, OSError):
+            known = False
+        where = "is in the repository but not served" if known else "does not exist"
+        return f"version {version!r} of model {loaded.name!r} {where}; this server serves version {served!r}"
+
+    def infer(self, loaded: LoadedModel, payload: dict, deadline: float, version: str | None = None) -> Outcome:
+        """Validate `payload` for the model, run it in a batch and wait; the adapter's reply."""
+        validated = loaded.adapter.validate(payload)
+        decoded = time.monotonic()
+        future = loaded.batcher.submit(validated.samples, deadline, client_gone_check(request.environ))
+        try:
+            result = future.result(timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S)
+        except FutureTimeout:
+            future.cancel()
+            raise DeadlineExceeded("the request's deadline passed while its batch was still running") from None
+        metrics.QUEUE_DURATION.labels(loaded.name).observe(result.queue_s)
+        if version is not None and str(result.tag) != version:  # a reload landed while it waited
+            raise ModelNotFound(self._version_message(loaded, version))
+        reply = loaded.adapter.join(result.outputs, validated.batched)
+        return Outcome(loaded, validated, reply, result, g.started, decoded)
+
+
+def install_hooks(app: Flask, config: ServerConfig) -> None:
+    """Per-request bookkeeping: request ids, socket timeouts, heap trims and the request metrics."""
+
+    @app.before_request
+    def _count_in():
+        g.request_id = _request_id()
+        sock = request.environ.get("gunicorn.socket")
+        if sock is not None:
+            # Whatever of the body the worker did not buffer, and the reply, must not wait on a stalled client.
+            sock.settimeout(config.client_timeout_s)
+        g.started = time.monotonic()
+        protocol = _protocol_of_request()
+        if protocol is not None:
+            g.protocol = protocol
+            metrics.IN_FLIGHT.inc()
+
+    @app.after_request
+    def _count_out(response: Response) -> Response:
+        response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        if response.status_code == 413:
+            response.headers["Connection"] = "close"  # do not read the rest of a body we refused
+        if (request.content_length or 0) >= _TRIM_AFTER_BYTES or response.status_code == 413:
+            response.call_on_close(trim_heap)  # after the reply is sent
+        protocol = g.get("protocol")
+        if protocol is not None:
+            # Only served names become labels: a URL naming anything else must not grow the series.
+            label = g.get("model_label", metrics.UNKNOWN_MODEL)
+            metrics.REQUESTS.labels(label, str(response.status_code), protocol).inc()
+            metrics.REQUEST_DURATION.labels(label).observe(time.monotonic() - g.started)
+            metrics.REQUEST_BYTES.labels(label).inc(request.content_length or 0)
+            if not response.is_streamed:
+                metrics.RESPONSE_BYTES.labels(label).inc(response.calculate_content_length() or 0)
+            # refusals at the HTTP layer; the batcher counts overloaded, deadline and client_gone
+            reason = "protocol" if g.get("protocol_error") else metrics.REASON_BY_STATUS.get(response.status_code)
+            if reason:
+                metrics.REJECTED.labels(label, reason).inc()
+        return response
+
+    @app.teardown_request
+    def _in_flight_done(exc):
+        if g.get("protocol") is not None:
+            metrics.IN_FLIGHT.dec()

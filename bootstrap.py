@@ -1,0 +1,22 @@
+"""Worker bootstrap: what a Gunicorn worker sets up before its app serves a request.
+
+design: not route code. A worker takes its CPU threads (its share of the cores, `coreshare`), its
+device (a GPU per worker index when there are several) and a model manager that loads the
+configured models in the background; the app answers /readyz 503 until they are warm.
+"""
+
+from __future__ import annotations
+
+import os
+
+from config import ServerConfig
+from model_manager import ModelManager
+from runtime import configure_threads, select_device
+
+
+def start_worker(config: ServerConfig) -> ModelManager:
+    """Threads and device for this worker, and its model manager (loading in the background)."""
+    worker_index = int(os.environ.get("BINSERVE_WORKER_INDEX", "0"))
+    configure_threads(config, worker_index)
+    device = select_device(config, worker_index)
+    return ModelManager(config, device).start(background=True)

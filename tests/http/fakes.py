@@ -1,0 +1,164 @@
+"""A small fake model manager for in-process HTTP tests (Flask's test client, no Gunicorn, no torch).
+
+It has ModelManager's interface as the routes use it, and real Batchers, so requests go through
+the same submit/wait path as in production; the models are two tiny deterministic functions:
+`double` (an array model: y = 2x on float32 rows of 3) and `embed` (a text model whose embedding
+of a text is a fixed function of its characters, and whose samples are "token" rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from batching import Batcher, Tagged
+from binary_protocol import as_array
+from errors import InvalidInput, ModelNotFound, NotReady
+from models.base import TensorSpec, Validated
+
+DIM = 4
+
+
+def embed_text(text: str) -> np.ndarray:
+    """The fake embedding of `text` (unit length)."""
+    codes = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.float32)
+    v = np.array([len(codes), codes.sum() % 97, codes.max(initial=0), 1.0], dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+class DoubleAdapter:
+    """y = 2x for rows of 3 float32; one sample is shape (3,), a batch (N, 3)."""
+
+    adapter_name = "fake_double"
+    model_dir = Path("/nonexistent")
+
+    def __init__(self, version: str = "1") -> None:
+        self.version = version
+
+    def input_tensors(self):
+        return [TensorSpec("x", np.dtype(np.float32), (3,))]
+
+    def validate(self, payload: dict) -> Validated:
+        if set(payload) != {"x"}:
+            raise InvalidInput(f"expected exactly 'x', got {sorted(payload)}")
+        x = as_array(payload["x"], dtype=np.float32, name="x")
+        if x.shape == (3,):
+            return Validated([x], batched=False)
+        if x.ndim == 2 and x.shape[1] == 3 and x.shape[0] > 0:
+            return Validated(list(x), batched=True)
+        raise InvalidInput(f"'x' has shape {x.shape}; expected (3,) or (N, 3)")
+
+    def run(self, samples: list) -> list[dict]:
+        return [{"y": 2 * s} for s in samples]
+
+    def join(self, outputs: list[dict], batched: bool) -> dict:
+        if not batched:
+            return dict(outputs[0])
+        return {k: np.stack([o[k] for o in outputs]) for k in outputs[0]}
+
+
+class EmbedAdapter(DoubleAdapter):
+    """Texts (or token rows) in, DIM-wide embeddings out; samples are uint8 code rows."""
+
+    adapter_name = "fake_embed"
+
+    def input_tensors(self):
+        return [TensorSpec("texts", None, ()), TensorSpec("input_ids", np.dtype(np.int64), (-1,))]
+
+    def validate(self, payload: dict) -> Validated:
+        if "texts" in payload:
+            texts = payload["texts"]
+            batched = not isinstance(texts, str)
+            texts = texts if batched else [texts]
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+                raise InvalidInput("'texts' must be a str or a non-empty list of str")
+            return Validated([np.frombuffer(t.encode(), dtype=np.uint8) for t in texts], batched)
+        if "input_ids" in payload:
+            rows = payload["input_ids"]
+            rows = list(rows) if isinstance(rows, np.ndarray) and rows.ndim == 2 else rows
+            return Validated([as_array(r, dtype=np.uint8, name="input_ids") for r in rows], True)
+        raise InvalidInput("expected 'texts' or 'input_ids'")
+
+    def run(self, samples: list) -> list[dict]:
+        return [{"embeddings": embed_text(bytes(s).decode("utf-8", "replace"))} for s in samples]
+
+
+@dataclass
+class _Slot:
+    adapter: object
+    signature: dict
+
+
+@dataclass
+class FakeLoaded:
+    """What the routes read of a served model: name, adapter, slot signature, batcher."""
+
+    name: str
+    adapter: object
+    batcher: Batcher
+    slot: _Slot = field(init=False)
+
+    def __post_init__(self) -> None:
+        out = self.adapter.run(self.adapter.validate(_EXAMPLES[self.adapter.adapter_name]).samples)[0]
+        self.slot = _Slot(self.adapter, {k: (v.shape, str(v.dtype)) for k, v in out.items()})
+
+
+_EXAMPLES = {"fake_double": {"x": [1.0, 2.0, 3.0]}, "fake_embed": {"texts": "example"}}
+
+
+class FakeRepo:
+    """The repository as the routes ask it: which versions exist."""
+
+    def __init__(self, versions: dict[str, list[str]]) -> None:
+        self._versions = versions
+
+    def versions(self, model: str) -> list[str]:
+        return list(self._versions.get(model, []))
+
+
+class FakeManager:
+    """ModelManager's interface over fake models with real batchers; `calls` records updates."""
+
+    def __init__(self, max_batch_size: int = 8, max_wait_ms: float = 0.0) -> None:
+        self._models = {}
+        for name, adapter in (("double", DoubleAdapter()), ("embed", EmbedAdapter())):
+            batcher = Batcher(
+                lambda samples, a=adapter: Tagged(a.run(samples), a.version),
+                max_batch_size=max_batch_size,
+                max_wait_ms=max_wait_ms,
+                name=name,
+            ).start()
+            self._models[name] = FakeLoaded(name, adapter, batcher)
+        self.names = [*self._models, "loading"]
+        self.default_name = "double"
+        self.ready = True
+        self.draining = False
+        self.repo = FakeRepo({"double": ["1", "2"], "embed": ["1"]})
+        self.calls: list[dict] = []
+
+    def get(self, name: str | None):
+        name = name or self.default_name
+        if name in self._models:
+            return self._models[name]
+        if name == "loading":
+            raise NotReady("model 'loading' is still loading", retry_after_s=1.0)
+        raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(self.names)}")
+
+    def served(self):
+        return list(self._models.values())
+
+    def describe(self) -> list[dict]:
+        return [{"name": m.name, "version": m.adapter.version} for m in self._models.values()]
+
+    def not_ready_reasons(self) -> dict:
+        return {}
+
+    def update(self, name, **kwargs) -> dict:
+        self.calls.append({"model": name, **kwargs})
+        return {"model": name, "version": kwargs.get("version") or "imported", "converged": True, "workers": {}}
+
+    def close(self) -> None:
+        for m in self._models.values():
+            m.batcher.close()
