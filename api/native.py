@@ -1,5 +1,8 @@
 """binserve's own protocol: `POST /infer[/<model>]` with a framed, pickle or JSON body.
 
+A body with `models` fans out to several models (api/fanout.py); the reply then maps each model's
+name to its outputs.
+
 design: decode with the safe decoder (`binary_protocol`), run through the shared pipeline, and
 answer in the request's format (or the one `Accept` names) with the model's outputs only; the
 metadata travels in headers.
@@ -11,8 +14,10 @@ import time
 
 from flask import Blueprint, Response, request
 
+from api.fanout import fan_out
 from api.pipeline import Pipeline, inference_view
 from binary_protocol import encode_body, reply_format
+from errors import BadRequest
 
 
 def blueprint(pipeline: Pipeline) -> Blueprint:
@@ -25,11 +30,19 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     def infer(model: str | None):
         pipeline.authorize()
         deadline = pipeline.deadline()
-        loaded = pipeline.model(model)
+        if model is not None:
+            loaded = pipeline.model(model)
         payload, fmt = pipeline.decode()
-        outcome = pipeline.infer(loaded, payload, deadline)
+        if "models" in payload:
+            if model is not None:
+                raise BadRequest(f"name the models in the URL ({model!r}) or in 'models', not both")
+            outcome = fan_out(pipeline, payload, deadline)
+            reply = outcome.replies
+        else:
+            outcome = pipeline.infer(loaded if model is not None else pipeline.model(None), payload, deadline)
+            reply = outcome.reply
         encode_start = time.monotonic()
-        body, content_type = encode_body(outcome.reply, reply_format(fmt, request.headers.get("Accept")))
+        body, content_type = encode_body(reply, reply_format(fmt, request.headers.get("Accept")))
         return Response(body, content_type=content_type, headers=outcome.headers(time.monotonic() - encode_start))
 
     return bp

@@ -216,7 +216,7 @@ class Pipeline:
         metrics.QUEUE_DURATION.labels(loaded.name).observe(result.queue_s)
         if version is not None and str(result.tag) != version:  # a reload landed while it waited
             raise ModelNotFound(self._version_message(loaded, version))
-        reply = loaded.adapter.join(result.outputs, validated.batched)
+        reply = loaded.adapter.join(result.outputs, validated.batched, validated.options)
         return Outcome(loaded, validated, reply, result, g.started, decoded)
 
 
@@ -247,8 +247,10 @@ def install_hooks(app: Flask, config: ServerConfig) -> None:
         if protocol is not None:
             # Only served names become labels: a URL naming anything else must not grow the series.
             label = g.get("model_label", metrics.UNKNOWN_MODEL)
-            metrics.REQUESTS.labels(label, str(response.status_code), protocol).inc()
-            metrics.REQUEST_DURATION.labels(label).observe(time.monotonic() - g.started)
+            elapsed = time.monotonic() - g.started
+            for model in g.get("fanout_models") or [label]:  # a fan-out is answered by each of its models
+                metrics.REQUESTS.labels(model, str(response.status_code), protocol).inc()
+                metrics.REQUEST_DURATION.labels(model).observe(elapsed)
             metrics.REQUEST_BYTES.labels(label).inc(request.content_length or 0)
             if not response.is_streamed:
                 metrics.RESPONSE_BYTES.labels(label).inc(response.calculate_content_length() or 0)

@@ -72,6 +72,8 @@ class Validated:
 
     samples: list
     batched: bool
+    #: per-request reply options the adapter parsed (e.g. a classifier's top_k and threshold)
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,13 @@ class ModelAdapter(abc.ABC):
         """The named inputs a request may carry, per sample (tensor protocols describe them)."""
 
     @abc.abstractmethod
-    def validate(self, payload: dict) -> Validated:
+    def validate(self, payload: dict, shared: dict | None = None) -> Validated:
         """Check a decoded request and turn it into samples; raises errors.InvalidInput (400) or
-        errors.LimitExceeded (413). Sizes are checked before anything costs more than the request."""
+        errors.LimitExceeded (413). Sizes are checked before anything costs more than the request.
+
+        `shared` is one request's scratch space across the models it fans out to: an adapter may
+        keep work there that another model of the same request can reuse (tokens, for models with
+        the same tokenizer), under keys that say exactly what the work depended on."""
 
     @abc.abstractmethod
     def collate(self, samples: list) -> dict[str, np.ndarray]:
@@ -283,7 +289,7 @@ class ModelAdapter(abc.ABC):
             outputs = self.plan.engine_for(len(samples))(host)
         return self.split(outputs, len(samples))
 
-    def join(self, outputs: list[dict], batched: bool) -> dict:
+    def join(self, outputs: list[dict], batched: bool, options: dict | None = None) -> dict:
         """One request's reply from its per-sample output dicts: stacked, or the lone sample's."""
         if not batched:
             return dict(outputs[0])

@@ -4,13 +4,17 @@ design: tokenization happens in `validate`, on the request thread, with the fast
 without padding (~0.05 ms a text), so the batch thread only pads to the batch's own longest row and
 runs the forward pass on the engine its plan picks (models/engines.py). Embedding models
 (AutoModel) give pooled, L2-normalised embeddings, pooled as the directory's sentence-transformers
-config says (mean by default); `*ForSequenceClassification` models give logits and softmax
-probabilities. Pooling is part of `EncoderHead`, the module both torch and the ONNX export run, so
-every engine returns the final outputs. Weights load through safetensors only.
+config says (mean by default); `*ForSequenceClassification` models give logits and probabilities
+(softmax; sigmoid for `problem_type: multi_label_classification`), and each reply names the labels
+(`id2label`): top-k, or every label over a threshold (models/labels.py). Pooling is part of
+`EncoderHead`, the module both torch and the ONNX export run, so every engine returns the final
+outputs. Weights load through safetensors only. Models of one fan-out request that share a
+tokenizer file tokenize its texts once (`validate`'s `shared`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from binary_protocol import as_array
 from errors import InvalidInput, LimitExceeded
 from models.base import AdapterOptions, ModelAdapter, OnnxSpec, TensorSpec, Validated
+from models.labels import OPTION_KEYS, label_rows, parse_options
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -46,17 +51,18 @@ BENCH_TEXT = "a model serves many requests quickly while the batches grow under 
 class EncoderHead(torch.nn.Module):
     """The encoder plus its pooling: (input_ids, attention_mask) -> final outputs, for torch and ONNX."""
 
-    def __init__(self, model: torch.nn.Module, task: str, pooling: str) -> None:
+    def __init__(self, model: torch.nn.Module, task: str, pooling: str, multi_label: bool = False) -> None:
         super().__init__()
         self.model = model
         self.task = task
         self.pooling = pooling
+        self.multi_label = multi_label
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         if self.task == "classification":
             logits = out.logits.float()
-            return logits, torch.softmax(logits, dim=-1)
+            return logits, torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         hidden = out.last_hidden_state.float()  # pool in fp32 whatever the engine computed in
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -99,6 +105,10 @@ class HFEncoder(ModelAdapter):
         self.vocab_size = int(config.vocab_size)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if self.task == "classification" else None
+        self.multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
+        # Models of one request that share a tokenizer (same file) share its tokens (see validate).
+        tok_file = root / "tokenizer.json"
+        self.tokenizer_key = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else str(root)
         # Tokenizing costs time per character whatever the truncation, so texts are cut (or refused)
         # at a length that nearly always holds more than max_length tokens (~4-5 characters each).
         self.max_text_chars = self.limits.max_text_chars or 32 * self.max_length
@@ -119,6 +129,10 @@ class HFEncoder(ModelAdapter):
             "truncate": self.limits.truncate,
             "outputs": ["embeddings"] if self.task == "embedding" else ["logits", "probabilities"],
             "labels": self.labels,
+            "multi_label": self.multi_label if self.labels else None,
+            "options": {"top_k": "labels per row, best first", "threshold": "labels scoring at least this"}
+            if self.labels
+            else None,
         }
 
     def input_tensors(self) -> list[TensorSpec]:
@@ -134,18 +148,21 @@ class HFEncoder(ModelAdapter):
         return {"texts": ["binserve warms the model up with this sentence."]}
 
     # --- request thread --------------------------------------------------------------------
-    def validate(self, payload: dict) -> Validated:
+    def validate(self, payload: dict, shared: dict | None = None) -> Validated:
+        extra = set(OPTION_KEYS) if self.labels else set()
+        options = parse_options(payload, len(self.labels)) if self.labels else {}
         if "texts" in payload:
-            _only(payload, {"texts"})
-            return self._from_texts(payload["texts"])
+            _only(payload, {"texts"} | extra)
+            return self._from_texts(payload["texts"], shared, options)
         if "input_ids" in payload:
-            _only(payload, {"input_ids", "attention_mask"})
-            return self._from_ids(payload["input_ids"], payload.get("attention_mask"))
+            _only(payload, {"input_ids", "attention_mask"} | extra)
+            validated = self._from_ids(payload["input_ids"], payload.get("attention_mask"))
+            return Validated(validated.samples, validated.batched, options)
         raise InvalidInput(
             f"expected 'texts' (str or list of str) or 'input_ids' (token ids); got keys {sorted(payload)}"
         )
 
-    def _from_texts(self, texts) -> Validated:
+    def _from_texts(self, texts, shared: dict | None, options: dict) -> Validated:
         batched = not isinstance(texts, str)
         texts = [texts] if not batched else texts
         if not isinstance(texts, (list, tuple)):
@@ -155,7 +172,13 @@ class HFEncoder(ModelAdapter):
             raise InvalidInput("'texts' must be a str or a list of str")
         if not texts:
             raise InvalidInput("'texts' is an empty list; send at least one text")
-        return Validated(self._tokenize(texts), batched)
+        if shared is None:
+            return Validated(self._tokenize(texts), batched, options)
+        # the same texts object, the same tokenizer file and the same cutting rules: the same rows
+        key = ("hf_encoder.tokens", id(texts), self.tokenizer_key, self.max_length, self.max_text_chars, self.limits)
+        if key not in shared:
+            shared[key] = (texts, self._tokenize(texts))  # holding `texts` keeps its id unique
+        return Validated(shared[key][1], batched, options)
 
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
         """Token rows of `texts`, cut or refused as the limits say (per-text checks, not the count)."""
@@ -223,7 +246,7 @@ class HFEncoder(ModelAdapter):
     def torch_forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         head = self._heads.get(id(module))
         if head is None:
-            head = self._heads[id(module)] = EncoderHead(module, self.task, self.pooling)
+            head = self._heads[id(module)] = EncoderHead(module, self.task, self.pooling, self.multi_label)
         return dict(zip(self.output_names, head(inputs["input_ids"], inputs["attention_mask"]), strict=True))
 
     def onnx_spec(self) -> OnnxSpec:
@@ -232,12 +255,20 @@ class HFEncoder(ModelAdapter):
         axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}
         axes.update({name: {0: "batch"} for name in self.output_names})
         return OnnxSpec(
-            EncoderHead(self._model, self.task, self.pooling),
+            EncoderHead(self._model, self.task, self.pooling, self.multi_label),
             example,
             ["input_ids", "attention_mask"],
             self.output_names,
             axes,
         )
+
+    def join(self, outputs: list[dict], batched: bool, options: dict | None = None) -> dict:
+        reply = super().join(outputs, batched, options)
+        if self.labels:
+            probs = reply["probabilities"] if batched else reply["probabilities"][None]
+            names, scores = label_rows(probs, self.labels, self.multi_label, options or {})
+            reply["labels"], reply["scores"] = (names, scores) if batched else (names[0], scores[0])
+        return reply
 
     def int8_excluded(self, node_name: str) -> bool:
         # Measured on MiniLM: quantizing every MatMul gives cosine 0.988 to fp32; leaving the FFN

@@ -117,7 +117,7 @@ class TorchModule(ModelAdapter):
             for k, (dt, shape) in self.inputs.items()
         }
 
-    def validate(self, payload: dict) -> Validated:
+    def validate(self, payload: dict, shared: dict | None = None) -> Validated:
         missing = [k for k in self.inputs if k not in payload]
         unknown = [k for k in payload if k not in self.inputs]
         if missing or unknown:

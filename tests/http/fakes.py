@@ -40,7 +40,7 @@ class DoubleAdapter:
     def input_tensors(self):
         return [TensorSpec("x", np.dtype(np.float32), (3,))]
 
-    def validate(self, payload: dict) -> Validated:
+    def validate(self, payload: dict, shared: dict | None = None) -> Validated:
         if set(payload) != {"x"}:
             raise InvalidInput(f"expected exactly 'x', got {sorted(payload)}")
         x = as_array(payload["x"], dtype=np.float32, name="x")
@@ -53,7 +53,7 @@ class DoubleAdapter:
     def run(self, samples: list) -> list[dict]:
         return [{"y": 2 * s} for s in samples]
 
-    def join(self, outputs: list[dict], batched: bool) -> dict:
+    def join(self, outputs: list[dict], batched: bool, options: dict | None = None) -> dict:
         if not batched:
             return dict(outputs[0])
         return {k: np.stack([o[k] for o in outputs]) for k in outputs[0]}
@@ -67,7 +67,7 @@ class EmbedAdapter(DoubleAdapter):
     def input_tensors(self):
         return [TensorSpec("texts", None, ()), TensorSpec("input_ids", np.dtype(np.int64), (-1,))]
 
-    def validate(self, payload: dict) -> Validated:
+    def validate(self, payload: dict, shared: dict | None = None) -> Validated:
         if "texts" in payload:
             texts = payload["texts"]
             batched = not isinstance(texts, str)
@@ -83,6 +83,27 @@ class EmbedAdapter(DoubleAdapter):
 
     def run(self, samples: list) -> list[dict]:
         return [{"embeddings": embed_text(bytes(s).decode("utf-8", "replace"))} for s in samples]
+
+
+class ShoutAdapter(EmbedAdapter):
+    """Another text model: the embedding of the text in capitals (so its outputs differ from embed's)."""
+
+    adapter_name = "fake_shout"
+
+    def run(self, samples: list) -> list[dict]:
+        return [{"embeddings": embed_text(bytes(s).decode("utf-8", "replace").upper())} for s in samples]
+
+
+class BrokenAdapter(EmbedAdapter):
+    """A text model whose forward pass always fails (after its load-time check)."""
+
+    adapter_name = "fake_broken"
+    broken = False
+
+    def run(self, samples: list) -> list[dict]:
+        if self.broken:
+            raise RuntimeError("the fake model is broken")
+        return super().run(samples)
 
 
 @dataclass
@@ -105,7 +126,12 @@ class FakeLoaded:
         self.slot = _Slot(self.adapter, {k: (v.shape, str(v.dtype)) for k, v in out.items()})
 
 
-_EXAMPLES = {"fake_double": {"x": [1.0, 2.0, 3.0]}, "fake_embed": {"texts": "example"}}
+_EXAMPLES = {
+    "fake_double": {"x": [1.0, 2.0, 3.0]},
+    "fake_embed": {"texts": "example"},
+    "fake_shout": {"texts": "example"},
+    "fake_broken": {"texts": "example"},
+}
 
 
 class FakeRepo:
@@ -123,7 +149,13 @@ class FakeManager:
 
     def __init__(self, max_batch_size: int = 8, max_wait_ms: float = 0.0) -> None:
         self._models = {}
-        for name, adapter in (("double", DoubleAdapter()), ("embed", EmbedAdapter())):
+        models = (
+            ("double", DoubleAdapter()),
+            ("embed", EmbedAdapter()),
+            ("shout", ShoutAdapter()),
+            ("broken", BrokenAdapter()),
+        )
+        for name, adapter in models:
             batcher = Batcher(
                 lambda samples, a=adapter: Tagged(a.run(samples), a.version),
                 max_batch_size=max_batch_size,
@@ -131,6 +163,7 @@ class FakeManager:
                 name=name,
             ).start()
             self._models[name] = FakeLoaded(name, adapter, batcher)
+        self._models["broken"].adapter.broken = True  # it passed its load check; now every batch fails
         self.names = [*self._models, "loading"]
         self.default_name = "double"
         self.ready = True

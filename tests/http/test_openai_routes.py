@@ -70,7 +70,7 @@ def test_non_json_bodies_are_415(client):
 def test_models_list_and_retrieve(client):
     listed = client.get("/v1/models").get_json()
     assert listed["object"] == "list"
-    assert [m["id"] for m in listed["data"]] == ["double", "embed"]
+    assert [m["id"] for m in listed["data"]] == ["double", "embed", "shout", "broken"]
     assert all(m["object"] == "model" and m["owned_by"] == "binserve" for m in listed["data"])
     assert client.get("/v1/models/embed").get_json()["id"] == "embed"
     assert client.get("/v1/models/nope").status_code == 404

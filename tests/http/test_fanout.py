@@ -1,0 +1,106 @@
+"""Fan-out in process: one request to several models, all or nothing, per-model headers and metrics."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from prometheus_client import REGISTRY
+
+from binary_protocol import binary_to_dict, dict_to_binary
+from config import ServerConfig
+from server import create_app
+from tests.http.fakes import FakeManager, embed_text
+
+TEXTS = ["one text", "another"]
+
+
+def test_each_model_answers_as_it_would_alone(client):
+    both = client.post("/infer", json={"texts": TEXTS, "models": ["embed", "shout"]})
+    assert both.status_code == 200
+    reply = both.get_json()
+    assert set(reply) == {"embed", "shout"}
+    for name in ("embed", "shout"):
+        alone = client.post(f"/infer/{name}", json={"texts": TEXTS}).get_json()
+        assert reply[name] == alone
+    np.testing.assert_allclose(reply["shout"]["embeddings"][0], embed_text("ONE TEXT"), rtol=1e-6)
+
+
+def test_headers_name_every_model(client):
+    resp = client.post("/infer", json={"texts": TEXTS, "models": ["embed", "shout"]})
+    assert resp.headers["X-Model"] == "embed,shout"
+    assert resp.headers["X-Model-Version"] == "embed=1,shout=1"
+    assert resp.headers["X-Batch-Size"] == "embed=2,shout=2"
+    phases = [p.split(";")[0] for p in resp.headers["Server-Timing"].split(", ")]
+    assert phases == ["decode", "queue-embed", "infer-embed", "queue-shout", "infer-shout", "encode"]
+
+
+def test_framed_fan_out_replies_nest_per_model(client):
+    body = dict_to_binary({"texts": TEXTS, "models": ["embed", "shout"]})
+    resp = client.post("/infer", data=body, content_type="application/x-binserve")
+    reply = binary_to_dict(resp.data)
+    assert reply["embed"]["embeddings"].shape == (2, 4) and reply["shout"]["embeddings"].dtype == np.float32
+
+
+def test_a_failing_model_fails_only_the_requests_that_asked_for_it():
+    manager = FakeManager(max_batch_size=8, max_wait_ms=300)  # concurrent requests share batches
+    try:
+        app = create_app(ServerConfig(), manager=manager)
+        replies = {}
+
+        def call(key, models):
+            resp = app.test_client().post("/infer", json={"texts": TEXTS, "models": models})
+            replies[key] = resp
+
+        threads = [
+            threading.Thread(target=call, args=("with", ["embed", "broken"])),
+            threading.Thread(target=call, args=("without", ["embed", "shout"])),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert replies["without"].status_code == 200
+        assert replies["without"].headers["X-Batch-Size"].startswith("embed=4")  # embed rows were batched together
+        failed = replies["with"]
+        assert failed.status_code == 500
+        assert failed.get_json()["error"]["message"].startswith("model 'broken': ")
+        assert "the fake model is broken" not in failed.get_json()["error"]["message"]  # no internals
+    finally:
+        manager.close()
+
+
+def test_bad_fan_outs_are_400_and_run_nothing(client, manager):
+    before = manager.get("embed").batcher.stats.as_dict()["batches"]
+    cases = [
+        ({"texts": TEXTS, "models": []}, "non-empty list"),
+        ({"texts": TEXTS, "models": ["embed", "embed"]}, "twice"),
+        ({"texts": TEXTS, "models": ["embed"] + [f"m{i}" for i in range(20)]}, "at most 16"),
+        ({"texts": TEXTS, "models": ["embed", "double"]}, "model 'double': expected exactly 'x'"),
+        ({"texts": TEXTS, "models": ["embed"], "params": {"shout": {}}}, "does not: ['shout']"),
+        ({"texts": TEXTS, "models": ["embed"], "params": {"embed": 3}}, "'params' must map"),
+    ]
+    for body, says in cases:
+        resp = client.post("/infer", json=body)
+        assert resp.status_code == 400, body
+        assert says in resp.get_json()["error"]["message"], resp.get_json()
+    assert client.post("/infer", json={"texts": TEXTS, "models": ["embed", "nope"]}).status_code == 404
+    assert client.post("/infer/embed", json={"texts": TEXTS, "models": ["embed"]}).status_code == 400
+    assert manager.get("embed").batcher.stats.as_dict()["batches"] == before
+
+
+def test_params_reach_only_their_model(client):
+    # `x` for double, texts for embed: each model gets the shared inputs plus its own params
+    resp = client.post("/infer", json={"texts": TEXTS, "models": ["embed"], "params": {"embed": {"texts": ["z"]}}})
+    np.testing.assert_allclose(resp.get_json()["embed"]["embeddings"][0], embed_text("z"), rtol=1e-6)
+
+
+def _count(model: str, code: str) -> float:
+    labels = {"model": model, "code": code, "protocol": "native"}
+    return REGISTRY.get_sample_value("binserve_requests_total", labels) or 0
+
+
+def test_each_model_of_a_fan_out_counts_the_request(client):
+    before = _count("embed", "200"), _count("shout", "200")
+    client.post("/infer", json={"texts": TEXTS, "models": ["embed", "shout"]})
+    assert (_count("embed", "200"), _count("shout", "200")) == (before[0] + 1, before[1] + 1)
