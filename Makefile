@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-gpu lint load image docker-test
+.PHONY: install serve test bench-protocol bench-serve bench-fanout bench-gpu lint load image docker-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-protocol: install
 
 bench-serve: install
 	$(PY) -m bench.serve_bench
+
+bench-fanout: install
+	$(PY) -m bench.fanout_bench
 
 bench-gpu: install
 	bash bench/gpu_bench.sh

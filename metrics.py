@@ -37,6 +37,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 UNKNOWN_MODEL = "_unknown"  # the label for URLs naming no served model (keeps cardinality bounded)
+FANOUT_MODEL = "_fanout"  # bytes of requests to several models, and fan-outs naming a model not served
 
 REQUESTS = Counter(
     "binserve_requests_total",
@@ -126,6 +127,11 @@ def set_model_info(model: str, version: str, device: str, dtype: str, old_versio
     if old_version is not None and old_version != version:
         MODEL_INFO.labels(model, old_version, device, dtype).set(0)
     MODEL_INFO.labels(model, version, device, dtype).set(1)
+
+
+def clear_model_info(model: str, version: str, device: str, dtype: str) -> None:
+    """This worker no longer serves the model (unloaded)."""
+    MODEL_INFO.labels(model, version, device, dtype).set(0)
 
 
 def exposition() -> tuple[bytes, str]:

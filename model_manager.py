@@ -102,7 +102,10 @@ class ModelManager:
         self.config = config
         self.device = device
         specs = parse_specs(config.models)
-        self.names = [s.name for s in specs]
+        #: the models the configuration names; model control may unload them or load others
+        self.configured = [s.name for s in specs]
+        #: the models this worker should serve now (configured, plus loaded, minus unloaded)
+        self.names = list(self.configured)
         self.default_name = config.default_model or self.names[0]
         if self.default_name not in self.names:
             raise ValueError(f"default_model {self.default_name!r} is not among the models {self.names}")
@@ -123,7 +126,8 @@ class ModelManager:
             trusted_modules=config.trusted_module_prefixes,
         )
         self._models: dict[str, LoadedModel] = {}
-        self._locks = {name: threading.Lock() for name in self.names}
+        self._locks: dict[str, threading.Lock] = {}
+        self._poll_lock = threading.Lock()  # one pass over the repository at a time (watcher, model control)
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._errors: dict[str, str] = {}  # model -> why it is not loaded, or why its last switch failed
@@ -163,6 +167,19 @@ class ModelManager:
         """Block until ready (or the timeout); returns readiness."""
         return self._ready.wait(timeout_s)
 
+    def _lock(self, name: str) -> threading.Lock:
+        return self._locks.setdefault(name, threading.Lock())  # atomic: one lock per name
+
+    def batch_settings(self, name: str, version: str) -> dict:
+        """The batcher settings for a version: its own (binserve.json), else the server's flags."""
+        own = self.repo.spec(name, version).settings
+        c = self.config
+        return {
+            "max_batch_size": own.get("max_batch_size", c.max_batch_size),
+            "max_batch_tokens": own.get("max_batch_tokens", c.max_batch_tokens),
+            "max_wait_ms": own.get("max_wait_ms", c.max_wait_ms),
+        }
+
     def _load_version(self, name: str, version: str) -> tuple[ModelAdapter, dict]:
         started = time.monotonic()
         adapter = load_model(self.repo.spec(name, version), self.device, self.adapter_options)
@@ -178,12 +195,13 @@ class ModelManager:
         """Load `version` of a model this worker does not serve yet, and give it a batcher."""
         adapter, signature = self._load_version(name, version)
         slot = ModelSlot(adapter, signature)
+        settings = self.batch_settings(name, version)
         batcher = Batcher(
             slot.run,
-            max_batch_size=self.config.max_batch_size,
+            max_batch_size=settings["max_batch_size"],
             max_queue_samples=self.config.max_queue_samples,
-            max_wait_ms=self.config.max_wait_ms,
-            max_batch_tokens=self.config.max_batch_tokens,
+            max_wait_ms=settings["max_wait_ms"],
+            max_batch_tokens=settings["max_batch_tokens"],
             sample_len=adapter.sample_length if adapter.token_inputs else None,
             name=name,
             observer=metrics.BatchMetrics(name),
@@ -195,12 +213,31 @@ class ModelManager:
 
     # --- following the repository ----------------------------------------------------------------
     def _watch(self) -> None:
-        self._poll()
+        self.refresh()
         while not self._stop.wait(self.poll_s):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Follow the repository now rather than at the next poll (model control calls this)."""
+        with self._poll_lock:
             self._poll()
 
+    def _wanted(self) -> list[str]:
+        """What to serve: configured models not unloaded, and repository models loaded by model control."""
+        try:
+            listed = self.repo.models()
+            state = {name: self.repo.serving(name) for name in {*listed, *self.configured}}
+        except OSError:
+            return self.names  # the repository is unreadable for a moment: keep serving what we serve
+        configured = [n for n in self.configured if state.get(n) is not False]
+        return configured + [n for n in listed if n not in self.configured and state.get(n) is True]
+
     def _poll(self) -> None:
-        """One pass: load or switch every model whose CURRENT differs from what this worker serves."""
+        """One pass: serve what model control says, and load or switch every model whose CURRENT
+        differs from what this worker serves."""
+        self.names = self._wanted()
+        for name in [n for n in self._models if n not in self.names]:
+            self.drop(name)
         for name in self.names:
             loaded = self._models.get(name)
             try:
@@ -217,7 +254,7 @@ class ModelManager:
         seen, when, _ = self._retry.get(name, (None, 0.0, 0.0))
         if seen == version and time.monotonic() < when:
             return  # backing off; a new CURRENT is tried at once
-        with self._locks[name]:
+        with self._lock(name):
             loaded = self._models.get(name)
             reason = None
             try:
@@ -248,8 +285,11 @@ class ModelManager:
         self._errors[name] = f"{reason} (retrying in {backoff:.0f}s)"
 
     def _report(self, name: str) -> None:
+        loaded = self._models.get(name)
+        if loaded is None:
+            return  # dropped (unloaded) meanwhile: its report is gone and must stay gone
         try:
-            self.repo.report(name, self.pid, self._models[name].adapter.version)
+            self.repo.report(name, self.pid, loaded.adapter.version)
         except OSError as exc:
             log.warning("model %s: cannot write this worker's report: %s", name, exc)
 
@@ -261,7 +301,12 @@ class ModelManager:
                 f"version {version} gives outputs {signature}, the serving version gives {loaded.slot.signature}"
             )
         old = loaded.slot.adapter
+        settings = self.batch_settings(loaded.name, version)
         loaded.slot.adapter, loaded.slot.signature = adapter, signature  # the next batch runs on it
+        # the batch thread reads these per batch: the new version's batching applies from the next one
+        loaded.batcher.max_batch_size = settings["max_batch_size"]
+        loaded.batcher.max_batch_tokens = settings["max_batch_tokens"]
+        loaded.batcher.max_wait_s = settings["max_wait_ms"] / 1000.0
         self.repo.report(loaded.name, self.pid, version)
         metrics.set_model_info(loaded.name, version, str(self.device), adapter.describe()["dtype"], old.version)
         metrics.RELOADS.labels(loaded.name, "success").inc()
@@ -281,7 +326,7 @@ class ModelManager:
                 "path imports are off: start the server with import_root=<directory> to import model "
                 "directories from under it, or copy the version into the repository and name it"
             )
-        with self._locks[name], self.repo.lock(name):
+        with self._lock(name), self.repo.lock(name):
             loaded = self._models.get(name)
             imported = None
             if path is not None:
@@ -350,6 +395,10 @@ class ModelManager:
         if loaded is not None:
             return loaded
         if name not in self.names:
+            if name in self.configured or self._in_repository(name):
+                raise ModelNotFound(
+                    f"model {name!r} is unloaded; an admin can load it (POST /v2/repository/models/{name}/load)"
+                )
             raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(self.names)}")
         if name in self._errors:
             raise NotReady(f"model {name!r} is not loaded (GET /readyz says why); retrying", retry_after_s=5.0)
@@ -379,6 +428,28 @@ class ModelManager:
             info["stats"] = loaded.batcher.stats.as_dict()
             out.append(info)
         return out
+
+    def _in_repository(self, name: str) -> bool:
+        try:
+            return (self.repo.model_dir(name) / "CURRENT").exists()
+        except (OSError, ValueError):
+            return False
+
+    def drop(self, name: str) -> None:
+        """Stop serving a model here: new requests get 404 at once, queued ones finish first."""
+        with self._lock(name):
+            loaded = self._models.pop(name, None)
+            if loaded is None:
+                return
+            loaded.batcher.close()  # drains: every request it accepted is answered
+            self.repo.forget(name, self.pid)
+            self._errors.pop(name, None)
+            self._retry.pop(name, None)
+            adapter = loaded.adapter
+            metrics.clear_model_info(name, adapter.version, str(self.device), adapter.describe()["dtype"])
+            log.info("model %s: unloaded (was serving version %s)", name, loaded.adapter.version)
+            del loaded
+        _release_memory(self.device)
 
     def start_draining(self) -> None:
         """The worker is shutting down: report not-ready so load balancers stop sending requests."""

@@ -166,6 +166,23 @@ class ModelRepository:
         )
         return sorted(names, key=lambda v: (0, int(v), v) if v.isdigit() else (1, 0, v))
 
+    def models(self) -> list[str]:
+        """Every model in the repository (a directory with a CURRENT version), sorted."""
+        return sorted(p.parent.name for p in self.root.glob("*/CURRENT") if _NAME.match(p.parent.name))
+
+    def serving(self, model: str) -> bool | None:
+        """Whether model control says the model is served (True: loaded, False: unloaded), or None
+        when it never said (then the server's configuration decides)."""
+        try:
+            state = (self.model_dir(model) / "SERVING").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return state == "on"
+
+    def set_serving(self, model: str, on: bool) -> None:
+        """Load (`on`) or unload a model on every worker and replica that follows this repository."""
+        _atomic_write(self.model_dir(model) / "SERVING", "on\n" if on else "off\n")
+
     def current(self, model: str) -> str:
         """The version every worker should serve."""
         try:

@@ -1,4 +1,5 @@
-"""The admin surface: `POST /update_model` (hot reload, admin token) and `GET /metrics`.
+"""The admin surface: `POST /update_model` (hot reload), model control (`/v2/repository/...`, as
+Triton's: index, load, unload) - all with the admin token - and `GET /metrics`.
 
 design: with `admin_port` set these routes answer only on that port (404 on the inference port,
 and so on the Service that exposes only it). What the admin token allows is documented in the
@@ -14,6 +15,7 @@ from werkzeug.exceptions import NotFound
 import metrics
 from api.pipeline import Pipeline, check_token
 from errors import BadRequest, Forbidden
+from model_control import ModelControl
 
 
 def blueprint(pipeline: Pipeline) -> Blueprint:
@@ -31,14 +33,49 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         body, content_type = metrics.exposition()
         return Response(body, content_type=content_type)
 
-    @bp.post("/update_model")
-    def update_model():
+    def admin_only(route: str) -> None:
         if not config.admin_token:
             raise Forbidden(
-                "/update_model is disabled: start the server with BINSERVE_ADMIN_TOKEN=<secret> "
+                f"{route} is disabled: start the server with BINSERVE_ADMIN_TOKEN=<secret> "
                 "(or --admin-token) and send it as 'Authorization: Bearer <secret>'"
             )
         check_token(config.admin_token)
+
+    def timeout_of(payload: dict) -> float:
+        timeout_s = payload.get("timeout_s", config.reload_timeout_s)
+        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not 0 < timeout_s <= 3600:
+            raise BadRequest("'timeout_s' must be a number of seconds in (0, 3600]")
+        return timeout_s
+
+    def optional_body() -> dict:
+        """tritonclient sends an empty body (or parameters); curl may send none."""
+        return pipeline.decode()[0] if request.content_length else {}
+
+    @bp.post("/v2/repository/index")
+    def repository_index():
+        admin_only("/v2/repository")
+        return jsonify(ModelControl(manager).index())
+
+    @bp.post("/v2/repository/models/<model>/load")
+    def load_model(model: str):
+        admin_only("/v2/repository")
+        result = ModelControl(manager).load(model, timeout_of(optional_body()))
+        if result["converged"]:
+            return jsonify(result)
+        why = result["error"] or f"workers {result['lagging']} do not serve it after the timeout"
+        return jsonify({"error": f"model {model!r} is not loaded everywhere: {why}", **result}), 504
+
+    @bp.post("/v2/repository/models/<model>/unload")
+    def unload_model(model: str):
+        admin_only("/v2/repository")
+        result = ModelControl(manager).unload(model, timeout_of(optional_body()))
+        if result["converged"]:
+            return jsonify(result)
+        return jsonify({"error": f"workers {sorted(result['workers'])} still serve {model!r}", **result}), 504
+
+    @bp.post("/update_model")
+    def update_model():
+        admin_only("/update_model")
         payload, _ = pipeline.decode()
         name = payload.get("model") or manager.default_name
         version, path = payload.get("version"), payload.get("path")
@@ -47,9 +84,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         for key in ("model", "version", "path", "adapter"):
             if payload.get(key) is not None and not isinstance(payload[key], str):
                 raise BadRequest(f"{key!r} must be a string")
-        timeout_s = payload.get("timeout_s", config.reload_timeout_s)
-        if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 3600:
-            raise BadRequest("'timeout_s' must be a number of seconds in (0, 3600]")
+        timeout_s = timeout_of(payload)
         result = manager.update(name, version=version, path=path, adapter=payload.get("adapter"), timeout_s=timeout_s)
         if result["converged"]:
             return jsonify(result)

@@ -30,7 +30,14 @@ SETTINGS: dict[str, type] = {
     "max_prob_error": float,
     "rtol": float,
     "atol": float,
+    # how the model's batcher forms batches (the server's flags otherwise)
+    "max_batch_size": int,
+    "max_batch_tokens": int,
+    "max_wait_ms": float,
 }
+#: the settings that go to the batcher rather than to the runtime
+BATCH_SETTINGS = ("max_batch_size", "max_batch_tokens", "max_wait_ms")
+_BOUNDS = {"max_batch_size": (1, 4096), "max_batch_tokens": (1, 1 << 22), "max_wait_ms": (0.0, 10_000.0)}
 
 
 def check_settings(settings: dict, where: str) -> dict:
@@ -48,6 +55,9 @@ def check_settings(settings: dict, where: str) -> dict:
             out[key] = None
         if out[key] is None:
             raise ValueError(f"{where}: setting {key!r} must be a {kind.__name__}, got {value!r}")
+        low, high = _BOUNDS.get(key, (None, None))
+        if low is not None and not low <= out[key] <= high:
+            raise ValueError(f"{where}: setting {key!r} must be in [{low}, {high}], got {value!r}")
     return out
 
 
@@ -100,8 +110,9 @@ def parse_specs(text: str) -> list[ModelSpec]:
 def load_model(spec: ModelSpec, device: torch.device, options: AdapterOptions | None = None) -> ModelAdapter:
     """Load (not yet warm) the model a spec names, on `device`, served as `options` and its settings say."""
     options = options or AdapterOptions()
+    runtime_settings = {k: v for k, v in spec.settings.items() if k not in BATCH_SETTINGS}
     runtime = dataclasses.replace(
-        options.runtime, **spec.settings, cache_dir=options.runtime.cache_dir or spec.cache_dir
+        options.runtime, **runtime_settings, cache_dir=options.runtime.cache_dir or spec.cache_dir
     )
     return ADAPTERS[spec.adapter](
         spec.name, spec.version, spec.path, device, dataclasses.replace(options, runtime=runtime)

@@ -1,0 +1,93 @@
+"""Model control, as Triton's repository API: list the repository, load a model, unload one.
+
+design: the repository is the one source of truth every worker and replica follows. Loading or
+unloading writes the model's SERVING state there (under the model's repository lock); every
+worker's watcher then loads the model (or drains its batcher and drops it) on its next poll, and
+the call waits until the workers' reports agree, as a reload does. The worker that takes the call
+acts at once, so its own answer does not wait a poll. Requests for an unloaded model get 404
+naming the way back; queued requests for it are answered before it goes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from errors import ModelNotFound
+
+# a worker that has not refreshed any report for this long is gone
+_LIVE_POLLS = 3
+
+
+class ModelControl:
+    """Load, unload and list models for a `ModelManager` (the admin routes call it)."""
+
+    def __init__(self, manager) -> None:
+        self.manager = manager
+        self.repo = manager.repo
+
+    def _max_age_s(self) -> float:
+        return _LIVE_POLLS * self.manager.poll_s + 1
+
+    def _live_workers(self) -> set[str]:
+        """Workers (replica:pid) that reported for any model lately: the ones that must agree."""
+        live = set()
+        for name in self.repo.models():
+            live |= set(self.repo.workers(name, self._max_age_s()))
+        return live
+
+    def index(self) -> list[dict]:
+        """Every model in the repository: versions, the current one, and which workers serve what."""
+        out = []
+        wanted = set(self.manager.names)
+        for name in self.repo.models():
+            workers = self.repo.workers(name, self._max_age_s())
+            current = self.repo.current(name)
+            serving = name in wanted
+            ready = serving and bool(workers) and all(v == current for v in workers.values())
+            reason = "" if ready else ("unloaded" if not serving else "loading or failed (GET /readyz says why)")
+            out.append(
+                {
+                    "name": name,
+                    "version": current,
+                    "state": "READY" if ready else "UNAVAILABLE",
+                    "reason": reason,
+                    "versions": self.repo.versions(name),
+                    "serving": serving,
+                    "configured": name in self.manager.configured,
+                    "workers": workers,
+                }
+            )
+        return out
+
+    def load(self, name: str, timeout_s: float) -> dict:
+        """Serve a model that is in the repository; returns once every live worker serves it."""
+        if name not in self.repo.models():
+            raise ModelNotFound(f"model {name!r} is not in the repository; models: {self.repo.models()}")
+        with self.repo.lock(name):
+            self.repo.set_serving(name, True)
+        self.manager.refresh()  # this worker loads it now (raises nothing: failures go to /readyz)
+        version = self.repo.current(name)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = self._live_workers()
+            workers = self.repo.workers(name, self._max_age_s())
+            lagging = sorted(w for w in live if workers.get(w) != version)
+            if not lagging or time.monotonic() >= deadline:
+                error = self.manager.not_ready_reasons().get(name)
+                return {"model": name, "version": version, "converged": not lagging, "workers": workers,
+                        "lagging": lagging, "error": error}  # fmt: skip
+            time.sleep(self.manager.poll_s / 2)  # polling the workers' reports, refreshed every poll
+
+    def unload(self, name: str, timeout_s: float) -> dict:
+        """Stop serving a model everywhere; returns once no worker reports serving it."""
+        if name not in self.repo.models():
+            raise ModelNotFound(f"model {name!r} is not in the repository; models: {self.repo.models()}")
+        with self.repo.lock(name):
+            self.repo.set_serving(name, False)
+        self.manager.refresh()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.repo.workers(name, self._max_age_s())
+            if not workers or time.monotonic() >= deadline:
+                return {"model": name, "converged": not workers, "workers": workers}
+            time.sleep(self.manager.poll_s / 2)
