@@ -122,6 +122,52 @@ class BatchMetrics:
         REJECTED.labels(self.model, reason).inc()
 
 
+TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "binserve_time_to_first_token_seconds",
+    "From a generation request's arrival to its first token.",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "binserve_inter_token_latency_seconds",
+    "Between consecutive tokens of one sequence.",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+GENERATED_TOKENS = Counter("binserve_generated_tokens_total", "Tokens generated.", ["model"])
+RUNNING_SEQUENCES = Gauge(
+    "binserve_running_sequences", "Sequences being generated.", ["model"], multiprocess_mode="livesum"
+)
+WAITING_SEQUENCES = Gauge(
+    "binserve_waiting_sequences", "Sequences waiting to start.", ["model"], multiprocess_mode="livesum"
+)
+
+
+class GenerationMetrics:
+    """The continuous batcher's observer for one model: token timings and sequence counts."""
+
+    def __init__(self, model: str) -> None:
+        self._ttft = TIME_TO_FIRST_TOKEN.labels(model)
+        self._itl = INTER_TOKEN_LATENCY.labels(model)
+        self._tokens = GENERATED_TOKENS.labels(model)
+        self._running = RUNNING_SEQUENCES.labels(model)
+        self._waiting = WAITING_SEQUENCES.labels(model)
+
+    def token(self, ttft_s: float | None, itl_s: float | None) -> None:
+        """A token was generated: its time since arrival if first, else since the previous one."""
+        self._tokens.inc()
+        if ttft_s is not None:
+            self._ttft.observe(ttft_s)
+        if itl_s is not None:
+            self._itl.observe(itl_s)
+
+    def counts(self, running: int, waiting: int) -> None:
+        """Sequences running and waiting now."""
+        self._running.set(running)
+        self._waiting.set(waiting)
+
+
 def set_model_info(model: str, version: str, device: str, dtype: str, old_version: str | None = None) -> None:
     """Mark `version` as served by this worker (and `old_version`, if any, as no longer)."""
     if old_version is not None and old_version != version:

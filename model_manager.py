@@ -42,6 +42,8 @@ log = logging.getLogger("binserve.models")
 
 def _signature(adapter: ModelAdapter) -> dict:
     """Output keys, per-sample shapes and dtypes on the example payload; raises if not finite."""
+    if adapter.generates:
+        return adapter.signature()  # what it generates varies; its warm-up checked that it runs
     v = adapter.validate(adapter.example_payload())
     outputs = adapter.run_batch(v.samples)
     sig = {}
@@ -167,6 +169,10 @@ class ModelManager:
         """Block until ready (or the timeout); returns readiness."""
         return self._ready.wait(timeout_s)
 
+    def _generator(self, adapter: ModelAdapter, settings: dict):
+        """A started continuous batcher for a generative model (its batch thread)."""
+        return adapter.continuous_batcher(settings, metrics.GenerationMetrics(adapter.name)).start()
+
     def _lock(self, name: str) -> threading.Lock:
         return self._locks.setdefault(name, threading.Lock())  # atomic: one lock per name
 
@@ -187,7 +193,7 @@ class ModelManager:
         signature = _signature(adapter)
         log.info(
             "model %s version %s: loaded in %.1fs, engines %s", name, version, time.monotonic() - started,
-            adapter.plan.engines,
+            adapter.describe()["engines"],
         )  # fmt: skip
         return adapter, signature
 
@@ -196,6 +202,12 @@ class ModelManager:
         adapter, signature = self._load_version(name, version)
         slot = ModelSlot(adapter, signature)
         settings = self.batch_settings(name, version)
+        if adapter.generates:
+            self._models[name] = LoadedModel(name, slot, self._generator(adapter, settings))
+            self.repo.report(name, self.pid, version)
+            metrics.set_model_info(name, version, str(self.device), adapter.describe()["dtype"])
+            log.info("model %s version %s (%s) is warm on %s", name, version, adapter.adapter_name, self.device)
+            return
         batcher = Batcher(
             slot.run,
             max_batch_size=settings["max_batch_size"],
@@ -303,6 +315,10 @@ class ModelManager:
         old = loaded.slot.adapter
         settings = self.batch_settings(loaded.name, version)
         loaded.slot.adapter, loaded.slot.signature = adapter, signature  # the next batch runs on it
+        if adapter.generates:
+            # a new generation loop on the new version; the old one finishes its sequences, then stops
+            old_batcher, loaded.batcher = loaded.batcher, self._generator(adapter, settings)
+            threading.Thread(target=old_batcher.close, name="binserve-generate-drain", daemon=True).start()
         # the batch thread reads these per batch: the new version's batching applies from the next one
         loaded.batcher.max_batch_size = settings["max_batch_size"]
         loaded.batcher.max_batch_tokens = settings["max_batch_tokens"]

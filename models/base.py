@@ -104,6 +104,8 @@ class ModelAdapter(abc.ABC):
     #: True when samples are token rows padded per batch: the batcher then bounds batches by
     #: padded tokens and groups similar lengths, using `sample_length`.
     token_inputs: bool = False
+    #: True for adapters served by a continuous batcher (generation), not the request batcher
+    generates: bool = False
     #: bf16 on a CPU by casting the weights (faster for small batches than autocast, which casts
     #: them on every call) rather than by autocast; only for modules whose inputs are integers
     bf16_weights_on_cpu: bool = False

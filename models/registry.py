@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 
 from models.base import AdapterOptions, ModelAdapter
+from models.hf_causal_lm import HFCausalLM
 from models.hf_encoder import HFEncoder
 from models.torch_module import TorchModule
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {cls.adapter_name: cls for cls in (HFEncoder, TorchModule)}
+ADAPTERS: dict[str, type[ModelAdapter]] = {cls.adapter_name: cls for cls in (HFEncoder, TorchModule, HFCausalLM)}
 DEFAULT_MODEL_NAME = "minilm"
 
 

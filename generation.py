@@ -1,0 +1,439 @@
+"""Continuous (iteration-level) batching for causal language models: one forward per step for every
+running sequence; new sequences join between steps, finished ones leave at once.
+
+design: one generation thread per model (its "batch thread"). Each step it (1) admits waiting
+sequences while the running set and the reserved KV-cache tokens stay under their bounds, running
+each new prompt's prefill alone (batch 1, unpadded: its first token is exactly what
+`model.generate` gives) and merging its cache into the batch; (2) runs one decode forward for all
+running sequences; (3) samples each row with its own settings and generator, streams the token to
+its consumer, and drops rows that finished, were cancelled or passed their deadline.
+
+The KV cache is binserve's own batched layout, not a cache class that grows per sequence: per
+layer one key and one value tensor of [running, kv_heads, T, head_dim], left-padded, with a [running,
+T] attention mask and per-row position ids. A decode step hands it to the model as a `DynamicCache`
+built around those tensors (no copy) and takes the grown tensors back; a joining sequence pads
+once; leaving rows are dropped with one `index_select` and all-padding leading columns trimmed. This
+keeps a decode step one batched matmul per layer, which per-sequence caches would not give
+without re-padding every step.
+
+Bounds: at most `max_running` sequences run, their prompt + max_new_tokens reservations stay under
+`max_cached_tokens`, and at most `max_waiting` wait; past that, `submit` answers 429 with
+Retry-After. A prompt whose reservation alone exceeds the cache is 413. No Flask here.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded
+
+log = logging.getLogger("binserve.generation")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is generated."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy (deterministic)
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Sequence:
+    """One generation request: its prompt, settings, progress and the events its consumer reads.
+
+    Events on `events`: ("token", token_id, text_delta) per generated token, then exactly one of
+    ("done", finish_reason) or ("error", ServingError).
+    """
+
+    prompt: list[int]
+    params: SamplingParams
+    deadline: float
+    abandoned: object = None  # callable: True when the client hung up
+    events: queue.Queue = field(default_factory=queue.Queue)
+    output: list[int] = field(default_factory=list)
+    text: str = ""  # the text streamed so far (stop sequences held back until they cannot match)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    generator: torch.Generator | None = None
+    cache_len: int = 0  # real tokens in the cache (the next token's position)
+
+    def cancel(self) -> None:
+        """Stop at the next step (the client went away, or no longer wants it)."""
+        self.cancelled = True
+
+    def stream(self, timeout_s: float):
+        """Yield ("token", id, delta) events until the end; raises the sequence's error, if any."""
+        while True:
+            try:
+                event = self.events.get(timeout=timeout_s)
+            except queue.Empty:
+                self.cancel()
+                raise DeadlineExceeded("no token arrived within the request's deadline") from None
+            if event[0] == "token":
+                yield event
+            elif event[0] == "error":
+                raise event[1]
+            else:
+                return
+
+
+class _Stats:
+    """What GET /models shows of a generation loop."""
+
+    def __init__(self, batcher: ContinuousBatcher) -> None:
+        self.batcher = batcher
+
+    def as_dict(self) -> dict:
+        b = self.batcher
+        running, waiting = b.counts()
+        return {
+            "steps": b.steps,
+            "sequences": b.sequences,
+            "generated_tokens": b.generated,
+            "running": running,
+            "waiting": waiting,
+            "reserved_cache_tokens": b._reserved,
+        }
+
+
+class ContinuousBatcher:
+    """The generation loop of one causal LM; `submit` a prompt, read its `Sequence.events`."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: torch.device,
+        *,
+        max_running: int = 16,
+        max_cached_tokens: int = 32768,
+        max_waiting: int = 256,
+        eos_ids: tuple[int, ...] = (),
+        name: str = "model",
+        observer=None,
+        autocast: torch.dtype | None = None,
+        step_threads=None,
+        tag: object = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_running = max_running
+        self.max_cached_tokens = max_cached_tokens
+        self.max_waiting = max_waiting
+        self.eos_ids = set(eos_ids)
+        self.name = name
+        self.observer = observer  # metrics sink: token(ttft_s | None, itl_s | None), counts(running, waiting)
+        self.autocast = autocast
+        self.step_threads = step_threads  # context manager giving the step its cores (runtime.batch_threads)
+        self.tag = tag  # what results are tagged with (the model version)
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._joining: list[Sequence] = []  # admitted this step, not merged yet
+        self._reserved = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        # the batched cache: per layer [keys, values] of [B, kv_heads, T, head_dim]; mask [B, T]
+        self._kv: list[list[torch.Tensor]] = []
+        self._mask: torch.Tensor | None = None
+        self.steps = 0
+        self.sequences = 0  # admitted so far
+        self.generated = 0  # tokens so far
+        self.stats = _Stats(self)
+        #: for /models: the most sequences one decode step has run
+        self.max_batch_size = max_running
+        self.max_batch_tokens = max_cached_tokens
+        self.max_wait_s = 0.0
+
+    # --- request side ------------------------------------------------------------------------
+    def start(self) -> ContinuousBatcher:
+        self._thread = threading.Thread(target=self._loop, name=f"binserve-generate-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def queued_samples(self) -> int:
+        return len(self._waiting)
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) sequences now."""
+        return len(self._running), len(self._waiting)
+
+    def _reservation(self, seq: Sequence) -> int:
+        return len(seq.prompt) + seq.params.max_new_tokens
+
+    def submit_sequence(self, seq: Sequence) -> Sequence:
+        """Queue a sequence; 413 if it could never fit the cache, 429 when the queue is full."""
+        need = self._reservation(seq)
+        if need > self.max_cached_tokens:
+            raise LimitExceeded(
+                f"prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.params.max_new_tokens}) is over this "
+                f"model's {self.max_cached_tokens}-token cache"
+            )
+        with self._cond:
+            if self._closed:
+                raise NotReady(f"model {self.name!r} is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise Overloaded(
+                    f"model {self.name!r} has {len(self._waiting)} sequences waiting (limit {self.max_waiting}); "
+                    "retry later",
+                    retry_after_s=1.0,
+                )
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+            self._waiting.append(seq)
+            self._cond.notify()
+        self._observe_counts()
+        return seq
+
+    def submit(self, samples: list, deadline: float, abandoned=None) -> Future:
+        """The Batcher interface for whole (non-streamed) generations: samples are (prompt, params);
+        the future gets a BatchResult-like object with one {"output_ids"} per sample."""
+        from batching import BatchResult
+
+        seqs = [self.submit_sequence(Sequence(list(p), params, deadline, abandoned)) for p, params in samples]
+        future: Future = Future()
+        started = time.monotonic()
+
+        def wait() -> None:
+            try:
+                for s in seqs:
+                    for _ in s.stream(max(0.0, deadline - time.monotonic()) + 5.0):
+                        pass
+                outputs = [{"output_ids": s.output, "finish_reason": s.finish_reason} for s in seqs]
+                queue_s = max(0.0, min((s.first_token_at or started) for s in seqs) - started)
+                result = BatchResult(outputs, len(seqs), queue_s, time.monotonic() - started - queue_s, self.tag)
+                future.set_result(result)
+            except Exception as exc:  # the sequence's ServingError, to the waiting request
+                for s in seqs:
+                    s.cancel()
+                future.set_exception(exc)
+
+        threading.Thread(target=wait, name=f"binserve-generate-wait-{self.name}", daemon=True).start()
+        return future
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop taking sequences, finish the running and waiting ones, and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # --- the generation thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._running:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+            try:
+                if self.step_threads is not None:
+                    with self.step_threads():
+                        self._step()
+                else:
+                    self._step()
+            except Exception as exc:  # a failing step fails its sequences, never the thread
+                log.exception("model %s: generation step failed", self.name)
+                err = ModelFailure(f"model {self.name!r} failed while generating ({type(exc).__name__})")
+                for seq in {id(s): s for s in self._running + self._joining}.values():
+                    if seq.finish_reason is None:
+                        seq.finish_reason = "error"
+                        seq.events.put(("error", err))
+                with self._cond:
+                    self._running, self._joining, self._kv, self._mask, self._reserved = [], [], [], None, 0
+            self._observe_counts()
+
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        with self._cond:
+            while self._waiting and len(self._running) + len(admitted) < self.max_running:
+                seq = self._waiting[0]
+                if self._reserved + self._reservation(seq) > self.max_cached_tokens:
+                    break
+                self._waiting.popleft()
+                self._reserved += self._reservation(seq)
+                self.sequences += 1
+                admitted.append(seq)
+        return admitted
+
+    def _forward(self, **kwargs):
+        with torch.inference_mode():
+            if self.autocast is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    return self.model(**kwargs)
+            return self.model(**kwargs)
+
+    def _step(self) -> None:
+        self._joining = self._admit()
+        for seq in self._joining:
+            if self._gone(seq):
+                self._release(seq)
+                continue
+            self._prefill(seq)
+        self._joining = []
+        if not self._running:
+            return
+        live = [s for s in self._running if s.finish_reason is None]
+        if len(live) != len(self._running):
+            self._drop_finished()
+        if not self._running:
+            return
+        last = torch.tensor([[s.output[-1]] for s in self._running], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
+        positions = torch.tensor([[s.cache_len] for s in self._running], device=self.device)
+        cache = DynamicCache(ddp_cache_data=[tuple(kv) for kv in self._kv], config=self.model.config)
+        out = self._forward(
+            input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        self._kv = [[layer.keys, layer.values] for layer in cache.layers]
+        self._mask = mask
+        self.steps += 1
+        logits = out.logits[:, -1].float()
+        for i, seq in enumerate(self._running):
+            seq.cache_len += 1
+            self._emit(seq, self._sample(logits[i], seq))
+        self._drop_finished()
+
+    def _prefill(self, seq: Sequence) -> None:
+        ids = torch.tensor([seq.prompt], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self._forward(input_ids=ids, past_key_values=cache, use_cache=True)
+        kv = [[layer.keys, layer.values] for layer in cache.layers]
+        seq.cache_len = len(seq.prompt)
+        self._merge(seq, kv)
+        self._emit(seq, self._sample(out.logits[0, -1].float(), seq))
+
+    def _merge(self, seq: Sequence, kv: list[list[torch.Tensor]]) -> None:
+        """Add a prefilled sequence's cache as a new row, left-padding whichever is shorter."""
+        n = len(seq.prompt)
+        row_mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+        if not self._running:
+            self._kv, self._mask, self._running = kv, row_mask, [seq]
+            return
+        t = self._mask.shape[1]
+        width = max(t, n)
+        for layer, (k, v) in zip(self._kv, kv, strict=True):
+            layer[0] = torch.cat([F.pad(layer[0], (0, 0, width - t, 0)), F.pad(k, (0, 0, width - n, 0))])
+            layer[1] = torch.cat([F.pad(layer[1], (0, 0, width - t, 0)), F.pad(v, (0, 0, width - n, 0))])
+        self._mask = torch.cat([F.pad(self._mask, (width - t, 0)), F.pad(row_mask, (width - n, 0))])
+        self._running.append(seq)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
+        if len(keep) == len(self._running):
+            return
+        for s in self._running:
+            if s.finish_reason is not None:
+                self._release(s)
+        if not keep:
+            self._running, self._kv, self._mask = [], [], None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._running = [self._running[i] for i in keep]
+        self._mask = self._mask.index_select(0, index)
+        lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # columns that are padding in every row
+        self._mask = self._mask[:, lead:]
+        self._kv = [[k.index_select(0, index)[:, :, lead:], v.index_select(0, index)[:, :, lead:]] for k, v in self._kv]
+
+    def _release(self, seq: Sequence) -> None:
+        with self._cond:
+            self._reserved -= self._reservation(seq)
+
+    def _gone(self, seq: Sequence) -> bool:
+        if seq.cancelled or (seq.abandoned is not None and seq.abandoned()):
+            seq.finish_reason = "cancelled"
+            seq.events.put(("error", ClientGone("the client went away")))
+            return True
+        if time.monotonic() > seq.deadline:
+            seq.finish_reason = "deadline"
+            seq.events.put(("error", DeadlineExceeded("the request's deadline passed while it was generating")))
+            return True
+        return False
+
+    def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
+        p = seq.params
+        if p.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        """Record a sampled token and stream its text; decide whether the sequence is finished."""
+        now = time.monotonic()
+        if self.observer is not None:
+            self.observer.token(
+                now - seq.enqueued if seq.first_token_at is None else None,
+                now - seq.last_token_at if seq.last_token_at is not None else None,
+            )
+        self.generated += 1
+        seq.first_token_at = seq.first_token_at or now
+        seq.last_token_at = now
+        if self._gone(seq):
+            return
+        if token in self.eos_ids:
+            self._finish(seq, "stop")
+            return
+        seq.output.append(token)
+        full = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+        stop_at = min((i for i in (full.find(s) for s in seq.params.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            self._send_text(seq, token, full[:stop_at])
+            self._finish(seq, "stop")
+            return
+        # hold back what could still become a stop sequence, and a split UTF-8 character
+        hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+        safe = full[: len(full) - hold] if hold else full
+        if safe.endswith("\ufffd"):
+            safe = safe[:-1]
+        self._send_text(seq, token, safe)
+        if len(seq.output) >= seq.params.max_new_tokens:
+            self._send_text(seq, None, full)
+            self._finish(seq, "length")
+
+    def _send_text(self, seq: Sequence, token: int | None, text: str) -> None:
+        delta = text[len(seq.text) :] if text.startswith(seq.text) else ""
+        seq.text += delta
+        if token is not None or delta:
+            seq.events.put(("token", token, delta))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.events.put(("done", reason))
+
+    def _observe_counts(self) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.counts(len(self._running), len(self._waiting))
+            except Exception:  # metrics must never break serving
+                log.debug("metrics observer failed", exc_info=True)

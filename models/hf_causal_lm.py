@@ -1,0 +1,240 @@
+"""Adapter for a local Hugging Face causal LM directory: text generation with continuous batching.
+
+design: unlike the one-forward adapters, a generation is many forwards, so the model's batch thread
+is a `generation.ContinuousBatcher` (iteration-level batching, binserve's own batched KV cache) and
+not the request batcher; `continuous_batcher()` makes it for the model manager. Requests carry a
+prompt (token ids, or text / chat messages through the OpenAI routes, rendered with the tokenizer's
+chat template) and sampling settings, checked here. On a GPU the steps run under bf16 (or fp16)
+autocast where it is native; on a CPU in fp32. Weights load through safetensors only.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from binary_protocol import as_array
+from errors import InvalidInput, LimitExceeded
+from generation import ContinuousBatcher, SamplingParams, Sequence
+from models.base import AdapterOptions, ModelAdapter, TensorSpec, Validated
+from models.engines import native
+from runtime import batch_threads, in_compute_thread
+
+#: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+
+
+class HFCausalLM(ModelAdapter):
+    """A causal LM: `{"input_ids": [...], "max_new_tokens": N, ...}` in, generated ids out."""
+
+    adapter_name = "hf_causal_lm"
+    #: served by a continuous batcher (generation.py), not the request batcher
+    generates = True
+
+    def __init__(
+        self, name: str, version: str, path: str, device: torch.device, options: AdapterOptions | None = None
+    ) -> None:
+        super().__init__(name, version, device, options, path)
+        root = Path(path)
+        config = AutoConfig.from_pretrained(root)
+        self._model = AutoModelForCausalLM.from_pretrained(root, use_safetensors=True).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(root)
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        gen_eos = getattr(self._model.generation_config, "eos_token_id", None)
+        eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = tuple(sorted(set(eos)))
+        self.vocab_size = int(config.vocab_size)
+        self.max_new_tokens = min(4096, self.max_context)
+        self.autocast = next((d for d in (torch.bfloat16, torch.float16) if device.type == "cuda" and native(
+            {torch.bfloat16: "bf16", torch.float16: "fp16"}[d], device)), None)  # fmt: skip
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._model
+
+    # --- requests -------------------------------------------------------------------------------
+    def input_spec(self) -> dict:
+        return {
+            "input_ids": f"the prompt's token ids, 1-D (0 <= id < {self.vocab_size}); a list of them for several",
+            "max_new_tokens": f"1..{self.max_new_tokens} (default 16)",
+            "temperature": "0 (greedy) .. 2, default 1",
+            "top_p": "(0, 1], default 1",
+            "top_k": "0 (off) or more",
+            "stop": f"up to {MAX_STOPS} strings that end the text (not included)",
+            "seed": "int: the same seed, settings and prompt give the same text",
+            "chat_template": self.tokenizer.chat_template is not None,
+            "max_context": self.max_context,
+        }
+
+    def input_tensors(self) -> list[TensorSpec]:
+        return [TensorSpec("input_ids", np.dtype(np.int64), (-1,))]
+
+    def example_payload(self) -> dict:
+        return {"input_ids": self.tokenizer("binserve warms the model up").input_ids, "max_new_tokens": 4}
+
+    def sampling(self, values: dict) -> SamplingParams:
+        """SamplingParams from request values (native names), each checked; 400 naming a bad one."""
+        n = values.get("max_new_tokens", 16)
+        if type(n) is not int or not 1 <= n <= self.max_new_tokens:
+            raise InvalidInput(f"'max_new_tokens' must be an int in [1, {self.max_new_tokens}], got {n!r}")
+        t = values.get("temperature", 1.0)
+        if type(t) not in (int, float) or not 0 <= t <= 2:
+            raise InvalidInput(f"'temperature' must be a number in [0, 2], got {t!r}")
+        p = values.get("top_p", 1.0)
+        if type(p) not in (int, float) or not 0 < p <= 1:
+            raise InvalidInput(f"'top_p' must be a number in (0, 1], got {p!r}")
+        k = values.get("top_k", 0)
+        if type(k) is not int or k < 0:
+            raise InvalidInput(f"'top_k' must be an int >= 0, got {k!r}")
+        stop = values.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else stop
+        if (
+            not isinstance(stop, (list, tuple))
+            or len(stop) > MAX_STOPS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+        ):
+            raise InvalidInput(f"'stop' must be a string or up to {MAX_STOPS} non-empty strings of <= {MAX_STOP_CHARS}")
+        seed = values.get("seed")
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
+            raise InvalidInput(f"'seed' must be a non-negative int, got {seed!r}")
+        return SamplingParams(n, float(t), float(p), k, tuple(stop), seed)
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """A prompt within the vocabulary and, with its new tokens, within the model's context."""
+        if not ids:
+            raise InvalidInput("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise InvalidInput(f"the prompt has token ids outside [0, {self.vocab_size})")
+        if len(ids) + params.max_new_tokens > self.max_context:
+            raise LimitExceeded(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) is over this model's "
+                f"context of {self.max_context}"
+            )
+        return ids
+
+    def validate(self, payload: dict, shared: dict | None = None) -> Validated:
+        extra = set(payload) - {"input_ids", *SAMPLING_KEYS}
+        if extra or "input_ids" not in payload:
+            raise InvalidInput(f"expected 'input_ids' and sampling keys {list(SAMPLING_KEYS)}; got {sorted(payload)}")
+        params = self.sampling(payload)
+        value = payload["input_ids"]
+        rows = None
+        if isinstance(value, np.ndarray) and value.ndim == 2:
+            rows = list(value)
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray)):
+            rows = value
+        if rows is None:
+            prompt = as_array(value, dtype=np.int64, name="input_ids")
+            if prompt.ndim != 1:
+                raise InvalidInput("'input_ids' must be one prompt (1-D) or a list of prompts")
+            return Validated([(self.check_prompt(prompt.tolist(), params), params)], batched=False)
+        self.check_samples(len(rows), "'input_ids'")
+        prompts = [as_array(r, dtype=np.int64, name=f"input_ids[{i}]") for i, r in enumerate(rows)]
+        return Validated([(self.check_prompt(p.tolist(), params), params) for p in prompts], batched=True)
+
+    def chat_prompt(self, messages) -> list[int]:
+        """Token ids of chat `messages` under the tokenizer's chat template, ready for the reply."""
+        if self.tokenizer.chat_template is None:
+            raise InvalidInput(f"model {self.name!r} has no chat template; use /v1/completions")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidInput("'messages' must be a non-empty list of {role, content}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidInput(f"message {i} must have a string 'role' and a string 'content'")
+        text = self.tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a completion prompt."""
+        return self.tokenizer(prompt).input_ids
+
+    def join(self, outputs: list[dict], batched: bool, options: dict | None = None) -> dict:
+        ids = [np.asarray(o["output_ids"], dtype=np.int64) for o in outputs]
+        reasons = [o["finish_reason"] for o in outputs]
+        if not batched:
+            return {"output_ids": ids[0], "finish_reason": reasons[0]}
+        return {"output_ids": ids, "finish_reason": reasons}
+
+    # --- serving ----------------------------------------------------------------------------------
+    def continuous_batcher(self, settings: dict, observer=None) -> ContinuousBatcher:
+        """This model's generation loop, bounded by the model's batching settings."""
+        return ContinuousBatcher(
+            self._model,
+            self.tokenizer,
+            self.device,
+            max_running=settings["max_batch_size"],
+            max_cached_tokens=settings["max_batch_tokens"],
+            max_waiting=settings.get("max_waiting", 256),
+            eos_ids=self.eos_ids,
+            name=self.name,
+            observer=observer,
+            autocast=self.autocast,
+            step_threads=batch_threads,
+            tag=self.version,
+        )
+
+    def signature(self) -> dict:
+        """What every version of a generative model produces, per sample, whatever it generates."""
+        return {"output_ids": ((-1,), "int64"), "finish_reason": ((), "str")}
+
+    def prepare(self) -> None:
+        """No engine plan: generation runs the torch module (under autocast on a GPU)."""
+        in_compute_thread()
+
+    def warmup(self, batch_sizes=(1, 4)) -> None:
+        """Generate a few tokens for the example, to load kernels and check the model runs."""
+        in_compute_thread()
+        b = ContinuousBatcher(self._model, self.tokenizer, self.device, eos_ids=(), autocast=self.autocast).start()
+        try:
+            for n in batch_sizes:
+                seqs = [
+                    b.submit_sequence(
+                        Sequence(self.example_payload()["input_ids"], SamplingParams(4, 0.0), time.monotonic() + 120)
+                    )  # fmt: skip
+                    for _ in range(n)
+                ]
+                for s in seqs:
+                    for _ in s.stream(120):
+                        pass
+                    if len(s.output) != 4:
+                        raise RuntimeError(f"{self.name}: warm-up generated {len(s.output)} of 4 tokens")
+        finally:
+            b.close()
+
+    def run_batch(self, samples: list) -> list[dict]:
+        raise RuntimeError("generative models run on their continuous batcher (generation.py)")
+
+    def describe(self) -> dict:
+        params = list(self._model.parameters())
+        return {
+            "name": self.name,
+            "version": self.version,
+            "adapter": self.adapter_name,
+            "device": str(self.device),
+            "dtype": str(params[0].dtype).replace("torch.", ""),
+            "engines": [f"torch-{'fp32' if self.autocast is None else str(self.autocast).replace('torch.', '')}"],
+            "runtime": {"generation": "continuous batching", "autocast": str(self.autocast) if self.autocast else None},
+            "device_memory_bytes": self.runner.memory_bytes(),
+            "parameters": sum(p.numel() for p in params),
+            "inputs": self.input_spec(),
+        }
+
+    # the engine-planning contract of one-forward adapters does not apply to generation
+    def collate(self, samples: list) -> dict[str, np.ndarray]:
+        raise RuntimeError("generative models do not collate batches; generation.py keeps its own cache")
+
+    def torch_forward(self, module, inputs):
+        raise RuntimeError("generative models run forward steps in generation.py")
+
+    def accuracy(self, reference, got):
+        raise RuntimeError("generative models have no engine plan to gate")

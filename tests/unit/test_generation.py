@@ -1,0 +1,168 @@
+"""Continuous batching on a tiny random Llama (models/example_causal_lm.py), in process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from errors import ClientGone, LimitExceeded, Overloaded
+from generation import ContinuousBatcher, SamplingParams, Sequence
+from models.example_causal_lm import write_causal_lm
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog while",
+    "binserve batches",
+    "A language model writes one token at a time, and the server keeps many",
+    "numbers 0 1 2 3",
+    "How are you today?",
+    "Hello! How are you",
+    "The cat",
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    path = write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture
+def batcher(lm):
+    model, tok = lm
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), max_running=16, eos_ids=()).start()
+    yield b
+    b.close()
+
+
+def reference(lm, prompt: str, n: int) -> list[int]:
+    model, tok = lm
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def submit(b, tok, prompt, n, **kw) -> Sequence:
+    params = SamplingParams(max_new_tokens=n, temperature=kw.pop("temperature", 0.0), **kw)
+    return b.submit_sequence(Sequence(tok(prompt).input_ids, params, time.monotonic() + 60))
+
+
+def collect(seq: Sequence) -> list:
+    return list(seq.stream(60))
+
+
+def test_concurrent_greedy_equals_generate_alone(lm, batcher):
+    _, tok = lm
+    lengths = [5, 17, 9, 30, 3, 12, 21, 8]
+    seqs = [submit(batcher, tok, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    for seq in seqs:
+        collect(seq)
+    for seq, p, n in zip(seqs, PROMPTS, lengths, strict=True):
+        assert seq.output == reference(lm, p, n), p
+        assert seq.finish_reason == "length"
+    assert batcher.steps < sum(lengths)  # they shared steps
+
+
+def test_a_sequence_joining_mid_run_changes_no_one(lm, batcher):
+    _, tok = lm
+    long = submit(batcher, tok, PROMPTS[1], 40)
+    events = long.stream(60)
+    for _ in range(10):
+        next(events)  # the long one is well under way
+    late = submit(batcher, tok, PROMPTS[3], 12)
+    rest = list(events)
+    collect(late)
+    assert len(rest) > 0
+    assert long.output == reference(lm, PROMPTS[1], 40)
+    assert late.output == reference(lm, PROMPTS[3], 12)
+
+
+def test_stream_deltas_concatenate_to_the_text(lm, batcher):
+    _, tok = lm
+    seq = submit(batcher, tok, PROMPTS[0], 20)
+    text = "".join(delta for _, _, delta in collect(seq))
+    assert text == tok.decode(seq.output, skip_special_tokens=True) == seq.text
+
+
+def test_stop_sequences_cut_the_text(lm, batcher):
+    _, tok = lm
+    free = submit(batcher, tok, PROMPTS[1], 30)
+    collect(free)
+    stop = free.text[8:11]  # a piece of what it writes anyway
+    seq = submit(batcher, tok, PROMPTS[1], 30, stop=(stop,))
+    text = "".join(d for _, _, d in collect(seq))
+    assert seq.finish_reason == "stop" and text == free.text[: free.text.find(stop)] and stop not in text
+
+
+def test_seeded_sampling_is_deterministic_and_differs_by_seed(lm, batcher):
+    _, tok = lm
+    runs = [submit(batcher, tok, PROMPTS[2], 24, temperature=1.0, top_p=0.9, top_k=50, seed=s) for s in (1, 1, 2)]
+    for seq in runs:
+        collect(seq)
+    assert runs[0].output == runs[1].output != runs[2].output
+
+
+def test_eos_ends_a_sequence_with_stop(lm):
+    model, tok = lm
+    greedy = reference(lm, PROMPTS[0], 6)
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), eos_ids=(greedy[3],)).start()  # its 4th token as EOS
+    try:
+        seq = submit(b, tok, PROMPTS[0], 6)
+        collect(seq)
+        assert seq.output == greedy[:3] and seq.finish_reason == "stop"
+    finally:
+        b.close()
+
+
+def test_a_cancelled_sequence_stops_at_the_next_step(lm, batcher):
+    _, tok = lm
+    seq = submit(batcher, tok, PROMPTS[1], 500)
+    events = seq.stream(60)
+    next(events)
+    seq.cancel()
+    with pytest.raises(ClientGone):
+        list(events)
+    assert len(seq.output) < 500
+    assert batcher.counts() == (0, 0)
+
+
+def test_bounds(lm):
+    model, tok = lm
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), max_cached_tokens=64, max_waiting=1)
+    with pytest.raises(LimitExceeded, match="cache"):
+        submit(b, tok, PROMPTS[0], 100)
+    submit(b, tok, PROMPTS[0], 4)  # not started: it waits
+    with pytest.raises(Overloaded):
+        submit(b, tok, PROMPTS[0], 4)
+
+
+def test_leaving_rows_take_their_padding_with_them(lm):
+    """A long prompt that finishes first leaves only padding before the short one's tokens: trimmed."""
+    model, tok = lm
+    widths = []
+
+    class Watch:
+        def token(self, ttft, itl):
+            pass
+
+        def counts(self, running, waiting):
+            if b._mask is not None and running == 1:
+                widths.append((b._mask.shape[1], b._running[0].cache_len))
+
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), observer=Watch())
+    long_prompt = submit(b, tok, PROMPTS[3], 2)
+    short = submit(b, tok, PROMPTS[0], 30)
+    b.start()
+    try:
+        collect(long_prompt)
+        collect(short)
+    finally:
+        b.close()
+    assert short.output == reference(lm, PROMPTS[0], 30)
+    assert widths and all(width == cached for width, cached in widths)
