@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-fanout bench-gpu lint load image docker-test
+.PHONY: install serve test bench-protocol bench-serve bench-fanout bench-generate bench-gpu lint load image docker-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-serve: install
 
 bench-fanout: install
 	$(PY) -m bench.fanout_bench
+
+bench-generate: install
+	$(PY) -m bench.generate_bench
 
 bench-gpu: install
 	bash bench/gpu_bench.sh

@@ -18,7 +18,7 @@ import sys
 
 from flask import Flask
 
-from api import admin, failures, health, native, openai_compat, v2
+from api import admin, failures, health, native, openai_compat, openai_generate, v2
 from api.pipeline import Pipeline, install_hooks
 from config import ServerConfig
 
@@ -43,6 +43,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
         native.blueprint(pipeline),
         v2.blueprint(pipeline),
         openai_compat.blueprint(pipeline),
+        openai_generate.blueprint(pipeline),
         admin.blueprint(pipeline),
         health.blueprint(manager),
     ):

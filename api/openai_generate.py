@@ -1,0 +1,152 @@
+"""OpenAI-compatible generation: `POST /v1/completions` and `POST /v1/chat/completions`, streamed
+as server-sent events with `stream: true`.
+
+design: the route renders the prompt (the tokenizer's chat template for chat), checks the sampling
+settings, and hands one `generation.Sequence` to the model's continuous batcher; it then either
+waits for the whole text or relays each token's text as a `data: {...}` chunk, ending with
+`data: [DONE]`. A client that disconnects mid-stream stops its sequence at the next step: the
+stream's generator is closed (or the batcher sees the socket gone), and either cancels the
+sequence. One request, one choice (`n` = 1); `usage` counts prompt and generated tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from flask import Blueprint, Response, request
+
+from api.failures import failure_of
+from api.openai_compat import error_body
+from api.pipeline import Pipeline, client_gone_check, inference_view, is_json, media_type
+from binary_protocol import dict_to_json, json_to_dict
+from errors import BadRequest, ServingError, UnsupportedMediaType
+from generation import Sequence
+
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options"}
+_COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty"}
+_FIELDS = {"completions": _COMMON | {"prompt", "echo"}, "chat": _COMMON | {"messages", "max_completion_tokens"}}
+# accepted only at their neutral value: binserve does not implement them
+_NEUTRAL = {"n": 1, "logprobs": None, "echo": False, "presence_penalty": 0, "frequency_penalty": 0}
+
+
+def _body(pipeline: Pipeline, kind: str) -> dict:
+    if request.content_type and not is_json(request.content_type):
+        raise UnsupportedMediaType(f"send application/json, not {media_type(request.content_type)!r}")
+    body = json_to_dict(pipeline.body(), pipeline.limits)
+    unknown = sorted(set(body) - _FIELDS[kind])
+    if unknown:
+        raise BadRequest(f"unknown fields {unknown}")
+    for key, neutral in _NEUTRAL.items():
+        if key in body and body[key] not in (neutral, None, False) and body[key] != neutral:
+            raise BadRequest(f"'{key}' is not supported here (only {neutral!r})")
+    return body
+
+
+def _prompt(adapter, body: dict, kind: str) -> list[int]:
+    if kind == "chat":
+        return adapter.chat_prompt(body.get("messages"))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return adapter.text_prompt(prompt)
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return prompt
+    raise BadRequest("'prompt' must be a string, or a list of token ids (one prompt per request)")
+
+
+def _chunk(rid: str, kind: str, model: str, created: int, text: str | None, finish: str | None, first=False) -> str:
+    if kind == "chat":
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return (
+        "data: "
+        + json.dumps({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
+        + "\n\n"
+    )
+
+
+def blueprint(pipeline: Pipeline) -> Blueprint:
+    """The generation routes under /v1 on `pipeline`."""
+    bp = Blueprint("openai_generate", __name__, url_prefix="/v1")
+
+    def generate(kind: str):
+        pipeline.authorize()
+        body = _body(pipeline, kind)
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise BadRequest("'model' must name a served model (GET /v1/models lists them)")
+        loaded = pipeline.model(name)
+        adapter = loaded.adapter
+        if not adapter.generates:
+            raise BadRequest(f"model {name!r} does not generate text (it is a {adapter.adapter_name} model)")
+        values = {k: body[k] for k in ("temperature", "top_p", "top_k", "stop", "seed") if body.get(k) is not None}
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None:
+            values["max_new_tokens"] = max_tokens
+        params = adapter.sampling(values)
+        ids = adapter.check_prompt(_prompt(adapter, body, kind), params)
+        deadline = pipeline.deadline()
+        seq = loaded.batcher.submit_sequence(Sequence(ids, params, deadline, client_gone_check(request.environ)))
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())  # a timestamp for the client, as OpenAI's
+
+        def usage() -> dict:
+            return {"prompt_tokens": len(ids), "completion_tokens": len(seq.output),
+                    "total_tokens": len(ids) + len(seq.output)}  # fmt: skip
+
+        if body.get("stream"):
+            options = body.get("stream_options") or {}
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+            def events():
+                try:
+                    if kind == "chat":
+                        yield _chunk(rid, kind, name, created, None, None, first=True)
+                    for _, _, delta in seq.stream(max(0.1, deadline - time.monotonic())):
+                        if delta:
+                            yield _chunk(rid, kind, name, created, delta, None)
+                    yield _chunk(rid, kind, name, created, None, seq.finish_reason)
+                    if include_usage:
+                        final = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                                 "created": created, "model": name, "choices": [], "usage": usage()}  # fmt: skip
+                        yield "data: " + json.dumps(final) + "\n\n"
+                    yield "data: [DONE]\n\n"
+                except ServingError as err:  # after the 200 went out: the error travels in the stream
+                    yield "data: " + json.dumps(error_body(failure_of(err))) + "\n\n"
+                finally:
+                    seq.cancel()  # a closed stream (the client left) stops the sequence at the next step
+
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Model": name}
+            return Response(events(), mimetype="text/event-stream", headers=headers)
+        try:
+            for _ in seq.stream(max(0.1, deadline - time.monotonic())):
+                pass
+        finally:
+            seq.cancel()
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": seq.text},
+                      "finish_reason": seq.finish_reason}  # fmt: skip
+        else:
+            choice = {"index": 0, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason}
+        reply = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
+                 "model": name, "choices": [choice], "usage": usage()}  # fmt: skip
+        return Response(dict_to_json(reply), content_type="application/json", headers={"X-Model": name})
+
+    @bp.post("/completions")
+    @inference_view("openai")
+    def completions():
+        return generate("completions")
+
+    @bp.post("/chat/completions")
+    @inference_view("openai")
+    def chat_completions():
+        return generate("chat")
+
+    return bp

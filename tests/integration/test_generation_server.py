@@ -1,0 +1,175 @@
+"""Generation on real Gunicorn: a tiny random Llama (models/example_causal_lm.py) served by
+hf_causal_lm, called natively, over OpenAI's routes and with the `openai` package unmodified."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openai
+import pytest
+import requests
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.example_causal_lm import write_causal_lm
+from request_tools import send_inference_request
+from tests.serverproc import ServerProcess
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog while",
+    "binserve batches",
+    "A language model writes one token at a time, and the server keeps many",
+    "numbers 0 1 2 3",
+    "How are you today?",
+    "Hello! How are you",
+    "The cat",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    return write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
+
+
+@pytest.fixture(scope="module")
+def srv(lm_dir):
+    with ServerProcess(workers=1, models=f"tiny=hf_causal_lm:{lm_dir}") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ref(lm_dir):
+    model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+
+    def generate(ids: list[int], n: int) -> list[int]:
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False)
+        return out[0, len(ids) :].tolist()
+
+    generate.tok = tok
+    return generate
+
+
+@pytest.fixture(scope="module")
+def oai(srv):
+    return openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def _stats(srv) -> dict:
+    return requests.get(f"{srv.base_url}/models", timeout=10).json()["models"][0]["stats"]
+
+
+def test_eight_concurrent_greedy_requests_equal_generate_alone(srv, ref):
+    lengths = [5, 17, 9, 30, 3, 12, 21, 8]
+    prompts = [ref.tok(p).input_ids for p in PROMPTS]
+
+    def call(i):
+        body = {"input_ids": prompts[i], "max_new_tokens": lengths[i], "temperature": 0}
+        return send_inference_request(body, f"{srv.base_url}/infer")
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(call, range(8)))
+    for i, reply in enumerate(replies):
+        expected = ref(prompts[i], lengths[i])
+        assert reply["output_ids"].tolist() == expected[: len(reply["output_ids"])]
+        assert reply["finish_reason"] == "length" or expected[len(reply["output_ids"])] in (ref.tok.eos_token_id,)
+
+
+def test_streams_concatenate_to_the_non_streamed_answer(oai):
+    whole = oai.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0)
+    parts = oai.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in parts) == whole.choices[0].text
+    assert whole.usage.completion_tokens == 24 and whole.choices[0].finish_reason == "length"
+
+
+def test_openai_chat_stream_works_unmodified(oai, ref):
+    messages = [{"role": "user", "content": "Hello! How are you?"}]
+    whole = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    usage = {"include_usage": True}
+    stream = oai.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=16, temperature=0, stream=True, stream_options=usage
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    prompt = ref.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert whole.usage.prompt_tokens == len(ref.tok(prompt, add_special_tokens=False).input_ids)
+
+
+def test_concurrent_streams_share_steps(srv, oai):
+    before = _stats(srv)["steps"]
+
+    def stream(i):
+        chunks = oai.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=64, temperature=0, stream=True)
+        return sum(1 for _ in chunks)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(n > 0 for n in pool.map(stream, range(8)))
+    steps = _stats(srv)["steps"] - before
+    assert steps < 2 * 64  # 8 x 64 tokens one after the other would take 8 x 63 decode steps
+
+
+def test_stop_max_tokens_and_seed(oai):
+    free = oai.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=30, temperature=0).choices[0].text
+    stop = free[10:13]
+    cut = oai.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == free[: free.find(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [
+        oai.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=20, temperature=1.0, top_p=0.95, seed=s)
+        .choices[0]
+        .text
+        for s in (5, 5, 6)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_a_disconnected_stream_stops_its_sequence(srv):
+    before = _stats(srv)["generated_tokens"]
+    body = json.dumps({"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 1500, "temperature": 0, "stream": True})
+    body = body.encode()  # greedy from "Hello" never reaches EOS on this model: only the disconnect can stop it
+    host, port = srv.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        got = b""
+        while b"data: " not in got and len(got) < 65536:
+            got += sock.recv(4096)  # the headers, then the first chunks: it is streaming
+        assert b"data: " in got
+    deadline = time.monotonic() + 30
+    while _stats(srv)["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the server's own count of running sequences
+    assert _stats(srv)["running"] == 0
+    assert _stats(srv)["generated_tokens"] - before < 1500
+
+
+def test_bad_generation_requests_are_4xx(srv, oai):
+    with pytest.raises(openai.BadRequestError, match="max_new_tokens"):
+        oai.completions.create(model="tiny", prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="'n'"):
+        oai.completions.create(model="tiny", prompt="x", n=2)
+    with pytest.raises(openai.APIStatusError) as caught:
+        oai.completions.create(model="tiny", prompt="x " * 10, max_tokens=2047)
+    assert caught.value.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=5)
+
+
+def test_generation_metrics(srv):
+    text = requests.get(f"{srv.base_url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ttft = [s for s in families["binserve_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
+    assert sum(s.value for s in ttft) > 0
+    assert sum(s.value for s in families["binserve_generated_tokens"].samples) > 0
+    assert "binserve_inter_token_latency_seconds" in families and "binserve_running_sequences" in families
+    np.testing.assert_equal(sum(s.value for s in families["binserve_waiting_sequences"].samples), 0)
