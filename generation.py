@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -73,11 +73,28 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     generator: torch.Generator | None = None
+    #: called (on the generation thread) once the sequence has ended, after its last event
+    on_end: object = None
+    error: Exception | None = None
     cache_len: int = 0  # real tokens in the cache (the next token's position)
+    decoded: str = ""  # the whole text of `output` decoded so far (complete characters only)
+    prefix_offset: int = 0  # incremental detokenizing: tokens before `read_offset` kept as context
+    read_offset: int = 0
 
     def cancel(self) -> None:
         """Stop at the next step (the client went away, or no longer wants it)."""
         self.cancelled = True
+
+    def end(self, event: tuple) -> None:
+        """The last event: ("done", finish_reason) or ("error", ServingError)."""
+        if event[0] == "error":
+            self.error = event[1]
+        self.events.put(event)
+        if self.on_end is not None:
+            try:
+                self.on_end(self)
+            except Exception:  # a consumer's callback must never stop the generation loop
+                log.exception("a sequence's end callback failed")
 
     def stream(self, timeout_s: float):
         """Yield ("token", id, delta) events until the end; raises the sequence's error, if any."""
@@ -210,25 +227,39 @@ class ContinuousBatcher:
         the future gets a BatchResult-like object with one {"output_ids"} per sample."""
         from batching import BatchResult
 
-        seqs = [self.submit_sequence(Sequence(list(p), params, deadline, abandoned)) for p, params in samples]
         future: Future = Future()
         started = time.monotonic()
+        seqs = [Sequence(list(p), params, deadline, abandoned) for p, params in samples]
+        left = [len(seqs)]
+        lock = threading.Lock()
 
-        def wait() -> None:
+        def ended(_seq: Sequence) -> None:  # on the generation thread, as each sequence ends
+            with lock:
+                left[0] -= 1
+                if left[0] or future.done():
+                    return  # more to come, or the request gave up (cancelled its future)
+            failed = next((s.error for s in seqs if s.error is not None), None)
+            outputs = [{"output_ids": s.output, "finish_reason": s.finish_reason} for s in seqs]
+            queue_s = max(0.0, min((s.first_token_at or started) for s in seqs) - started)
             try:
-                for s in seqs:
-                    for _ in s.stream(max(0.0, deadline - time.monotonic()) + 5.0):
-                        pass
-                outputs = [{"output_ids": s.output, "finish_reason": s.finish_reason} for s in seqs]
-                queue_s = max(0.0, min((s.first_token_at or started) for s in seqs) - started)
-                result = BatchResult(outputs, len(seqs), queue_s, time.monotonic() - started - queue_s, self.tag)
-                future.set_result(result)
-            except Exception as exc:  # the sequence's ServingError, to the waiting request
-                for s in seqs:
-                    s.cancel()
-                future.set_exception(exc)
+                if failed is not None:
+                    future.set_exception(failed)
+                else:
+                    elapsed = time.monotonic() - started - queue_s
+                    future.set_result(BatchResult(outputs, len(seqs), queue_s, elapsed, self.tag))
+            except InvalidStateError:
+                pass  # cancelled by its request in the meantime
 
-        threading.Thread(target=wait, name=f"binserve-generate-wait-{self.name}", daemon=True).start()
+        # a request that gives up (its deadline passed) cancels the future: stop its sequences too
+        future.add_done_callback(lambda f: [s.cancel() for s in seqs] if f.cancelled() else None)
+        try:
+            for s in seqs:
+                s.on_end = ended
+                self.submit_sequence(s)
+        except Exception:
+            for s in seqs:
+                s.cancel()  # the ones already queued end at their first step
+            raise
         return future
 
     def close(self, timeout_s: float | None = None) -> None:
@@ -259,7 +290,7 @@ class ContinuousBatcher:
                 for seq in {id(s): s for s in self._running + self._joining}.values():
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
-                        seq.events.put(("error", err))
+                        seq.end(("error", err))
                 with self._cond:
                     self._running, self._joining, self._kv, self._mask, self._reserved = [], [], [], None, 0
             self._observe_counts()
@@ -310,9 +341,10 @@ class ContinuousBatcher:
         self._mask = mask
         self.steps += 1
         logits = out.logits[:, -1].float()
+        greedy = logits.argmax(-1).tolist()  # one op for every greedy row, rather than one per row
         for i, seq in enumerate(self._running):
             seq.cache_len += 1
-            self._emit(seq, self._sample(logits[i], seq))
+            self._emit(seq, greedy[i] if seq.params.temperature == 0 else self._sample(logits[i], seq))
         self._drop_finished()
 
     def _prefill(self, seq: Sequence) -> None:
@@ -363,11 +395,11 @@ class ContinuousBatcher:
     def _gone(self, seq: Sequence) -> bool:
         if seq.cancelled or (seq.abandoned is not None and seq.abandoned()):
             seq.finish_reason = "cancelled"
-            seq.events.put(("error", ClientGone("the client went away")))
+            seq.end(("error", ClientGone("the client went away")))
             return True
         if time.monotonic() > seq.deadline:
             seq.finish_reason = "deadline"
-            seq.events.put(("error", DeadlineExceeded("the request's deadline passed while it was generating")))
+            seq.end(("error", DeadlineExceeded("the request's deadline passed while it was generating")))
             return True
         return False
 
@@ -402,10 +434,11 @@ class ContinuousBatcher:
         if self._gone(seq):
             return
         if token in self.eos_ids:
+            self._send_text(seq, None, self.tokenizer.decode(seq.output, skip_special_tokens=True))  # held back
             self._finish(seq, "stop")
             return
         seq.output.append(token)
-        full = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+        full = self._detokenize(seq)
         stop_at = min((i for i in (full.find(s) for s in seq.params.stop) if i >= 0), default=-1)
         if stop_at >= 0:
             self._send_text(seq, token, full[:stop_at])
@@ -418,8 +451,20 @@ class ContinuousBatcher:
             safe = safe[:-1]
         self._send_text(seq, token, safe)
         if len(seq.output) >= seq.params.max_new_tokens:
-            self._send_text(seq, None, full)
+            self._send_text(seq, None, self.tokenizer.decode(seq.output, skip_special_tokens=True))  # held back
             self._finish(seq, "length")
+
+    def _detokenize(self, seq: Sequence) -> str:
+        """The sequence's text with its new token, decoding only the last few tokens (as TGI and vLLM
+        do): a few tokens before the new ones give the decoder its context (spaces, merged bytes),
+        and a token that ends inside a UTF-8 character waits for the next one."""
+        decode = self.tokenizer.decode
+        context = decode(seq.output[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+        text = decode(seq.output[seq.prefix_offset :], skip_special_tokens=True)
+        if len(text) > len(context) and not text.endswith("\ufffd"):
+            seq.decoded += text[len(context) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.output)
+        return seq.decoded
 
     def _send_text(self, seq: Sequence, token: int | None, text: str) -> None:
         delta = text[len(seq.text) :] if text.startswith(seq.text) else ""
@@ -429,7 +474,7 @@ class ContinuousBatcher:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
-        seq.events.put(("done", reason))
+        seq.end(("done", reason))
 
     def _observe_counts(self) -> None:
         if self.observer is not None:

@@ -28,7 +28,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed
 _COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty"}
 _FIELDS = {"completions": _COMMON | {"prompt", "echo"}, "chat": _COMMON | {"messages", "max_completion_tokens"}}
 # accepted only at their neutral value: binserve does not implement them
-_NEUTRAL = {"n": 1, "logprobs": None, "echo": False, "presence_penalty": 0, "frequency_penalty": 0}
+_NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,), "presence_penalty": (0,), "frequency_penalty": (0,)}
 
 
 def _body(pipeline: Pipeline, kind: str) -> dict:
@@ -38,9 +38,9 @@ def _body(pipeline: Pipeline, kind: str) -> dict:
     unknown = sorted(set(body) - _FIELDS[kind])
     if unknown:
         raise BadRequest(f"unknown fields {unknown}")
-    for key, neutral in _NEUTRAL.items():
-        if key in body and body[key] not in (neutral, None, False) and body[key] != neutral:
-            raise BadRequest(f"'{key}' is not supported here (only {neutral!r})")
+    for key, allowed in _NEUTRAL.items():
+        if body.get(key) is not None and body[key] not in allowed:
+            raise BadRequest(f"'{key}' is not supported here (only {allowed[0]!r})")
     return body
 
 

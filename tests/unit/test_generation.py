@@ -166,3 +166,31 @@ def test_leaving_rows_take_their_padding_with_them(lm):
         b.close()
     assert short.output == reference(lm, PROMPTS[0], 30)
     assert widths and all(width == cached for width, cached in widths)
+
+
+def test_text_held_back_for_stop_strings_is_sent_at_eos(lm):
+    model, tok = lm
+    greedy = reference(lm, PROMPTS[1], 12)
+    end = next(i for i in range(3, 12) if greedy[i] not in greedy[:i])  # a token it has not written before
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), eos_ids=(greedy[end],)).start()
+    try:
+        seq = submit(b, tok, PROMPTS[1], 12, stop=("never appears in this text",))
+        text = "".join(d for _, _, d in collect(seq))
+        assert seq.finish_reason == "stop" and text == tok.decode(greedy[:end], skip_special_tokens=True)
+    finally:
+        b.close()
+
+
+def test_whole_generations_through_the_batcher_interface(lm, batcher):
+    _, tok = lm
+    prompts = [tok(p).input_ids for p in PROMPTS[:3]]
+    params = SamplingParams(max_new_tokens=7, temperature=0.0)
+    result = batcher.submit([(p, params) for p in prompts], time.monotonic() + 60).result(60)
+    assert [o["output_ids"] for o in result.outputs] == [reference(lm, p, 7) for p in PROMPTS[:3]]
+    assert all(o["finish_reason"] == "length" for o in result.outputs)
+    doomed = batcher.submit([(prompts[0], SamplingParams(max_new_tokens=1000, temperature=0.0))], time.monotonic() + 60)
+    doomed.cancel()  # the request gave up: its sequence stops at the next step
+    deadline = time.monotonic() + 30
+    while batcher.counts() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling the loop's own counts
+    assert batcher.counts() == (0, 0) and batcher.generated < 7 * 3 + 500  # not the 1000 it asked for
