@@ -70,6 +70,7 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
+    checked_at: float = 0.0  # when the client was last asked whether it is still there
     first_token_at: float | None = None
     last_token_at: float | None = None
     generator: torch.Generator | None = None
@@ -98,17 +99,30 @@ class Sequence:
 
     def stream(self, timeout_s: float):
         """Yield ("token", id, delta) events until the end; raises the sequence's error, if any."""
+        for events in self.stream_batches(timeout_s):
+            yield from events
+
+    def stream_batches(self, timeout_s: float):
+        """Like `stream`, but each yield is every token event that has arrived since the last one:
+        a consumer that was busy writing catches up in one write rather than one per token."""
         while True:
             try:
-                event = self.events.get(timeout=timeout_s)
+                events = [self.events.get(timeout=timeout_s)]
             except queue.Empty:
                 self.cancel()
                 raise DeadlineExceeded("no token arrived within the request's deadline") from None
-            if event[0] == "token":
-                yield event
-            elif event[0] == "error":
-                raise event[1]
-            else:
+            while True:
+                try:
+                    events.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            tokens = [e for e in events if e[0] == "token"]
+            last = events[-1]
+            if tokens:
+                yield tokens
+            if last[0] == "error":
+                raise last[1]
+            if last[0] == "done":
                 return
 
 
@@ -333,7 +347,7 @@ class ContinuousBatcher:
         last = torch.tensor([[s.output[-1]] for s in self._running], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
         positions = torch.tensor([[s.cache_len] for s in self._running], device=self.device)
-        cache = DynamicCache(ddp_cache_data=[tuple(kv) for kv in self._kv], config=self.model.config)
+        cache = self._wrap(self._kv)
         out = self._forward(
             input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
@@ -346,6 +360,17 @@ class ContinuousBatcher:
             seq.cache_len += 1
             self._emit(seq, greedy[i] if seq.params.temperature == 0 else self._sample(logits[i], seq))
         self._drop_finished()
+
+    def _wrap(self, kv: list[list[torch.Tensor]]) -> DynamicCache:
+        """A DynamicCache around the batched tensors, without copying them: DynamicCache's own
+        constructor appends them to empty tensors (a copy of the whole cache every step)."""
+        cache = DynamicCache(config=self.model.config)
+        if len(cache.layers) != len(kv):
+            return DynamicCache(ddp_cache_data=[tuple(x) for x in kv], config=self.model.config)  # other layouts
+        for layer, (k, v) in zip(cache.layers, kv, strict=True):
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        return cache
 
     def _prefill(self, seq: Sequence) -> None:
         ids = torch.tensor([seq.prompt], device=self.device)
@@ -393,11 +418,16 @@ class ContinuousBatcher:
             self._reserved -= self._reservation(seq)
 
     def _gone(self, seq: Sequence) -> bool:
-        if seq.cancelled or (seq.abandoned is not None and seq.abandoned()):
+        now = time.monotonic()
+        # asking the socket costs a system call: at most every 50 ms per sequence, not every token
+        ask = seq.abandoned is not None and now - seq.checked_at >= 0.05
+        if ask:
+            seq.checked_at = now
+        if seq.cancelled or (ask and seq.abandoned()):
             seq.finish_reason = "cancelled"
             seq.end(("error", ClientGone("the client went away")))
             return True
-        if time.monotonic() > seq.deadline:
+        if now > seq.deadline:
             seq.finish_reason = "deadline"
             seq.end(("error", DeadlineExceeded("the request's deadline passed while it was generating")))
             return True

@@ -109,9 +109,11 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
                 try:
                     if kind == "chat":
                         yield _chunk(rid, kind, name, created, None, None, first=True)
-                    for _, _, delta in seq.stream(max(0.1, deadline - time.monotonic())):
-                        if delta:
-                            yield _chunk(rid, kind, name, created, delta, None)
+                    for events in seq.stream_batches(max(0.1, deadline - time.monotonic())):
+                        # every token that arrived while the last write went out, in one write
+                        chunks = [_chunk(rid, kind, name, created, d, None) for _, _, d in events if d]
+                        if chunks:
+                            yield "".join(chunks)
                     yield _chunk(rid, kind, name, created, None, seq.finish_reason)
                     if include_usage:
                         final = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
