@@ -111,6 +111,8 @@ def worker_exit(server, worker):
 def post_fork(server, worker):
     """Give each worker an index (it picks GPU index mod N) and an allocator that gives memory back."""
     os.environ["BINSERVE_WORKER_INDEX"] = str(max(0, worker.age - 1))
+    # how many workers this server runs, as Gunicorn was told (flags included): /readyz waits for all
+    os.environ["BINSERVE_WORKER_COUNT"] = str(server.cfg.workers)
     from runtime import configure_allocator
 
     configure_allocator()  # before the request threads exist

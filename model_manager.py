@@ -146,6 +146,21 @@ class ModelManager:
         """True once every configured model is loaded and warm."""
         return self._ready.is_set()
 
+    def workers_ready(self) -> bool:
+        """Whether every worker of this server (this replica) serves every model: the repository's
+        reports, fresh, from as many of this replica's workers as Gunicorn runs. One worker's own
+        readiness is not the server's: the others may still be loading, and would answer 503."""
+        expected = int(os.environ.get("BINSERVE_WORKER_COUNT", "1"))
+        prefix = self.repo.replica + ":"
+        for name in self.names:
+            try:
+                workers = self.repo.workers(name, max_age_s=3 * self.poll_s + 1)
+            except OSError:
+                return False
+            if sum(1 for w in workers if w.startswith(prefix)) < expected:
+                return False
+        return True
+
     def not_ready_reasons(self) -> dict[str, str]:
         """Why each model that is not loaded is not (empty while loading for the first time)."""
         return {name: self._errors[name] for name in self.names if name not in self._models and name in self._errors}

@@ -24,6 +24,8 @@ def blueprint(manager) -> Blueprint:
         if manager.draining:
             return jsonify(status="draining", pid=os.getpid()), 503
         if manager.ready:
+            if not manager.workers_ready():
+                return jsonify(status="loading: other workers of this server are not ready yet", pid=os.getpid()), 503
             return jsonify(status="ready", pid=os.getpid())
         reasons = manager.not_ready_reasons()
         if reasons:  # the worker keeps retrying; /healthz stays 200 (a restart would not fix the repository)

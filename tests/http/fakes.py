@@ -167,6 +167,7 @@ class FakeManager:
         self.names = [*self._models, "loading"]
         self.default_name = "double"
         self.ready = True
+        self.others_ready = True  # the server's other workers (workers_ready)
         self.draining = False
         self.repo = FakeRepo({"double": ["1", "2"], "embed": ["1"]})
         self.calls: list[dict] = []
@@ -184,6 +185,9 @@ class FakeManager:
 
     def describe(self) -> list[dict]:
         return [{"name": m.name, "version": m.adapter.version} for m in self._models.values()]
+
+    def workers_ready(self) -> bool:
+        return self.others_ready
 
     def not_ready_reasons(self) -> dict:
         return {}

@@ -146,6 +146,9 @@ def test_with_an_admin_port_admin_routes_answer_only_there(make_client):
 def test_readiness_follows_the_manager(client, manager):
     assert client.get("/readyz").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
+    manager.others_ready = False  # this worker is, another of the server's is still loading
+    assert client.get("/readyz").status_code == 503
+    manager.others_ready = True
     manager.ready = False
     assert client.get("/readyz").get_json()["status"] == "loading"
     assert client.get("/v2/health/ready").status_code == 503
