@@ -112,6 +112,10 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     def infer(model: str, version: str | None):
         pipeline.authorize()
         loaded = pipeline.model(model, version)
+        if loaded.adapter.generates:  # outputs of different lengths per prompt: not a V2 tensor
+            raise BadRequest(
+                f"model {model!r} generates text: use /v1/completions, /v1/chat/completions or /infer/{model}"
+            )
         header_length = request.headers.get("Inference-Header-Content-Length")
         parsed = v2_tensors.parse_request(pipeline.body(), header_length, pipeline.limits)
         deadline = pipeline.deadline(v2_tensors.check_timeout_us(parsed.timeout_us), "parameters.timeout")

@@ -33,6 +33,7 @@ class DoubleAdapter:
 
     adapter_name = "fake_double"
     model_dir = Path("/nonexistent")
+    generates = False
 
     def __init__(self, version: str = "1") -> None:
         self.version = version

@@ -67,6 +67,15 @@ def test_non_json_bodies_are_415(client):
     assert resp.status_code == 415
 
 
+def test_generation_routes_refuse_models_that_do_not_generate(client):
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": []})):
+        resp = client.post(path, json={"model": "embed", **body})
+        assert resp.status_code == 400
+        assert "does not generate text" in resp.get_json()["error"]["message"]
+    resp = client.post("/v1/completions", json={"model": "embed", "prompt": "x", "n": 2})
+    assert resp.status_code == 400 and "'n'" in resp.get_json()["error"]["message"]
+
+
 def test_models_list_and_retrieve(client):
     listed = client.get("/v1/models").get_json()
     assert listed["object"] == "list"
