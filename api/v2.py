@@ -117,7 +117,8 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
                 f"model {model!r} generates text: use /v1/completions, /v1/chat/completions or /infer/{model}"
             )
         header_length = request.headers.get("Inference-Header-Content-Length")
-        parsed = v2_tensors.parse_request(pipeline.body(), header_length, pipeline.limits)
+        max_strings = pipeline.config.max_queue_samples
+        parsed = v2_tensors.parse_request(pipeline.body(), header_length, pipeline.limits, max_strings)
         deadline = pipeline.deadline(v2_tensors.check_timeout_us(parsed.timeout_us), "parameters.timeout")
         produced = list(loaded.slot.signature)
         wanted = parsed.outputs or [v2_tensors.Requested(n, parsed.binary_outputs) for n in produced]

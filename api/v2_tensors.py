@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from binary_protocol import Limits, as_array, json_to_dict
-from errors import BadRequest, InvalidInput
+from errors import BadRequest, InvalidInput, LimitExceeded
 
 #: V2 datatypes with a numpy dtype (little-endian on the wire)
 DTYPES = {
@@ -99,8 +99,11 @@ def _shape(tensor: dict, where: str, limits: Limits) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def parse_request(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:
-    """A V2 inference request from its body (and `Inference-Header-Content-Length`, if sent)."""
+def parse_request(body: bytes, header_length: str | None, limits: Limits, max_strings: int = 2048) -> InferRequest:
+    """A V2 inference request from its body (and `Inference-Header-Content-Length`, if sent).
+
+    `max_strings` bounds the BYTES elements of the request (texts: one sample each), checked before
+    any is built: a 4-byte empty element would otherwise become a ~60-byte Python string."""
     view = memoryview(body)
     if header_length is None:
         header, binary = json_to_dict(view, limits), view[0:0]
@@ -117,6 +120,15 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits) -> Inf
         raise BadRequest("'inputs' must be a non-empty list of tensor objects")
     if len(inputs) > _MAX_INPUTS:
         raise BadRequest(f"'inputs' lists {len(inputs)} tensors; at most {_MAX_INPUTS}")
+    strings = 0
+    for i, t in enumerate(inputs):
+        if t.get("datatype") == "BYTES":
+            shape = _shape(t, f"input {i}", limits)
+            strings += math.prod(shape)
+    if strings > max_strings:
+        raise LimitExceeded(
+            f"the request holds {strings} BYTES elements; at most {max_strings} (max_queue_samples): split it"
+        )
     tensors, offset, seen = [], 0, set()
     for i, t in enumerate(inputs):
         name = _field(t, "name", str, f"input {i}")

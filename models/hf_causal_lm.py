@@ -53,6 +53,9 @@ class HFCausalLM(ModelAdapter):
         self.eos_ids = tuple(sorted(set(eos)))
         self.vocab_size = int(config.vocab_size)
         self.max_new_tokens = min(4096, self.max_context)
+        # Tokenizing costs time per character: a prompt longer than this could never fit the context
+        # (tokens are ~4 characters), so it is refused before tokenizing.
+        self.max_prompt_chars = 32 * self.max_context
         self.autocast = next((d for d in (torch.bfloat16, torch.float16) if device.type == "cuda" and native(
             {torch.bfloat16: "bf16", torch.float16: "fp16"}[d], device)), None)  # fmt: skip
 
@@ -140,6 +143,13 @@ class HFCausalLM(ModelAdapter):
         prompts = [as_array(r, dtype=np.int64, name=f"input_ids[{i}]") for i, r in enumerate(rows)]
         return Validated([(self.check_prompt(p.tolist(), params), params) for p in prompts], batched=True)
 
+    def _check_chars(self, n: int, what: str) -> None:
+        if n > self.max_prompt_chars:
+            raise LimitExceeded(
+                f"{what} has {n} characters; this model's context ({self.max_context} tokens) takes at most "
+                f"{self.max_prompt_chars}"
+            )
+
     def chat_prompt(self, messages) -> list[int]:
         """Token ids of chat `messages` under the tokenizer's chat template, ready for the reply."""
         if self.tokenizer.chat_template is None:
@@ -149,6 +159,9 @@ class HFCausalLM(ModelAdapter):
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidInput(f"message {i} must have a string 'role' and a string 'content'")
+        if len(messages) > self.max_context:
+            raise LimitExceeded(f"{len(messages)} messages cannot fit this model's {self.max_context}-token context")
+        self._check_chars(sum(len(m["content"]) for m in messages), "'messages'")
         text = self.tokenizer.apply_chat_template(
             [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True, tokenize=False
         )
@@ -156,6 +169,7 @@ class HFCausalLM(ModelAdapter):
 
     def text_prompt(self, prompt: str) -> list[int]:
         """Token ids of a completion prompt."""
+        self._check_chars(len(prompt), "'prompt'")
         return self.tokenizer(prompt).input_ids
 
     def join(self, outputs: list[dict], batched: bool, options: dict | None = None) -> dict:

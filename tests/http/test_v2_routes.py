@@ -134,7 +134,7 @@ def _tensor(name, shape, datatype, size):
         ({"inputs": [_tensor("x", [2**40, 3], "FP32", 12)]}, b"\0" * 12, "needs 13194139533312 bytes"),
         ({"inputs": [_tensor("x", [1, 3], "FP32", 12)]}, b"\0" * 16, "4 bytes of binary data follow"),
         ({"inputs": [_tensor("x", [1, 3], "FP32", 64)]}, b"\0" * 12, "runs past"),
-        ({"inputs": [_tensor("texts", [2**30], "BYTES", 8)]}, b"\0" * 8, "cannot fit"),
+        ({"inputs": [_tensor("texts", [100], "BYTES", 8)]}, b"\0" * 8, "cannot fit"),
         ({"inputs": [_tensor("texts", [1], "BYTES", 8)]}, struct.pack("<I", 100) + b"abcd", "declares 100 bytes"),
         ({"inputs": [_tensor("texts", [1], "BYTES", 6)]}, struct.pack("<I", 2) + b"\xff\xfe", "not valid UTF-8"),
         ({"inputs": [_tensor("x", [1, -3], "FP32", 12)]}, b"\0" * 12, "negative dimension"),
@@ -192,3 +192,10 @@ def test_v2_and_native_requests_share_batches(make_client, manager):
         assert resp.headers["X-Batch-Size"] == "2" and sizes["native"] == "2"
     finally:
         slow.close()
+
+
+def test_bytes_elements_are_bounded_before_any_is_built(make_client):
+    client = make_client(max_queue_samples=4)
+    body, headers = _raw({"inputs": [_tensor("texts", [10], "BYTES", 40)]}, b"\0" * 40)  # ten empty texts
+    resp = client.post("/v2/models/embed/infer", data=body, headers=headers)
+    assert resp.status_code == 413 and "at most 4" in resp.get_json()["error"]

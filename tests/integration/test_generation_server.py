@@ -161,6 +161,9 @@ def test_bad_generation_requests_are_4xx(srv, oai):
     with pytest.raises(openai.APIStatusError) as caught:
         oai.completions.create(model="tiny", prompt="x " * 10, max_tokens=2047)
     assert caught.value.status_code == 413
+    with pytest.raises(openai.APIStatusError) as caught:
+        oai.completions.create(model="tiny", prompt="x" * 70_000, max_tokens=2)  # refused before tokenizing
+    assert caught.value.status_code == 413 and "characters" in caught.value.message
     v2 = {"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]}]}
     resp = requests.post(f"{srv.base_url}/v2/models/tiny/infer", json=v2, timeout=10)
     assert resp.status_code == 400 and "generates text" in resp.json()["error"]
