@@ -241,6 +241,10 @@ class ContinuousBatcher:
         the future gets a BatchResult-like object with one {"output_ids"} per sample."""
         from batching import BatchResult
 
+        if len(samples) > self.max_waiting:  # could never be queued at once: 413, not a 429 to retry
+            raise LimitExceeded(
+                f"{len(samples)} prompts in one request; model {self.name!r} queues at most {self.max_waiting}"
+            )
         future: Future = Future()
         started = time.monotonic()
         seqs = [Sequence(list(p), params, deadline, abandoned) for p, params in samples]

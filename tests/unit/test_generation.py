@@ -140,6 +140,9 @@ def test_bounds(lm):
     submit(b, tok, PROMPTS[0], 4)  # not started: it waits
     with pytest.raises(Overloaded):
         submit(b, tok, PROMPTS[0], 4)
+    two = [(tok(PROMPTS[0]).input_ids, SamplingParams(4))] * 2
+    with pytest.raises(LimitExceeded, match="queues at most 1"):
+        b.submit(two, time.monotonic() + 10)  # more prompts than could ever wait at once
 
 
 def test_leaving_rows_take_their_padding_with_them(lm):
