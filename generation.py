@@ -190,7 +190,7 @@ class ContinuousBatcher:
         self.sequences = 0  # admitted so far
         self.generated = 0  # tokens so far
         self.stats = _Stats(self)
-        #: for /models: the most sequences one decode step has run
+        #: the names GET /models shows for a batcher's bounds (the request batcher's, same meaning)
         self.max_batch_size = max_running
         self.max_batch_tokens = max_cached_tokens
         self.max_wait_s = 0.0
@@ -472,8 +472,11 @@ class ContinuousBatcher:
             self._finish(seq, "stop")
             return
         seq.output.append(token)
+        before = len(seq.decoded)
         full = self._detokenize(seq)
-        stop_at = min((i for i in (full.find(s) for s in seq.params.stop) if i >= 0), default=-1)
+        # a stop string can only end in the new text: search from where it could start, not the whole text
+        start = max(0, before - max((len(s) for s in seq.params.stop), default=0))
+        stop_at = min((i for i in (full.find(s, start) for s in seq.params.stop) if i >= 0), default=-1)
         if stop_at >= 0:
             self._send_text(seq, token, full[:stop_at])
             self._finish(seq, "stop")

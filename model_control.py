@@ -59,35 +59,51 @@ class ModelControl:
             )
         return out
 
-    def load(self, name: str, timeout_s: float) -> dict:
-        """Serve a model that is in the repository; returns once every live worker serves it."""
+    def _set(self, name: str, on: bool) -> None:
+        """Write the model's SERVING state, and follow it in this worker at once."""
         if name not in self.repo.models():
             raise ModelNotFound(f"model {name!r} is not in the repository; models: {self.repo.models()}")
         with self.repo.lock(name):
-            self.repo.set_serving(name, True)
-        self.manager.refresh()  # this worker loads it now (raises nothing: failures go to /readyz)
-        version = self.repo.current(name)
+            self.repo.set_serving(name, on)
+        self.manager.refresh()  # raises nothing: a failed load goes to /readyz and is retried
+
+    def _until(self, timeout_s: float, check):
+        """Poll `check() -> (done, result)` until done or the timeout; (done, the last result)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            live = self._live_workers()
-            workers = self.repo.workers(name, self._max_age_s())
-            lagging = sorted(w for w in live if workers.get(w) != version)
-            if not lagging or time.monotonic() >= deadline:
-                error = self.manager.not_ready_reasons().get(name)
-                return {"model": name, "version": version, "converged": not lagging, "workers": workers,
-                        "lagging": lagging, "error": error}  # fmt: skip
+            done, result = check()
+            if done or time.monotonic() >= deadline:
+                return done, result
             time.sleep(self.manager.poll_s / 2)  # polling the workers' reports, refreshed every poll
+
+    def load(self, name: str, timeout_s: float) -> dict:
+        """Serve a model that is in the repository; returns once every live worker serves it.
+        Not converged: `error` says why (the load's failure, or the workers that lag)."""
+        self._set(name, True)
+        version = self.repo.current(name)
+
+        def check():
+            workers = self.repo.workers(name, self._max_age_s())
+            lagging = sorted(w for w in self._live_workers() if workers.get(w) != version)
+            return not lagging, (workers, lagging)
+
+        converged, (workers, lagging) = self._until(timeout_s, check)
+        out = {"model": name, "version": version, "converged": converged, "workers": workers, "lagging": lagging}
+        if not converged:
+            why = self.manager.not_ready_reasons().get(name) or f"workers {lagging} do not serve it after the timeout"
+            out["error"] = f"model {name!r} is not loaded everywhere: {why}"
+        return out
 
     def unload(self, name: str, timeout_s: float) -> dict:
         """Stop serving a model everywhere; returns once no worker reports serving it."""
-        if name not in self.repo.models():
-            raise ModelNotFound(f"model {name!r} is not in the repository; models: {self.repo.models()}")
-        with self.repo.lock(name):
-            self.repo.set_serving(name, False)
-        self.manager.refresh()
-        deadline = time.monotonic() + timeout_s
-        while True:
+        self._set(name, False)
+
+        def check():
             workers = self.repo.workers(name, self._max_age_s())
-            if not workers or time.monotonic() >= deadline:
-                return {"model": name, "converged": not workers, "workers": workers}
-            time.sleep(self.manager.poll_s / 2)
+            return not workers, workers
+
+        converged, workers = self._until(timeout_s, check)
+        out = {"model": name, "converged": converged, "workers": workers}
+        if not converged:
+            out["error"] = f"workers {sorted(workers)} still serve {name!r}"
+        return out

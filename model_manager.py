@@ -218,21 +218,18 @@ class ModelManager:
         slot = ModelSlot(adapter, signature)
         settings = self.batch_settings(name, version)
         if adapter.generates:
-            self._models[name] = LoadedModel(name, slot, self._generator(adapter, settings))
-            self.repo.report(name, self.pid, version)
-            metrics.set_model_info(name, version, str(self.device), adapter.describe()["dtype"])
-            log.info("model %s version %s (%s) is warm on %s", name, version, adapter.adapter_name, self.device)
-            return
-        batcher = Batcher(
-            slot.run,
-            max_batch_size=settings["max_batch_size"],
-            max_queue_samples=self.config.max_queue_samples,
-            max_wait_ms=settings["max_wait_ms"],
-            max_batch_tokens=settings["max_batch_tokens"],
-            sample_len=adapter.sample_length if adapter.token_inputs else None,
-            name=name,
-            observer=metrics.BatchMetrics(name),
-        ).start()
+            batcher = self._generator(adapter, settings)
+        else:
+            batcher = Batcher(
+                slot.run,
+                max_batch_size=settings["max_batch_size"],
+                max_queue_samples=self.config.max_queue_samples,
+                max_wait_ms=settings["max_wait_ms"],
+                max_batch_tokens=settings["max_batch_tokens"],
+                sample_len=adapter.sample_length if adapter.token_inputs else None,
+                name=name,
+                observer=metrics.BatchMetrics(name),
+            ).start()
         self._models[name] = LoadedModel(name, slot, batcher)
         self.repo.report(name, self.pid, version)
         metrics.set_model_info(name, version, str(self.device), adapter.describe()["dtype"])
@@ -334,10 +331,11 @@ class ModelManager:
             # a new generation loop on the new version; the old one finishes its sequences, then stops
             old_batcher, loaded.batcher = loaded.batcher, self._generator(adapter, settings)
             threading.Thread(target=old_batcher.close, name="binserve-generate-drain", daemon=True).start()
-        # the batch thread reads these per batch: the new version's batching applies from the next one
-        loaded.batcher.max_batch_size = settings["max_batch_size"]
-        loaded.batcher.max_batch_tokens = settings["max_batch_tokens"]
-        loaded.batcher.max_wait_s = settings["max_wait_ms"] / 1000.0
+        else:
+            # the batch thread reads these per batch: the new version's batching applies from the next one
+            loaded.batcher.max_batch_size = settings["max_batch_size"]
+            loaded.batcher.max_batch_tokens = settings["max_batch_tokens"]
+            loaded.batcher.max_wait_s = settings["max_wait_ms"] / 1000.0
         self.repo.report(loaded.name, self.pid, version)
         metrics.set_model_info(loaded.name, version, str(self.device), adapter.describe()["dtype"], old.version)
         metrics.RELOADS.labels(loaded.name, "success").inc()

@@ -56,22 +56,12 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         admin_only("/v2/repository")
         return jsonify(ModelControl(manager).index())
 
-    @bp.post("/v2/repository/models/<model>/load")
-    def load_model(model: str):
+    @bp.post("/v2/repository/models/<model>/<any(load, unload):action>")
+    def control_model(model: str, action: str):
         admin_only("/v2/repository")
-        result = ModelControl(manager).load(model, timeout_of(optional_body()))
-        if result["converged"]:
-            return jsonify(result)
-        why = result["error"] or f"workers {result['lagging']} do not serve it after the timeout"
-        return jsonify({"error": f"model {model!r} is not loaded everywhere: {why}", **result}), 504
-
-    @bp.post("/v2/repository/models/<model>/unload")
-    def unload_model(model: str):
-        admin_only("/v2/repository")
-        result = ModelControl(manager).unload(model, timeout_of(optional_body()))
-        if result["converged"]:
-            return jsonify(result)
-        return jsonify({"error": f"workers {sorted(result['workers'])} still serve {model!r}", **result}), 504
+        control = ModelControl(manager)
+        result = (control.load if action == "load" else control.unload)(model, timeout_of(optional_body()))
+        return jsonify(result), (200 if result["converged"] else 504)
 
     @bp.post("/update_model")
     def update_model():

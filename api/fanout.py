@@ -12,24 +12,28 @@ model's payload only.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from flask import g, request
+from flask import g
 
 import metrics
-from api.pipeline import _DEADLINE_GRACE_S, Pipeline, client_gone_check
+from api.pipeline import Pipeline
 from batching import BatchResult
-from errors import BadRequest, DeadlineExceeded, ServingError
+from errors import BadRequest, ServingError
 
 #: models one request may name: more is a malformed or hostile request
 MAX_MODELS = 16
 
 
-def _named(name: str, err: ServingError) -> ServingError:
-    """`err` again, its message naming the model it came from (same class, same status)."""
-    return type(err)(f"model {name!r}: {err.message}", retry_after_s=err.retry_after_s)
+@contextlib.contextmanager
+def _naming(name: str):
+    """A ServingError raised inside, raised again naming the model it came from (same class, status)."""
+    try:
+        yield
+    except ServingError as err:
+        raise type(err)(f"model {name!r}: {err.message}", retry_after_s=err.retry_after_s) from None
 
 
 @dataclass
@@ -83,35 +87,22 @@ def fan_out(pipeline: Pipeline, payload: dict, deadline: float) -> FanOutcome:
     shared: dict = {}
     validated = {}
     for m in loaded:
-        try:
+        with _naming(m.name):
             validated[m.name] = m.adapter.validate({**payload, **params.get(m.name, {})}, shared)
-        except ServingError as err:
-            raise _named(m.name, err) from None
     decoded = time.monotonic()
-    gone = client_gone_check(request.environ)
-    futures = {}
+    futures, results = {}, {}
     try:
+        for m in loaded:  # every part queued before any is waited on: the models run side by side
+            with _naming(m.name):
+                futures[m.name] = pipeline.submit(m, validated[m.name], deadline)
         for m in loaded:
-            try:
-                futures[m.name] = m.batcher.submit(validated[m.name].samples, deadline, gone)
-            except ServingError as err:
-                raise _named(m.name, err) from None
-        results = {}
-        for m in loaded:
-            try:
-                results[m.name] = futures[m.name].result(
-                    timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S
-                )
-            except FutureTimeout:
-                raise DeadlineExceeded(f"model {m.name!r}: the deadline passed while its batch was running") from None
-            except ServingError as err:
-                raise _named(m.name, err) from None
+            with _naming(m.name):
+                results[m.name] = pipeline.wait(m, futures[m.name], deadline)
     finally:
         for f in futures.values():
             f.cancel()  # parts not started yet, when another part failed; a no-op for finished ones
     replies = {}
     for m in loaded:
         r, v = results[m.name], validated[m.name]
-        metrics.QUEUE_DURATION.labels(m.name).observe(r.queue_s)
         replies[m.name] = m.adapter.join(r.outputs, v.batched, v.options)
     return FanOutcome(replies, results, g.started, decoded)

@@ -15,6 +15,7 @@ import select
 import socket
 import time
 import uuid
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -203,17 +204,25 @@ class Pipeline:
         where = "is in the repository but not served" if known else "does not exist"
         return f"version {version!r} of model {loaded.name!r} {where}; this server serves version {served!r}"
 
-    def infer(self, loaded: LoadedModel, payload: dict, deadline: float, version: str | None = None) -> Outcome:
-        """Validate `payload` for the model, run it in a batch and wait; the adapter's reply."""
-        validated = loaded.adapter.validate(payload)
-        decoded = time.monotonic()
-        future = loaded.batcher.submit(validated.samples, deadline, client_gone_check(request.environ))
+    def submit(self, loaded: LoadedModel, validated: Validated, deadline: float) -> Future:
+        """Queue a validated request on the model's batcher (429 when full, 413 when it never fits)."""
+        return loaded.batcher.submit(validated.samples, deadline, client_gone_check(request.environ))
+
+    def wait(self, loaded: LoadedModel, future: Future, deadline: float) -> BatchResult:
+        """The batch's result, or 504 once the deadline (plus a grace for a batch under way) passed."""
         try:
             result = future.result(timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S)
         except FutureTimeout:
             future.cancel()
             raise DeadlineExceeded("the request's deadline passed while its batch was still running") from None
         metrics.QUEUE_DURATION.labels(loaded.name).observe(result.queue_s)
+        return result
+
+    def infer(self, loaded: LoadedModel, payload: dict, deadline: float, version: str | None = None) -> Outcome:
+        """Validate `payload` for the model, run it in a batch and wait; the adapter's reply."""
+        validated = loaded.adapter.validate(payload)
+        decoded = time.monotonic()
+        result = self.wait(loaded, self.submit(loaded, validated, deadline), deadline)
         if version is not None and str(result.tag) != version:  # a reload landed while it waited
             raise ModelNotFound(self._version_message(loaded, version))
         reply = loaded.adapter.join(result.outputs, validated.batched, validated.options)

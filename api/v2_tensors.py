@@ -38,7 +38,7 @@ DTYPES = {
 # BF16 has no numpy dtype: its 2-byte words are widened to float32 (exact). BYTES are strings.
 DATATYPES = (*DTYPES, "BF16", "BYTES")
 _BY_DTYPE = {dt: name for name, dt in DTYPES.items()}
-# Inputs per request: a model has a handful; more is a malformed or hostile request.
+# Inputs (and requested outputs) per request: a model has a handful; more is malformed or hostile.
 _MAX_INPUTS = 64
 
 
@@ -147,6 +147,11 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits, max_st
     if outputs is not None:
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
             raise BadRequest("'outputs' must be a list of objects with a 'name'")
+        if len(outputs) > _MAX_INPUTS:
+            raise BadRequest(f"'outputs' lists {len(outputs)} tensors; at most {_MAX_INPUTS}")
+        names = [o.get("name") for o in outputs]
+        if len(set(map(str, names))) != len(names):  # each would be encoded again: a reply many times the model's
+            raise BadRequest(f"'outputs' names a tensor twice: {names}")
         requested = []
         for i, o in enumerate(outputs):
             name = _field(o, "name", str, f"output {i}")

@@ -28,6 +28,29 @@ _CORPUS = [
 ]
 
 
+#: prompts of different lengths, for the tests (the benchmark makes its own)
+EXAMPLE_PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog while",
+    "binserve batches",
+    "A language model writes one token at a time, and the server keeps many",
+    "numbers 0 1 2 3",
+    "How are you today?",
+    "Hello! How are you",
+    "The cat",
+]
+
+
+def greedy_reference(model, ids: list[int], n: int, eos: bool = True) -> list[int]:
+    """What `model.generate` gives alone, greedy, for prompt `ids`: the n new token ids (fewer at EOS
+    unless `eos` is False)."""
+    t = torch.tensor([ids])
+    kwargs = {} if eos else {"eos_token_id": None}
+    with torch.no_grad():
+        out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False, **kwargs)
+    return out[0, len(ids) :].tolist()
+
+
 def write_causal_lm(out: Path, layers: int = 2, hidden: int = 64, seed: int = 0, vocab: int = 512) -> Path:
     """Write a model directory (config, safetensors weights, tokenizer with a chat template) to `out`."""
     out.mkdir(parents=True, exist_ok=True)

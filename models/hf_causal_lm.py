@@ -229,19 +229,9 @@ class HFCausalLM(ModelAdapter):
         raise RuntimeError("generative models run on their continuous batcher (generation.py)")
 
     def describe(self) -> dict:
-        params = list(self._model.parameters())
-        return {
-            "name": self.name,
-            "version": self.version,
-            "adapter": self.adapter_name,
-            "device": str(self.device),
-            "dtype": str(params[0].dtype).replace("torch.", ""),
-            "engines": [f"torch-{'fp32' if self.autocast is None else str(self.autocast).replace('torch.', '')}"],
-            "runtime": {"generation": "continuous batching", "autocast": str(self.autocast) if self.autocast else None},
-            "device_memory_bytes": self.runner.memory_bytes(),
-            "parameters": sum(p.numel() for p in params),
-            "inputs": self.input_spec(),
-        }
+        precision = "fp32" if self.autocast is None else str(self.autocast).replace("torch.", "")
+        runtime = {"generation": "continuous batching", "autocast": str(self.autocast) if self.autocast else None}
+        return {**super().describe(), "engines": [f"torch-{precision}"], "runtime": runtime}
 
     # the engine-planning contract of one-forward adapters does not apply to generation
     def collate(self, samples: list) -> dict[str, np.ndarray]:

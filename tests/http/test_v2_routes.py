@@ -140,6 +140,7 @@ def _tensor(name, shape, datatype, size):
         ({"inputs": [_tensor("x", [1, -3], "FP32", 12)]}, b"\0" * 12, "negative dimension"),
         ({"inputs": [_tensor("x", [1, 3], "FP8", 3)]}, b"\0" * 3, "datatype 'FP8' is not one of"),
         ({"inputs": [_tensor("z", [1, 3], "FP32", 12)]}, b"\0" * 12, "unknown input 'z'"),
+        ({"inputs": [_tensor("x", [1, 3], "FP32", 12)], "outputs": [{"name": "y"}] * 2}, b"\0" * 12, "twice"),
         (
             {"inputs": [_tensor("x", [1, 3], "FP32", 12)], "outputs": [{"name": "q"}]},
             b"\0" * 12,

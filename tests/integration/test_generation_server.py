@@ -12,24 +12,14 @@ import numpy as np
 import openai
 import pytest
 import requests
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.example_causal_lm import write_causal_lm
+from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference, write_causal_lm
 from request_tools import send_inference_request
 from tests.serverproc import ServerProcess
 
-PROMPTS = [
-    "Hello",
-    "The quick brown fox jumps over the lazy dog while",
-    "binserve batches",
-    "A language model writes one token at a time, and the server keeps many",
-    "numbers 0 1 2 3",
-    "How are you today?",
-    "Hello! How are you",
-    "The cat",
-]
+PROMPTS = EXAMPLE_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +38,7 @@ def ref(lm_dir):
     model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
 
     def generate(ids: list[int], n: int) -> list[int]:
-        t = torch.tensor([ids])
-        with torch.no_grad():
-            out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False)
-        return out[0, len(ids) :].tolist()
+        return greedy_reference(model, ids, n)
 
     generate.tok = tok
     return generate

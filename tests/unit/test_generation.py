@@ -10,18 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from errors import ClientGone, LimitExceeded, Overloaded
 from generation import ContinuousBatcher, SamplingParams, Sequence
-from models.example_causal_lm import write_causal_lm
+from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference, write_causal_lm
 
-PROMPTS = [
-    "Hello",
-    "The quick brown fox jumps over the lazy dog while",
-    "binserve batches",
-    "A language model writes one token at a time, and the server keeps many",
-    "numbers 0 1 2 3",
-    "How are you today?",
-    "Hello! How are you",
-    "The cat",
-]
+PROMPTS = EXAMPLE_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +31,7 @@ def batcher(lm):
 
 def reference(lm, prompt: str, n: int) -> list[int]:
     model, tok = lm
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None
-        )
-    return out[0, ids.shape[1] :].tolist()
+    return greedy_reference(model, tok(prompt).input_ids, n, eos=False)
 
 
 def submit(b, tok, prompt, n, **kw) -> Sequence:

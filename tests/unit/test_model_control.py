@@ -55,3 +55,58 @@ def test_batch_settings_are_per_version_and_bounded(tmp_path):
         "max_batch_tokens": config.max_batch_tokens,
         "max_wait_ms": config.max_wait_ms,
     }
+
+
+class _Repo:
+    """The repository as ModelControl reads it; workers keep reporting the model for `lag` reads."""
+
+    def __init__(self, lag: int) -> None:
+        self.lag, self.serving = lag, {}
+
+    def models(self):
+        return ["m"]
+
+    def lock(self, name):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def set_serving(self, name, on):
+        self.serving[name] = on
+
+    def current(self, name):
+        return "1"
+
+    def workers(self, name, max_age_s):
+        if self.serving.get(name):
+            return {"r:1": "1", "r:2": "1"}
+        self.lag -= 1
+        return {"r:2": "1"} if self.lag >= 0 else {}
+
+
+class _Manager:
+    poll_s = 0.001
+    names = ["m"]
+    configured = ["m"]
+
+    def __init__(self, repo):
+        self.repo = repo
+        self.refreshed = 0
+
+    def refresh(self):
+        self.refreshed += 1
+
+    def not_ready_reasons(self):
+        return {}
+
+
+def test_unload_waits_until_no_worker_reports_the_model():
+    from model_control import ModelControl
+
+    repo = _Repo(lag=5)
+    result = ModelControl(_Manager(repo)).unload("m", timeout_s=10)
+    assert result == {"model": "m", "converged": True, "workers": {}} and repo.lag < 0
+    late = ModelControl(_Manager(_Repo(lag=10**9))).unload("m", timeout_s=0.05)
+    assert not late["converged"] and late["error"] == "workers ['r:2'] still serve 'm'"
+    with pytest.raises(ModelNotFound):
+        ModelControl(_Manager(repo)).unload("other", timeout_s=1)
