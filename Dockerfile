@@ -49,7 +49,7 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY *.py ./
 COPY models/ ./models/
-COPY api/ ./api/
+COPY binserve/ ./binserve/
 USER 10001
 EXPOSE 8000 9000
 VOLUME ["/models", "/status"]

@@ -4,7 +4,7 @@ design: the structure of a request (a dict of arrays, token lists, texts, scalar
 pickle protocol 5 stream; the bytes of every numpy array travel beside it as out-of-band buffers,
 64-byte aligned, so the decoder hands back arrays that are views of the body (no copy) and the
 encoder copies each array's bytes exactly once, into the output. Decoding never calls
-`pickle.loads`: `safe_pickle.safe_loads` runs an allow-listed pickle VM with argument checks.
+`pickle.loads`: `binserve.wire.safe_pickle.safe_loads` runs an allow-listed pickle VM with argument checks.
 Plain `pickle.dumps(d, protocol=5)` bodies (protocols 2-5) from existing clients decode through
 the same VM; JSON is there for curl.
 
@@ -44,8 +44,8 @@ from itertools import repeat
 
 import numpy as np
 
-from errors import InvalidInput, LimitExceeded, ProtocolError, UnsupportedMediaType
-from safe_pickle import DEFAULT_LIMITS, DTYPE_CODES, Limits, safe_loads
+from binserve.errors import InvalidInput, LimitExceeded, ProtocolError, UnsupportedMediaType
+from binserve.wire.safe_pickle import DEFAULT_LIMITS, DTYPE_CODES, Limits, safe_loads
 
 __all__ = [
     "DEFAULT_LIMITS",

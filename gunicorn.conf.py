@@ -1,6 +1,6 @@
 """Gunicorn settings for binserve: plain assignments from ServerConfig, and the worker hooks.
 
-Workers are gthread with request buffering (`http_worker.BufferingWorker`): one process holds many
+Workers are gthread with request buffering (`binserve.process.http_worker.BufferingWorker`): one process holds many
 request threads, which is what lets one process's batcher see many concurrent requests, and a
 request reaches a thread only once it has arrived whole, so slow clients cannot hold threads.
 preload_app stays off so that models and CUDA initialise in each worker after the fork, never in
@@ -12,8 +12,8 @@ import signal
 import tempfile
 from pathlib import Path
 
-import coreshare
-from config import ServerConfig
+from binserve.config import ServerConfig
+from binserve.process import coreshare
 
 # prometheus_client's multiprocess mode: every worker writes its metrics to files in this
 # directory, and a scrape of any worker reads all of them. It must be in the environment before
@@ -38,10 +38,10 @@ coreshare.create()
 os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 bind = [f"{_config.host}:{_config.port}"]
-if _config.admin_port:  # /update_model and /metrics answer only here (see api/admin.py)
+if _config.admin_port:  # /update_model and /metrics answer only here (see binserve/api/admin.py)
     bind.append(f"{_config.host}:{_config.admin_port}")
 workers = _config.worker_count()
-worker_class = "http_worker.BufferingWorker"
+worker_class = "binserve.process.http_worker.BufferingWorker"
 threads = _config.threads
 preload_app = False
 # Models load on a background thread, so the worker heartbeat is never blocked for long.
@@ -70,10 +70,10 @@ def child_exit(server, worker):
     the directory stays bounded however often workers restart and no total goes backwards; free its
     share of the cores (it may have died mid-batch)."""
     coreshare.clear(max(0, worker.age - 1))
-    import metrics_archive  # imported here, after PROMETHEUS_MULTIPROC_DIR is set
+    from binserve.observability import archive  # imported here, after PROMETHEUS_MULTIPROC_DIR is set
 
     try:
-        metrics_archive.archive_dead_process(worker.pid)
+        archive.archive_dead_process(worker.pid)
     except Exception:  # metrics must never stop the master from replacing a worker
         server.log.exception("could not archive the metrics of worker %s", worker.pid)
 
@@ -113,6 +113,6 @@ def post_fork(server, worker):
     os.environ["BINSERVE_WORKER_INDEX"] = str(max(0, worker.age - 1))
     # how many workers this server runs, as Gunicorn was told (flags included): /readyz waits for all
     os.environ["BINSERVE_WORKER_COUNT"] = str(server.cfg.workers)
-    from runtime import configure_allocator
+    from binserve.process.runtime import configure_allocator
 
     configure_allocator()  # before the request threads exist

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import requests
 
 from binary_protocol import FRAMED, JSON, MEDIA_TYPES, decode_body, dict_to_binary, dict_to_json
-from errors import ServingError, error_from_reply
+from binserve.errors import ServingError, error_from_reply
 
 __all__ = ["InferenceClient", "Reply", "ServingError", "send_inference_request"]
 

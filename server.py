@@ -1,10 +1,10 @@
 """The binserve app: the HTTP layer's blueprints composed on one pipeline and one error mapping.
 
-design: `api/` holds one blueprint per protocol - native `/infer`, Open Inference Protocol V2
+design: `binserve/api/` holds one blueprint per protocol - native `/infer`, Open Inference Protocol V2
 (`/v2`, tritonclient and KServe), OpenAI-compatible `/v1`, admin and health - all calling the
-shared request pipeline (`api/pipeline.py`: read, authorize, validate, submit to the model's
-batcher, wait, time) and answering errors through `api/failures.py`. The worker bootstrap (threads,
-device, model manager) is `bootstrap.py`.
+shared request pipeline (`binserve/api/pipeline.py`: read, authorize, validate, submit to the model's
+batcher, wait, time) and answering errors through `binserve/api/failures.py`. The worker bootstrap (threads,
+device, model manager) is `binserve/serving/bootstrap.py`.
 
 `gunicorn -c gunicorn.conf.py server:app` serves the module-level `app` (created on first access,
 inside each worker, so models and CUDA are never initialised in the Gunicorn master);
@@ -18,9 +18,9 @@ import sys
 
 from flask import Flask
 
-from api import admin, failures, health, native, openai_compat, openai_generate, v2
-from api.pipeline import Pipeline, install_hooks
-from config import ServerConfig
+from binserve.api import admin, failures, health, native, openai_compat, openai_generate, v2
+from binserve.api.pipeline import Pipeline, install_hooks
+from binserve.config import ServerConfig
 
 
 def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
@@ -31,7 +31,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
     """
     config = config or ServerConfig.from_env()
     if manager is None:
-        from bootstrap import start_worker  # torch and the models: only in a serving process
+        from binserve.serving.bootstrap import start_worker  # torch and the models: only in a serving process
 
         manager = start_worker(config)
     app = Flask("binserve")

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import LimitExceeded
+from binserve.errors import LimitExceeded
+from binserve.process.runtime import DeviceRunner, batch_threads, in_compute_thread
 from models.engines import (
     TORCH_DTYPES,
     Engine,
@@ -41,7 +42,6 @@ from models.engines import (
     quantize_int8,
     save_record,
 )
-from runtime import DeviceRunner, batch_threads, in_compute_thread
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import PRECISIONS, RUNTIMES
-from runtime import compute_threads, current_threads, thread_counts
+from binserve.config import PRECISIONS, RUNTIMES
+from binserve.process.runtime import compute_threads, current_threads, thread_counts
 
 log = logging.getLogger("binserve.engines")
 

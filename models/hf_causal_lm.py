@@ -18,11 +18,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from binary_protocol import as_array
-from errors import InvalidInput, LimitExceeded
-from generation import ContinuousBatcher, SamplingParams, Sequence
+from binserve.errors import InvalidInput, LimitExceeded
+from binserve.process.runtime import batch_threads, in_compute_thread
+from binserve.scheduling.continuous import ContinuousBatcher, SamplingParams, Sequence
 from models.base import AdapterOptions, ModelAdapter, TensorSpec, Validated
 from models.engines import native
-from runtime import batch_threads, in_compute_thread
 
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
@@ -34,7 +34,7 @@ class HFCausalLM(ModelAdapter):
     """A causal LM: `{"input_ids": [...], "max_new_tokens": N, ...}` in, generated ids out."""
 
     adapter_name = "hf_causal_lm"
-    #: served by a continuous batcher (generation.py), not the request batcher
+    #: served by a continuous batcher (binserve/scheduling/continuous.py), not the request batcher
     generates = True
 
     def __init__(
@@ -226,7 +226,7 @@ class HFCausalLM(ModelAdapter):
             b.close()
 
     def run_batch(self, samples: list) -> list[dict]:
-        raise RuntimeError("generative models run on their continuous batcher (generation.py)")
+        raise RuntimeError("generative models run on their continuous batcher (binserve/scheduling/continuous.py)")
 
     def describe(self) -> dict:
         precision = "fp32" if self.autocast is None else str(self.autocast).replace("torch.", "")
@@ -235,10 +235,10 @@ class HFCausalLM(ModelAdapter):
 
     # the engine-planning contract of one-forward adapters does not apply to generation
     def collate(self, samples: list) -> dict[str, np.ndarray]:
-        raise RuntimeError("generative models do not collate batches; generation.py keeps its own cache")
+        raise RuntimeError("generative models do not collate batches; the continuous batcher keeps its own cache")
 
     def torch_forward(self, module, inputs):
-        raise RuntimeError("generative models run forward steps in generation.py")
+        raise RuntimeError("generative models run forward steps in the continuous batcher")
 
     def accuracy(self, reference, got):
         raise RuntimeError("generative models have no engine plan to gate")

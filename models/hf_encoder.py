@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from binary_protocol import as_array
-from errors import InvalidInput, LimitExceeded
+from binserve.errors import InvalidInput, LimitExceeded
 from models.base import AdapterOptions, ModelAdapter, OnnxSpec, TensorSpec, Validated
 from models.labels import OPTION_KEYS, label_rows, parse_options
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from errors import InvalidInput
+from binserve.errors import InvalidInput
 
 #: request keys a classifier takes besides its inputs
 OPTION_KEYS = ("top_k", "threshold")

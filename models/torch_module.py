@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 
 from binary_protocol import as_array
-from errors import InvalidInput
+from binserve.errors import InvalidInput
 from models.base import AdapterOptions, ModelAdapter, OnnxSpec, TensorSpec, Validated
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

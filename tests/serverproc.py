@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from config import ServerConfig
+from binserve.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 _SHARED_CACHE = tempfile.mkdtemp(prefix="binserve-test-cache-")

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 
-from config import ServerConfig
+from binserve.config import ServerConfig
 from models.registry import default_minilm_path
 from request_tools import InferenceClient
 from tests.serverproc import free_port

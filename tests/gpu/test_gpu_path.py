@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from binserve.process.runtime import DeviceRunner
 from models.base import AdapterOptions
 from models.engines import RuntimeSettings
 from models.registry import ModelSpec, default_minilm_path, load_model
-from runtime import DeviceRunner
 
 pytestmark = pytest.mark.gpu
 TEXTS = [f"a sentence of some length number {i}" * (1 + i % 3) for i in range(24)]

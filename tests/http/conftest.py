@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config import ServerConfig
+from binserve.config import ServerConfig
 from server import create_app
 from tests.http.fakes import FakeManager
 

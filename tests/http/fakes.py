@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from batching import Batcher, Tagged
 from binary_protocol import as_array
-from errors import InvalidInput, ModelNotFound, NotReady
+from binserve.errors import InvalidInput, ModelNotFound, NotReady
+from binserve.scheduling.batcher import Batcher, Tagged
 from models.base import TensorSpec, Validated
 
 DIM = 4

@@ -8,7 +8,7 @@ import numpy as np
 from prometheus_client import REGISTRY
 
 from binary_protocol import binary_to_dict, dict_to_binary
-from config import ServerConfig
+from binserve.config import ServerConfig
 from server import create_app
 from tests.http.fakes import FakeManager, embed_text
 

@@ -177,7 +177,7 @@ def test_v2_and_native_requests_share_batches(make_client, manager):
 
     slow = FakeManager(max_batch_size=2, max_wait_ms=2000)  # waits for a second request to fill the batch
     try:
-        from config import ServerConfig
+        from binserve.config import ServerConfig
         from server import create_app
 
         app = create_app(ServerConfig(), manager=slow)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-import errors
+from binserve import errors
 from request_tools import InferenceClient
 from tests.serverproc import ServerProcess
 

@@ -13,8 +13,8 @@ import requests
 import torch
 from sentence_transformers import SentenceTransformer
 
-import errors
 from binary_protocol import binary_to_dict, dict_to_binary
+from binserve import errors
 from models.example_policy import PolicyNet
 from models.registry import default_minilm_path
 from request_tools import InferenceClient, send_inference_request

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from errors import InvalidInput, LimitExceeded
+from binserve.errors import InvalidInput, LimitExceeded
 from models.base import AdapterOptions, RequestLimits
 from models.engines import RuntimeSettings
 from models.hf_encoder import HFEncoder

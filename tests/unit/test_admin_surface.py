@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coreshare import cgroup_cpu_limit
-from model_repository import ModelRepository
+from binserve.process.coreshare import cgroup_cpu_limit
+from binserve.serving.repository import ModelRepository
 from models.base import AdapterOptions
 from models.registry import ModelSpec, load_model
 from models.torch_module import UntrustedModelCode, trusted_class
@@ -210,9 +210,8 @@ def test_cgroup_v1_quota(tmp_path):
 
 
 def test_threads_per_worker_follow_the_quota(monkeypatch):
-    import coreshare
-    import runtime
-    from config import ServerConfig
+    from binserve.config import ServerConfig
+    from binserve.process import coreshare, runtime
 
     monkeypatch.setattr(coreshare.os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
     monkeypatch.setattr(coreshare, "cgroup_cpu_limit", lambda: 2.0)  # a 2-CPU pod

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from batching import Batcher, BatchResult
-from errors import DeadlineExceeded, LimitExceeded, ModelFailure, Overloaded
+from binserve.errors import DeadlineExceeded, LimitExceeded, ModelFailure, Overloaded
+from binserve.scheduling.batcher import Batcher, BatchResult
 
 
 class FakeClock:

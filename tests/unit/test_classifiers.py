@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from errors import InvalidInput
+from binserve.errors import InvalidInput
 from models.base import AdapterOptions
 from models.engines import RuntimeSettings
 from models.example_classifier import TOPICS, TOXICITY, write_classifier

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import requests
 
-import errors
 from binary_protocol import FRAMED, JSON, decode_body, encode_body, reply_format
+from binserve import errors
 from request_tools import InferenceClient, send_inference_request
 
 

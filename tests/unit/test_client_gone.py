@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from api.pipeline import client_gone_check as _client_gone_check
+from binserve.api.pipeline import client_gone_check as _client_gone_check
 
 
 def test_open_connection_is_not_gone_even_with_pipelined_data():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config import ServerConfig
+from binserve.config import ServerConfig
 
 
 def test_defaults():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-import coreshare
+from binserve.process import coreshare
 
 
 def test_alone_a_batch_gets_every_core_and_concurrent_ones_split_them():

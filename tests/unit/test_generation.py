@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from errors import ClientGone, LimitExceeded, Overloaded
-from generation import ContinuousBatcher, SamplingParams, Sequence
+from binserve.errors import ClientGone, LimitExceeded, Overloaded
+from binserve.scheduling.continuous import ContinuousBatcher, SamplingParams, Sequence
 from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference, write_causal_lm
 
 PROMPTS = EXAMPLE_PROMPTS

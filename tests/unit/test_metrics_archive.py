@@ -13,7 +13,7 @@ import sys
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-import metrics_archive
+from binserve.observability import archive
 
 WRITER = """
 from prometheus_client import Counter, Gauge, Histogram
@@ -43,7 +43,7 @@ def test_ten_dead_processes_leave_two_archive_files_and_their_totals(tmp_path):
         assert proc.returncode == 0
         pids = {int(f.stem.rsplit("_", 1)[1]) for f in tmp_path.glob("*.db") if not f.stem.endswith("archive")}
         for pid in pids:
-            metrics_archive.archive_dead_process(pid, str(tmp_path))
+            archive.archive_dead_process(pid, str(tmp_path))
         sample = scrape(str(tmp_path))
         totals.append(sample[("jobs_total", (("kind", "a"),))])
         assert sample[("job_seconds_count", ())] == totals[-1] / 3
@@ -56,9 +56,9 @@ def test_ten_dead_processes_leave_two_archive_files_and_their_totals(tmp_path):
 def test_the_directory_is_created_when_missing(tmp_path, monkeypatch):
     missing = tmp_path / "not" / "yet"
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(missing))
-    assert metrics_archive.ensure_directory() == str(missing) and missing.is_dir()
+    assert archive.ensure_directory() == str(missing) and missing.is_dir()
     proc = subprocess.run(
-        [sys.executable, "-c", "import metrics"],
+        [sys.executable, "-c", "from binserve.observability import metrics"],
         env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "fresh")},
         cwd=os.getcwd(),
         capture_output=True,

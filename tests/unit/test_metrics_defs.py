@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client import Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-import metrics
+from binserve.observability import metrics
 
 DEFINED = {
     m._name: m for m in vars(metrics).values() if isinstance(m, (metrics.Counter, metrics.Gauge, metrics.Histogram))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from config import ServerConfig
-from errors import ModelNotFound
-from model_manager import ModelManager
-from model_repository import ModelRepository
+from binserve.config import ServerConfig
+from binserve.errors import ModelNotFound
+from binserve.serving.manager import ModelManager
+from binserve.serving.repository import ModelRepository
 from models.registry import ModelSpec, check_settings, default_minilm_path, load_model, parse_specs
 
 
@@ -101,7 +101,7 @@ class _Manager:
 
 
 def test_unload_waits_until_no_worker_reports_the_model():
-    from model_control import ModelControl
+    from binserve.serving.control import ModelControl
 
     repo = _Repo(lag=5)
     result = ModelControl(_Manager(repo)).unload("m", timeout_s=10)

@@ -11,9 +11,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import safe_pickle
 from binary_protocol import LimitExceeded, Limits, ProtocolError, binary_to_dict, dict_to_binary
-from errors import PayloadTooLarge
+from binserve.errors import PayloadTooLarge
+from binserve.wire import safe_pickle
 
 
 def peak_of(fn) -> int:

@@ -24,7 +24,7 @@ from binary_protocol import (
     json_to_dict,
     reply_format,
 )
-from errors import InvalidInput, UnsupportedMediaType
+from binserve.errors import InvalidInput, UnsupportedMediaType
 
 DTYPES = ["b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from http_worker import (
+from binserve.process.http_worker import (
     BODY_TOO_LARGE,
     COMPLETE,
     HEADERS_TOO_LARGE,

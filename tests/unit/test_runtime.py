@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from config import ServerConfig
-from runtime import DeviceRunner, configure_threads, select_device
+from binserve.config import ServerConfig
+from binserve.process.runtime import DeviceRunner, configure_threads, select_device
 
 CPU = torch.device("cpu")
 

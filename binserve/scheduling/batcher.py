@@ -21,7 +21,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded, ServingError
+from binserve.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    LimitExceeded,
+    ModelFailure,
+    NotReady,
+    Overloaded,
+    ServingError,
+)
 
 log = logging.getLogger("binserve.batching")
 

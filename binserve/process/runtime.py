@@ -17,9 +17,12 @@ import threading
 import numpy as np
 import torch
 
-import coreshare
-from config import ServerConfig
-from coreshare import cgroup_cpu_limit, usable_cores  # noqa: F401 - re-exported: where callers look for them
+from binserve.config import ServerConfig
+from binserve.process import coreshare
+from binserve.process.coreshare import (  # noqa: F401 - re-exported: where callers look for them
+    cgroup_cpu_limit,
+    usable_cores,
+)
 
 
 def _libc():

@@ -33,7 +33,7 @@ from functools import partial
 
 from gunicorn.workers.gthread import ThreadWorker
 
-from config import ServerConfig
+from binserve.config import ServerConfig
 
 MAX_HEADER_BYTES = 64 * 1024
 _MAX_CHUNK_LINE = 1024

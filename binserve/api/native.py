@@ -1,6 +1,6 @@
 """binserve's own protocol: `POST /infer[/<model>]` with a framed, pickle or JSON body.
 
-A body with `models` fans out to several models (api/fanout.py); the reply then maps each model's
+A body with `models` fans out to several models (`fanout.py`); the reply then maps each model's
 name to its outputs.
 
 design: decode with the safe decoder (`binary_protocol`), run through the shared pipeline, and
@@ -14,10 +14,10 @@ import time
 
 from flask import Blueprint, Response, request
 
-from api.fanout import fan_out
-from api.pipeline import Pipeline, inference_view
 from binary_protocol import encode_body, reply_format
-from errors import BadRequest
+from binserve.api.fanout import fan_out
+from binserve.api.pipeline import Pipeline, inference_view
+from binserve.errors import BadRequest
 
 
 def blueprint(pipeline: Pipeline) -> Blueprint:

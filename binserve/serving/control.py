@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from errors import ModelNotFound
+from binserve.errors import ModelNotFound
 
 # a worker that has not refreshed any report for this long is gone
 _LIVE_POLLS = 3

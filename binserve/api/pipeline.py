@@ -21,14 +21,22 @@ from dataclasses import dataclass
 
 from flask import Flask, Response, current_app, g, request
 
-import metrics
-from batching import BatchResult
 from binary_protocol import Limits, decode_body
-from config import ServerConfig
-from errors import BadRequest, DeadlineExceeded, Forbidden, LimitExceeded, ModelNotFound, RequestTimeout, Unauthorized
-from model_manager import LoadedModel
+from binserve.config import ServerConfig
+from binserve.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    Forbidden,
+    LimitExceeded,
+    ModelNotFound,
+    RequestTimeout,
+    Unauthorized,
+)
+from binserve.observability import metrics
+from binserve.process.runtime import trim_heap
+from binserve.scheduling.batcher import BatchResult
+from binserve.serving.manager import LoadedModel
 from models.base import Validated
-from runtime import trim_heap
 
 # How long a request thread waits past its deadline for a batch that already started.
 _DEADLINE_GRACE_S = 5.0

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from errors import LimitExceeded, ProtocolError
-from pickle_numpy import (
+from binserve.errors import LimitExceeded, ProtocolError
+from binserve.wire.pickle_numpy import (
     DTYPE_CODES,
     DTYPE_RUN_OPS,
     G_DTYPE,
@@ -50,7 +50,7 @@ from pickle_numpy import (
     reduce,
     virtual_bytes,
 )
-from pickle_numpy import dtype_run as _dtype_run
+from binserve.wire.pickle_numpy import dtype_run as _dtype_run
 
 __all__ = ["DTYPE_CODES", "Limits", "LimitExceeded", "ProtocolError", "safe_loads"]
 

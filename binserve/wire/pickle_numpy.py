@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from errors import ProtocolError
+from binserve.errors import ProtocolError
 
 # numpy dtype codes a request may carry: bool, ints, unsigned ints, IEEE floats and complex.
 # Platform-dependent long double ('f16', 'c32') and every object/void/str/datetime kind are refused.

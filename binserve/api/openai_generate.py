@@ -17,12 +17,12 @@ import uuid
 
 from flask import Blueprint, Response, request
 
-from api.failures import failure_of
-from api.openai_compat import error_body
-from api.pipeline import Pipeline, client_gone_check, inference_view, is_json, media_type
 from binary_protocol import dict_to_json, json_to_dict
-from errors import BadRequest, ServingError, UnsupportedMediaType
-from generation import Sequence
+from binserve.api.failures import failure_of
+from binserve.api.openai_compat import error_body
+from binserve.api.pipeline import Pipeline, client_gone_check, inference_view, is_json, media_type
+from binserve.errors import BadRequest, ServingError, UnsupportedMediaType
+from binserve.scheduling.continuous import Sequence
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options"}
 _COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty"}

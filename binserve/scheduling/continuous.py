@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded
+from binserve.errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded
 
 log = logging.getLogger("binserve.generation")
 
@@ -239,7 +239,7 @@ class ContinuousBatcher:
     def submit(self, samples: list, deadline: float, abandoned=None) -> Future:
         """The Batcher interface for whole (non-streamed) generations: samples are (prompt, params);
         the future gets a BatchResult-like object with one {"output_ids"} per sample."""
-        from batching import BatchResult
+        from binserve.scheduling.batcher import BatchResult
 
         if len(samples) > self.max_waiting:  # could never be queued at once: 413, not a 429 to retry
             raise LimitExceeded(

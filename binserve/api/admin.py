@@ -12,10 +12,10 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import NotFound
 
-import metrics
-from api.pipeline import Pipeline, check_token
-from errors import BadRequest, Forbidden
-from model_control import ModelControl
+from binserve.api.pipeline import Pipeline, check_token
+from binserve.errors import BadRequest, Forbidden
+from binserve.observability import metrics
+from binserve.serving.control import ModelControl
 
 
 def blueprint(pipeline: Pipeline) -> Blueprint:

@@ -18,10 +18,10 @@ import time
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from api.failures import Failure
-from api.pipeline import Pipeline, inference_view, is_json, media_type
 from binary_protocol import dict_to_json, json_to_dict
-from errors import BadRequest, InvalidInput, UnsupportedMediaType
+from binserve.api.failures import Failure
+from binserve.api.pipeline import Pipeline, inference_view, is_json, media_type
+from binserve.errors import BadRequest, InvalidInput, UnsupportedMediaType
 
 PREFIX = "/v1"
 _CATEGORY = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from flask import g
 
-import metrics
-from api.pipeline import Pipeline
-from batching import BatchResult
-from errors import BadRequest, ServingError
+from binserve.api.pipeline import Pipeline
+from binserve.errors import BadRequest, ServingError
+from binserve.observability import metrics
+from binserve.scheduling.batcher import BatchResult
 
 #: models one request may name: more is a malformed or hostile request
 MAX_MODELS = 16

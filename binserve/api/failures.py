@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from errors import PayloadTooLarge, ProtocolError, ServingError
+from binserve.errors import PayloadTooLarge, ProtocolError, ServingError
 
 log = logging.getLogger("binserve.server")
 

@@ -6,7 +6,7 @@ and variable sizes. An inference request's tensors become the adapter's payload 
 shape [N] or [N, 1] become N texts), run through the shared pipeline - so V2 requests are batched
 with native requests for the same model - and the outputs go back in JSON or binary, as asked, in
 the order the request lists them. A version in the URL must be the one served (404 otherwise).
-Errors are `{"error": "<message>"}` with the HTTP status (api/failures.py).
+Errors are `{"error": "<message>"}` with the HTTP status (`failures.py`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from api import v2_tensors
-from api.failures import Failure
-from api.pipeline import Pipeline, inference_view
-from config import VERSION
-from errors import BadRequest, InvalidInput, NotReady
+from binserve.api import v2_tensors
+from binserve.api.failures import Failure
+from binserve.api.pipeline import Pipeline, inference_view
+from binserve.config import VERSION
+from binserve.errors import BadRequest, InvalidInput, NotReady
 from models.base import TensorSpec
 
 PREFIX = "/v2"

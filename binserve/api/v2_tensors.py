@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from binary_protocol import Limits, as_array, json_to_dict
-from errors import BadRequest, InvalidInput, LimitExceeded
+from binserve.errors import BadRequest, InvalidInput, LimitExceeded
 
 #: V2 datatypes with a numpy dtype (little-endian on the wire)
 DTYPES = {

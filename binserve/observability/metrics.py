@@ -2,7 +2,7 @@
 
 design: under Gunicorn each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR, which
 gunicorn.conf.py sets (before any worker imports prometheus_client), wipes when the master starts,
-and folds into archive files when a worker exits (`metrics_archive`); one scrape of any worker then
+and folds into archive files when a worker exits (`archive`); one scrape of any worker then
 reads all workers' files, so counters sum over workers and never go backwards when one dies, and
 the directory holds the live workers' files plus two archives however often workers restart. Gauges say how
 they combine: queue depth and in-flight requests sum over live workers, model info takes the max
@@ -26,11 +26,11 @@ from prometheus_client import (
     multiprocess,
 )
 
-import metrics_archive
+from binserve.observability import archive
 
 # Defining a metric below opens its file in PROMETHEUS_MULTIPROC_DIR, which may not exist yet
 # (`python server.py` imports this before Gunicorn's config creates it).
-metrics_archive.ensure_directory()
+archive.ensure_directory()
 
 # Millisecond-scale inference on a GPU up to multi-second queues on a loaded CPU.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

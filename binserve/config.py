@@ -107,7 +107,7 @@ class ServerConfig:
 
     def worker_count(self) -> int:
         """`workers`, with 0 resolved: two on two or more usable cores (measured best: bench/RESULTS.md)."""
-        import coreshare
+        from binserve.process import coreshare
 
         return self.workers or min(2, coreshare.usable_cores())
 

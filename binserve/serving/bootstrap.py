@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from config import ServerConfig
-from model_manager import ModelManager
-from runtime import configure_threads, select_device
+from binserve.config import ServerConfig
+from binserve.process.runtime import configure_threads, select_device
+from binserve.serving.manager import ModelManager
 
 
 def start_worker(config: ServerConfig) -> ModelManager:

@@ -27,15 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import metrics
-from batching import Batcher, Tagged
-from config import ServerConfig
-from errors import BadRequest, Conflict, Forbidden, ModelLoadFailed, ModelNotFound, NotReady
-from model_repository import ModelRepository
+from binserve.config import ServerConfig
+from binserve.errors import BadRequest, Conflict, Forbidden, ModelLoadFailed, ModelNotFound, NotReady
+from binserve.observability import metrics
+from binserve.process.runtime import trim_heap
+from binserve.scheduling.batcher import Batcher, Tagged
+from binserve.serving.repository import ModelRepository
 from models.base import AdapterOptions, ModelAdapter, RequestLimits
 from models.engines import RuntimeSettings
 from models.registry import load_model, parse_specs
-from runtime import trim_heap
 
 log = logging.getLogger("binserve.models")
 

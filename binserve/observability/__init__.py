@@ -1,0 +1,1 @@
+"""Observability: the Prometheus metric definitions and the archive of dead workers' metrics."""

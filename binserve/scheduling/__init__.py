@@ -1,0 +1,1 @@
+"""Scheduling: what turns queued requests into model calls (the request batcher, the continuous batcher)."""

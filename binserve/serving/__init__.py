@@ -1,0 +1,1 @@
+"""Serving state: the models a worker serves, the repository they follow, model control, worker bootstrap."""
