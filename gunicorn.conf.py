@@ -40,7 +40,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 bind = [f"{_config.host}:{_config.port}"]
 if _config.admin_port:  # /update_model and /metrics answer only here (see binserve/api/admin.py)
     bind.append(f"{_config.host}:{_config.admin_port}")
-workers = _config.worker_count()
+workers = coreshare.worker_count(_config.workers)
 worker_class = "binserve.process.http_worker.BufferingWorker"
 threads = _config.threads
 preload_app = False

@@ -21,6 +21,7 @@ from flask import Flask
 from binserve.api import admin, failures, health, native, openai_compat, openai_generate, v2
 from binserve.api.pipeline import Pipeline, install_hooks
 from binserve.config import ServerConfig
+from binserve.process import coreshare
 
 
 def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
@@ -67,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     config = ServerConfig.from_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, **config.to_env()}
+    workers = coreshare.worker_count(config.workers)
     print(
-        f"binserve: starting {config.worker_count()} Gunicorn worker(s) on http://{config.host}:{config.port} "
+        f"binserve: starting {workers} Gunicorn worker(s) on http://{config.host}:{config.port} "
         f"(models: {config.models or 'minilm (default)'}); ready when GET /readyz answers 200",
         flush=True,
     )

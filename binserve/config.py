@@ -105,12 +105,6 @@ class ServerConfig:
     cache_dir: str = ""
     log_level: str = "info"
 
-    def worker_count(self) -> int:
-        """`workers`, with 0 resolved: two on two or more usable cores (measured best: bench/RESULTS.md)."""
-        from binserve.process import coreshare
-
-        return self.workers or min(2, coreshare.usable_cores())
-
     @property
     def trusted_module_prefixes(self) -> tuple[str, ...]:
         """`trusted_modules` as a tuple of package prefixes."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from binserve.config import ServerConfig
+from binserve.process import coreshare
 
 ROOT = Path(__file__).resolve().parent.parent
 _SHARED_CACHE = tempfile.mkdtemp(prefix="binserve-test-cache-")
@@ -40,7 +40,7 @@ class ServerProcess:
         if settings["cache_dir"] == "":
             del settings["cache_dir"]
         self.repository = Path(settings["model_repository"])
-        self.workers = ServerConfig(workers=workers).worker_count()  # 0: as many as the server picks
+        self.workers = coreshare.worker_count(workers)  # 0: as many as the server picks
         self.base_url = f"http://127.0.0.1:{self.port}"
         args = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)]
         if models:

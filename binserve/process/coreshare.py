@@ -24,6 +24,12 @@ import threading
 from pathlib import Path
 
 
+def worker_count(configured: int) -> int:
+    """Gunicorn workers for the `workers` setting; 0: two on two or more usable cores (measured best:
+    bench/RESULTS.md), else one."""
+    return configured or min(2, usable_cores())
+
+
 def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
     """CPUs this process's cgroup may use by its CFS quota (a container's CPU limit); None if unlimited.
 

@@ -80,7 +80,7 @@ def configure_threads(config: ServerConfig, worker_index: int = 0) -> int:
     global _compute_threads, _adaptive, _workers, _worker_index
     _adaptive = config.torch_threads == 0
     _compute_threads = config.torch_threads or usable_cores()
-    _workers, _worker_index = config.worker_count(), worker_index
+    _workers, _worker_index = coreshare.worker_count(config.workers), worker_index
     torch.set_num_threads(_compute_threads)
     _thread_state.threads = _compute_threads
     return _compute_threads

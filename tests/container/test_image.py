@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 
-from binserve.config import ServerConfig
+from binserve.process import coreshare
 from models.registry import default_minilm_path
 from request_tools import InferenceClient
 from tests.serverproc import free_port
@@ -60,7 +60,7 @@ class Container:
         docker(*self.args)
         # every worker of the container, as a Service would spread requests over them all (the
         # container sees this machine's cores, so it starts as many workers as a server here)
-        workers, ready = ServerConfig().worker_count(), set()
+        workers, ready = coreshare.worker_count(0), set()
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if docker("inspect", "-f", "{{.State.Running}}", self.name) != "true":

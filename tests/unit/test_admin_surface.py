@@ -215,7 +215,7 @@ def test_threads_per_worker_follow_the_quota(monkeypatch):
 
     monkeypatch.setattr(coreshare.os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
     monkeypatch.setattr(coreshare, "cgroup_cpu_limit", lambda: 2.0)  # a 2-CPU pod
-    assert runtime.usable_cores() == 2 and ServerConfig().worker_count() == 2
+    assert runtime.usable_cores() == 2 and coreshare.worker_count(0) == 2
     before = torch.get_num_threads()
     try:
         assert runtime.configure_threads(ServerConfig(workers=1)) == 2 and runtime.thread_counts() == [2]
@@ -225,7 +225,7 @@ def test_threads_per_worker_follow_the_quota(monkeypatch):
     finally:
         runtime.configure_threads(ServerConfig(torch_threads=before))
     monkeypatch.setattr(coreshare, "cgroup_cpu_limit", lambda: 0.5)
-    assert runtime.usable_cores() == 1 and ServerConfig().worker_count() == 1
+    assert runtime.usable_cores() == 1 and coreshare.worker_count(0) == 1
 
 
 def test_reports_can_live_beside_a_read_only_repository(tmp_path):
