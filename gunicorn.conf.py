@@ -113,6 +113,6 @@ def post_fork(server, worker):
     os.environ["BINSERVE_WORKER_INDEX"] = str(max(0, worker.age - 1))
     # how many workers this server runs, as Gunicorn was told (flags included): /readyz waits for all
     os.environ["BINSERVE_WORKER_COUNT"] = str(server.cfg.workers)
-    from binserve.process.runtime import configure_allocator
+    from binserve.process.memory import configure_allocator
 
     configure_allocator()  # before the request threads exist

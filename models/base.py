@@ -25,6 +25,7 @@ import torch
 
 from binserve.errors import LimitExceeded
 from binserve.process.runtime import DeviceRunner, batch_threads, in_compute_thread
+from models.contract import TensorSpec, Validated
 from models.engines import (
     TORCH_DTYPES,
     Engine,
@@ -64,25 +65,6 @@ class AdapterOptions:
     limits: RequestLimits = RequestLimits()
     #: package prefixes that model code (torch_module classes) may be imported from; see README
     trusted_modules: tuple[str, ...] = ("models",)
-
-
-@dataclass(frozen=True)
-class Validated:
-    """A request checked against the model: its samples, and whether the reply keeps a batch axis."""
-
-    samples: list
-    batched: bool
-    #: per-request reply options the adapter parsed (e.g. a classifier's top_k and threshold)
-    options: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input a model takes, per sample: numpy dtype (None: text) and shape (-1: any size)."""
-
-    name: str
-    dtype: np.dtype | None
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -408,7 +408,7 @@ def ort_engine(name: str, path: Path, names_in: list[str], names_out: list[str])
         # threads need between batches.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The CPU arena keeps the largest batch's memory for ever; plain malloc gives it back after a
-        # big request (runtime.configure_allocator), and costs these models nothing measurable.
+        # big request (binserve.process.memory.configure_allocator), and costs these models nothing measurable.
         so.enable_cpu_mem_arena = False
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 

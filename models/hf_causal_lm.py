@@ -20,8 +20,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from binary_protocol import as_array
 from binserve.errors import InvalidInput, LimitExceeded
 from binserve.process.runtime import batch_threads, in_compute_thread
-from binserve.scheduling.continuous import ContinuousBatcher, SamplingParams, Sequence
-from models.base import AdapterOptions, ModelAdapter, TensorSpec, Validated
+from binserve.scheduling.continuous import ContinuousBatcher
+from binserve.scheduling.contract import BatchSettings, GenerationObserver
+from binserve.scheduling.sequences import SamplingParams, Sequence
+from models.base import AdapterOptions, ModelAdapter
+from models.contract import TensorSpec, Validated
 from models.engines import native
 
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
@@ -180,15 +183,15 @@ class HFCausalLM(ModelAdapter):
         return {"output_ids": ids, "finish_reason": reasons}
 
     # --- serving ----------------------------------------------------------------------------------
-    def continuous_batcher(self, settings: dict, observer=None) -> ContinuousBatcher:
+    def continuous_batcher(
+        self, settings: BatchSettings, observer: GenerationObserver | None = None
+    ) -> ContinuousBatcher:
         """This model's generation loop, bounded by the model's batching settings."""
         return ContinuousBatcher(
             self._model,
             self.tokenizer,
             self.device,
-            max_running=settings["max_batch_size"],
-            max_cached_tokens=settings["max_batch_tokens"],
-            max_waiting=settings.get("max_waiting", 256),
+            settings,
             eos_ids=self.eos_ids,
             name=self.name,
             observer=observer,

@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from binary_protocol import as_array
 from binserve.errors import InvalidInput, LimitExceeded
-from models.base import AdapterOptions, ModelAdapter, OnnxSpec, TensorSpec, Validated
+from models.base import AdapterOptions, ModelAdapter, OnnxSpec
+from models.contract import TensorSpec, Validated
 from models.labels import OPTION_KEYS, label_rows, parse_options
 
 

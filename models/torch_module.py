@@ -24,7 +24,8 @@ import torch
 
 from binary_protocol import as_array
 from binserve.errors import InvalidInput
-from models.base import AdapterOptions, ModelAdapter, OnnxSpec, TensorSpec, Validated
+from models.base import AdapterOptions, ModelAdapter, OnnxSpec
+from models.contract import TensorSpec, Validated
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 

@@ -21,7 +21,7 @@ from flask import g
 from binserve.api.pipeline import Pipeline
 from binserve.errors import BadRequest, ServingError
 from binserve.observability import metrics
-from binserve.scheduling.batcher import BatchResult
+from binserve.scheduling.contract import BatchResult
 
 #: models one request may name: more is a malformed or hostile request
 MAX_MODELS = 16

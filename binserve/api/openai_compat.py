@@ -87,7 +87,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         if not isinstance(name, str):
             raise BadRequest("'model' must name a served model (GET /v1/models lists them)")
         loaded = pipeline.model(name)
-        signature = loaded.slot.signature
+        signature = loaded.signature
         if "embeddings" not in signature:
             raise BadRequest(f"model {name!r} does not produce embeddings (its outputs: {sorted(signature)})")
         width = signature["embeddings"][0][-1]

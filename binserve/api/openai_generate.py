@@ -2,7 +2,7 @@
 as server-sent events with `stream: true`.
 
 design: the route renders the prompt (the tokenizer's chat template for chat), checks the sampling
-settings, and hands one `generation.Sequence` to the model's continuous batcher; it then either
+settings, and hands one `Sequence` to the model's continuous batcher; it then either
 waits for the whole text or relays each token's text as a `data: {...}` chunk, ending with
 `data: [DONE]`. A client that disconnects mid-stream stops its sequence at the next step: the
 stream's generator is closed (or the batcher sees the socket gone), and either cancels the
@@ -22,7 +22,7 @@ from binserve.api.failures import failure_of
 from binserve.api.openai_compat import error_body
 from binserve.api.pipeline import Pipeline, client_gone_check, inference_view, is_json, media_type
 from binserve.errors import BadRequest, ServingError, UnsupportedMediaType
-from binserve.scheduling.continuous import Sequence
+from binserve.scheduling.sequences import Sequence
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options"}
 _COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty"}
@@ -93,7 +93,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         params = adapter.sampling(values)
         ids = adapter.check_prompt(_prompt(adapter, body, kind), params)
         deadline = pipeline.deadline()
-        seq = loaded.batcher.submit_sequence(Sequence(ids, params, deadline, client_gone_check(request.environ)))
+        seq = loaded.scheduler.submit_sequence(Sequence(ids, params, deadline, client_gone_check(request.environ)))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())  # a timestamp for the client, as OpenAI's
 

@@ -33,10 +33,10 @@ from binserve.errors import (
     Unauthorized,
 )
 from binserve.observability import metrics
-from binserve.process.runtime import trim_heap
-from binserve.scheduling.batcher import BatchResult
-from binserve.serving.manager import LoadedModel
-from models.base import Validated
+from binserve.process.memory import trim_heap
+from binserve.scheduling.contract import BatchResult
+from binserve.serving.contract import ModelHost, ServedModel
+from models.contract import Validated
 
 # How long a request thread waits past its deadline for a batch that already started.
 _DEADLINE_GRACE_S = 5.0
@@ -135,7 +135,7 @@ def _request_id() -> str:
 class Outcome:
     """What a request's batch gave back: the adapter's reply and how the time was spent."""
 
-    loaded: LoadedModel
+    loaded: ServedModel
     validated: Validated
     reply: dict
     result: BatchResult
@@ -160,7 +160,7 @@ class Outcome:
 class Pipeline:
     """The shared steps of an inference request, for one app's config and model manager."""
 
-    def __init__(self, config: ServerConfig, manager) -> None:
+    def __init__(self, config: ServerConfig, manager: ModelHost) -> None:
         self.config = config
         self.manager = manager
         self.limits = Limits(
@@ -195,7 +195,7 @@ class Pipeline:
             raise BadRequest(f"{what} must be in (0, {_MAX_TIMEOUT_MS}] milliseconds, got {raw!r}")
         return g.started + ms / 1000.0
 
-    def model(self, name: str | None, version: str | None = None) -> LoadedModel:
+    def model(self, name: str | None, version: str | None = None) -> ServedModel:
         """The served model `name` (None: the default); 404 when `version` is given and not the one served."""
         loaded = self.manager.get(name)
         g.model_label = loaded.name
@@ -203,20 +203,20 @@ class Pipeline:
             raise ModelNotFound(self._version_message(loaded, version))
         return loaded
 
-    def _version_message(self, loaded: LoadedModel, version: str) -> str:
+    def _version_message(self, loaded: ServedModel, version: str) -> str:
         served = loaded.adapter.version
         try:
             known = version in self.manager.repo.versions(loaded.name)
-        except (AttributeError, OSError):
+        except OSError:
             known = False
         where = "is in the repository but not served" if known else "does not exist"
         return f"version {version!r} of model {loaded.name!r} {where}; this server serves version {served!r}"
 
-    def submit(self, loaded: LoadedModel, validated: Validated, deadline: float) -> Future:
+    def submit(self, loaded: ServedModel, validated: Validated, deadline: float) -> Future:
         """Queue a validated request on the model's batcher (429 when full, 413 when it never fits)."""
-        return loaded.batcher.submit(validated.samples, deadline, client_gone_check(request.environ))
+        return loaded.scheduler.submit(validated.samples, deadline, client_gone_check(request.environ))
 
-    def wait(self, loaded: LoadedModel, future: Future, deadline: float) -> BatchResult:
+    def wait(self, loaded: ServedModel, future: Future, deadline: float) -> BatchResult:
         """The batch's result, or 504 once the deadline (plus a grace for a batch under way) passed."""
         try:
             result = future.result(timeout=max(0.0, deadline - time.monotonic()) + _DEADLINE_GRACE_S)
@@ -226,7 +226,7 @@ class Pipeline:
         metrics.QUEUE_DURATION.labels(loaded.name).observe(result.queue_s)
         return result
 
-    def infer(self, loaded: LoadedModel, payload: dict, deadline: float, version: str | None = None) -> Outcome:
+    def infer(self, loaded: ServedModel, payload: dict, deadline: float, version: str | None = None) -> Outcome:
         """Validate `payload` for the model, run it in a batch and wait; the adapter's reply."""
         validated = loaded.adapter.validate(payload)
         decoded = time.monotonic()

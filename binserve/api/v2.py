@@ -21,7 +21,7 @@ from binserve.api.failures import Failure
 from binserve.api.pipeline import Pipeline, inference_view
 from binserve.config import VERSION
 from binserve.errors import BadRequest, InvalidInput, NotReady
-from models.base import TensorSpec
+from models.contract import TensorSpec
 
 PREFIX = "/v2"
 _FAMILY = {"b": "bool", "i": "int", "u": "int", "f": "float"}
@@ -39,7 +39,7 @@ def _tensor_meta(name: str, dtype, shape) -> dict:
 def model_metadata(loaded) -> dict:
     """`GET /v2/models/{model}`: name, the served version, inputs and outputs with V2 datatypes."""
     adapter = loaded.adapter
-    outputs = [_tensor_meta(k, np.dtype(dt), shape) for k, (shape, dt) in loaded.slot.signature.items()]
+    outputs = [_tensor_meta(k, np.dtype(dt), shape) for k, (shape, dt) in loaded.signature.items()]
     return {
         "name": loaded.name,
         "versions": [adapter.version],
@@ -120,7 +120,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         max_strings = pipeline.config.max_queue_samples
         parsed = v2_tensors.parse_request(pipeline.body(), header_length, pipeline.limits, max_strings)
         deadline = pipeline.deadline(v2_tensors.check_timeout_us(parsed.timeout_us), "parameters.timeout")
-        produced = list(loaded.slot.signature)
+        produced = list(loaded.signature)
         wanted = parsed.outputs or [v2_tensors.Requested(n, parsed.binary_outputs) for n in produced]
         unknown = [o.name for o in wanted if o.name not in produced]
         if unknown:  # before the batch: a request that cannot be answered costs no forward pass

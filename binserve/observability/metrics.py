@@ -97,7 +97,8 @@ REASON_BY_STATUS = {413: "too_large", 415: "media_type"}
 
 
 class BatchMetrics:
-    """The batcher's observer for one model: batch sizes, padding, inference time, queue, drops."""
+    """The request batcher's observer for one model (a `scheduling.contract.BatchObserver`): batch
+    sizes, padding, inference time, queue, drops."""
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -145,9 +146,11 @@ WAITING_SEQUENCES = Gauge(
 
 
 class GenerationMetrics:
-    """The continuous batcher's observer for one model: token timings and sequence counts."""
+    """The continuous batcher's observer for one model (a `scheduling.contract.GenerationObserver`):
+    token timings, sequence counts, refusals."""
 
     def __init__(self, model: str) -> None:
+        self.model = model
         self._ttft = TIME_TO_FIRST_TOKEN.labels(model)
         self._itl = INTER_TOKEN_LATENCY.labels(model)
         self._tokens = GENERATED_TOKENS.labels(model)
@@ -166,6 +169,10 @@ class GenerationMetrics:
         """Sequences running and waiting now."""
         self._running.set(running)
         self._waiting.set(waiting)
+
+    def dropped(self, reason: str) -> None:
+        """A sequence was refused (overloaded)."""
+        REJECTED.labels(self.model, reason).inc()
 
 
 def set_model_info(model: str, version: str, device: str, dtype: str, old_version: str | None = None) -> None:

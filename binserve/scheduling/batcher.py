@@ -1,14 +1,16 @@
-"""The batcher: one bounded queue and one thread per model, one future per request.
+"""The request batcher: one bounded queue and one thread per model, one future per request.
 
 design: request threads call `submit(samples, deadline)` and wait on the returned future; the
 batch thread sleeps on a condition while the queue is empty, so a lone request runs as soon as it
 arrives (no fixed wait unless `max_wait_ms` asks for one), and while a batch runs, arrivals pile up
-and the next batch takes all of them up to `max_batch_size` samples. A request larger than a batch
+and the next batch takes all of them up to `max_batch_size` samples. The settings are one frozen
+`BatchSettings` that the batch thread reads once per batch; `configure` swaps it whole. A request larger than a batch
 is split into parts that run in consecutive batches and are re-joined in order. Expired requests
 are dropped before they reach the model (DeadlineExceeded, 504); a full queue answers at once
 (Overloaded, 429, with a Retry-After from the measured drain rate). An exception in a batch fails
 exactly that batch's requests and the thread goes on. Nothing here imports Flask or torch: the
-model is any `run_batch(samples) -> outputs` callable, which tests replace with a lambda.
+model is any `run_batch(samples) -> outputs` callable, which tests replace with a lambda. It is a
+`contract.Scheduler`, as the continuous batcher is.
 """
 
 from __future__ import annotations
@@ -30,28 +32,9 @@ from binserve.errors import (
     Overloaded,
     ServingError,
 )
+from binserve.scheduling.contract import BatchObserver, BatchResult, BatchSettings, NullObserver, Tagged, notify
 
 log = logging.getLogger("binserve.batching")
-
-
-@dataclass
-class Tagged:
-    """What `run_batch` may return instead of a bare list: outputs plus a tag for every request in
-    the batch (binserve tags them with the model version that computed them)."""
-
-    outputs: Sequence
-    tag: object
-
-
-@dataclass
-class BatchResult:
-    """What a request's future resolves to: one output per sample, and how it was served."""
-
-    outputs: list
-    batch_size: int  # samples in the largest batch this request was part of
-    queue_s: float  # from submit to the start of its (first) batch
-    infer_s: float  # time inside run_batch, summed over its parts
-    tag: object = None  # the Tagged.tag of its (last) batch
 
 
 @dataclass
@@ -109,35 +92,30 @@ class Batcher:
     def __init__(
         self,
         run_batch: Callable[[list], Sequence],
+        settings: BatchSettings | None = None,
         *,
-        max_batch_size: int = 32,
         max_queue_samples: int = 2048,
-        max_wait_ms: float = 0.0,
-        max_batch_tokens: int | None = None,
         sample_len: Callable[[object], int] | None = None,
         group_window: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         wait: Callable[[threading.Condition, float], object] | None = None,
         abandoned_after_s: float = 0.05,
         name: str = "model",
-        observer=None,
+        observer: BatchObserver | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_samples < 1:
-            raise ValueError("max_batch_size and max_queue_samples must be at least 1")
+        if max_queue_samples < 1:
+            raise ValueError("max_queue_samples must be at least 1")
         self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
+        self._settings = settings or BatchSettings()
         self.max_queue_samples = max_queue_samples
-        self.max_wait_s = max_wait_ms / 1000.0
         # Token models: batches are bounded by padded tokens too, and formed from similar lengths.
         self.sample_len = sample_len
-        self.max_batch_tokens = max_batch_tokens
-        # How far past the oldest request batch formation may look for similar lengths: the
-        # oldest request is always in the next batch, so nothing waits behind more than this.
-        self.group_window = group_window or 4 * max_batch_size
-        self.stats = BatchStats()
-        # Optional metrics sink with batch(samples, real_tokens, padded_tokens, seconds),
-        # queue_depth(samples) and dropped(reason); metrics.BatchMetrics is binserve's.
-        self.observer = observer
+        # How far past the oldest request batch formation may look for similar lengths (default
+        # 4 x max_batch_size): the oldest request is always in the next batch, so nothing waits
+        # behind more than this.
+        self.group_window = group_window
+        self.totals = BatchStats()
+        self.observer: BatchObserver = observer or NullObserver()
         self.clock = clock
         # How the batch thread waits `max_wait_ms` for a fuller batch (the condition is held, and
         # released while waiting); tests inject one that drives the clock they injected.
@@ -155,9 +133,24 @@ class Batcher:
 
     # --- request side ---------------------------------------------------------------------
     @property
+    def settings(self) -> BatchSettings:
+        """The settings the next batch is formed by."""
+        return self._settings
+
+    def configure(self, settings: BatchSettings) -> None:
+        """Form batches by `settings` from the next batch on; a waiting batch thread re-reads them."""
+        with self._cond:
+            self._settings = settings  # one assignment: the batch thread reads it once per batch
+            self._cond.notify_all()
+
+    @property
     def queued_samples(self) -> int:
         """Samples waiting for a batch (not counting the batch that runs now)."""
         return self._queued_samples
+
+    def stats(self) -> dict:
+        """Running totals for GET /models."""
+        return self.totals.as_dict()
 
     def start(self) -> Batcher:
         """Start the batch thread (idempotent)."""
@@ -182,7 +175,8 @@ class Batcher:
             )
         now = self.clock()
         req = _Request(samples=samples, deadline=deadline, enqueued=now, abandoned=abandoned)
-        parts = [_Part(req, i, samples[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)]
+        size = self._settings.max_batch_size
+        parts = [_Part(req, i, samples[i : i + size]) for i in range(0, n, size)]
         if self.sample_len is not None:
             for part in parts:
                 part.lengths = [self.sample_len(s) for s in part.samples]
@@ -202,7 +196,7 @@ class Batcher:
             self._parts.extend(parts)
             self._queued_samples += n
             self._cond.notify()
-        self._observe("queue_depth", self._queued_samples)
+        notify(self.observer.queue_depth, self._queued_samples)
         return req.future
 
     def retry_after_s(self) -> float:
@@ -227,45 +221,45 @@ class Batcher:
                 if self._closed:
                     return None
                 self._cond.wait()
-            if self.max_wait_s and self._queued_samples < self.max_batch_size:
-                # Optional: wait a little for a fuller batch, measured from the oldest request.
-                until = self._parts[0].request.enqueued + self.max_wait_s
-                while self._queued_samples < self.max_batch_size and not self._closed:
-                    left = until - self.clock()
-                    if left <= 0:
-                        break
-                    self.wait(self._cond, left)
-            batch = self._form_batch() if self.sample_len is not None else self._fifo_batch()
+            # Optional: wait a little for a fuller batch, measured from the oldest request.
+            while (s := self._settings).max_wait_ms and self._queued_samples < s.max_batch_size and not self._closed:
+                left = self._parts[0].request.enqueued + s.max_wait_s - self.clock()
+                if left <= 0:
+                    break
+                self.wait(self._cond, left)
+            s = self._settings  # this batch's settings, whatever configure() does meanwhile
+            batch = self._form_batch(s) if self.sample_len is not None else self._fifo_batch(s)
             self._queued_samples -= sum(len(p.samples) for p in batch)
-        self._observe("queue_depth", self._queued_samples)
+        notify(self.observer.queue_depth, self._queued_samples)
         return batch
 
-    def _fifo_batch(self) -> list[_Part]:
-        batch: list[_Part] = []
-        size = 0
-        while self._parts and size + len(self._parts[0].samples) <= self.max_batch_size:
+    def _fifo_batch(self, s: BatchSettings) -> list[_Part]:
+        # the first part always goes: a part split under a larger max_batch_size than today's still runs
+        batch = [self._parts.popleft()]
+        size = len(batch[0].samples)
+        while self._parts and size + len(self._parts[0].samples) <= s.max_batch_size:
             part = self._parts.popleft()
             batch.append(part)
             size += len(part.samples)
         return batch
 
-    def _form_batch(self) -> list[_Part]:
+    def _form_batch(self, s: BatchSettings) -> list[_Part]:
         """The oldest part, plus the queued parts that add the least padding, within the budgets.
 
         Greedy: each step adds the part whose padded tokens minus real tokens (the waste it adds,
         counting the longer rows it forces on the others) is smallest. A part whose own padding
         would exceed its real tokens is left for a batch of rows like it.
         """
-        window = [self._parts[i] for i in range(min(len(self._parts), self.group_window))]
+        window = [self._parts[i] for i in range(min(len(self._parts), self.group_window or 4 * s.max_batch_size))]
         head = window[0]
         rows, longest = len(head.samples), head.longest
         chosen = [0]
         free = [(i, len(p.samples), p.longest, sum(p.lengths)) for i, p in enumerate(window) if i]
-        while free and rows < self.max_batch_size:
+        while free and rows < s.max_batch_size:
             best = None
             for k, (_, n, part_longest, real) in enumerate(free):
                 r, m = rows + n, max(longest, part_longest)
-                if r > self.max_batch_size or (self.max_batch_tokens and r * m > self.max_batch_tokens):
+                if r > s.max_batch_size or (s.max_batch_tokens and r * m > s.max_batch_tokens):
                     continue
                 waste = r * m - rows * longest - real
                 if waste <= real and (best is None or waste < best[0]):
@@ -329,13 +323,13 @@ class Batcher:
                 log.error("model %s returned %d outputs for %d inputs", self.name, len(outputs), len(samples))
                 raise ModelFailure(f"model {self.name!r} returned {len(outputs)} outputs for {len(samples)} inputs")
         except ServingError as exc:
-            self.stats.failed_batches += 1
+            self.totals.failed_batches += 1
             for part in live:
                 self._fail(part.request, exc)
             return
         except Exception as exc:  # the model's failure fails this batch only
             log.exception("batch of %d samples failed on model %s", len(samples), self.name)
-            self.stats.failed_batches += 1
+            self.totals.failed_batches += 1
             # The reply names the model, not the exception: its text can hold paths and internals.
             err = ModelFailure(
                 f"model {self.name!r} failed on a batch of {len(samples)} samples ({type(exc).__name__}); "
@@ -365,7 +359,7 @@ class Batcher:
                 req.future.set_result(BatchResult(req.outputs, req.batch_size, req.queue_s, req.infer_s, req.tag))
 
     def _account(self, live: list[_Part], n: int, seconds: float) -> None:
-        st = self.stats
+        st = self.totals
         st.batches += 1
         st.samples += n
         real = padded = 0
@@ -374,20 +368,13 @@ class Batcher:
             padded = n * max(p.longest for p in live)
             st.real_tokens += real
             st.padded_tokens += padded
-        self._observe("batch", n, real, padded, seconds)
+        notify(self.observer.batch, n, real, padded, seconds)
 
     def _count_drop(self, reason: str) -> None:
         """A request refused (overloaded) or dropped before running (deadline, client_gone)."""
         field = _DROP_STATS[reason]
-        setattr(self.stats, field, getattr(self.stats, field) + 1)
-        self._observe("dropped", reason)
-
-    def _observe(self, event: str, *args) -> None:
-        if self.observer is not None:
-            try:
-                getattr(self.observer, event)(*args)
-            except Exception:  # metrics must never break serving
-                log.exception("metrics observer failed on %s", event)
+        setattr(self.totals, field, getattr(self.totals, field) + 1)
+        notify(self.observer.dropped, reason)
 
     @staticmethod
     def _claim(req: _Request) -> bool:

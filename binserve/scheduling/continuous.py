@@ -16,133 +16,33 @@ once; leaving rows are dropped with one `index_select` and all-padding leading c
 keeps a decode step one batched matmul per layer, which per-sequence caches would not give
 without re-padding every step.
 
-Bounds: at most `max_running` sequences run, their prompt + max_new_tokens reservations stay under
-`max_cached_tokens`, and at most `max_waiting` wait; past that, `submit` answers 429 with
-Retry-After. A prompt whose reservation alone exceeds the cache is 413. No Flask here.
+Bounds, from its `BatchSettings` (read once per step; `configure` swaps them whole): at most
+`max_batch_size` sequences run, their prompt + max_new_tokens reservations stay under
+`max_batch_tokens` (the KV-cache tokens), and at most `max_waiting` wait; past that, `submit`
+answers 429 with Retry-After. A prompt whose reservation alone exceeds the cache is 413. It is a
+`contract.Scheduler`, as the request batcher is. No Flask here.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from binserve.errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded
+from binserve.scheduling.contract import BatchResult, BatchSettings, GenerationObserver, NullObserver, notify
+from binserve.scheduling.sequences import Sequence
+
+#: what a continuous batcher runs with unless told: 16 sequences, 32 Ki cache tokens
+DEFAULT_SETTINGS = BatchSettings(max_batch_size=16, max_batch_tokens=32768)
 
 log = logging.getLogger("binserve.generation")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one sequence is generated."""
-
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy (deterministic)
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class Sequence:
-    """One generation request: its prompt, settings, progress and the events its consumer reads.
-
-    Events on `events`: ("token", token_id, text_delta) per generated token, then exactly one of
-    ("done", finish_reason) or ("error", ServingError).
-    """
-
-    prompt: list[int]
-    params: SamplingParams
-    deadline: float
-    abandoned: object = None  # callable: True when the client hung up
-    events: queue.Queue = field(default_factory=queue.Queue)
-    output: list[int] = field(default_factory=list)
-    text: str = ""  # the text streamed so far (stop sequences held back until they cannot match)
-    finish_reason: str | None = None
-    cancelled: bool = False
-    enqueued: float = field(default_factory=time.monotonic)
-    checked_at: float = 0.0  # when the client was last asked whether it is still there
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    generator: torch.Generator | None = None
-    #: called (on the generation thread) once the sequence has ended, after its last event
-    on_end: object = None
-    error: Exception | None = None
-    cache_len: int = 0  # real tokens in the cache (the next token's position)
-    decoded: str = ""  # the whole text of `output` decoded so far (complete characters only)
-    prefix_offset: int = 0  # incremental detokenizing: tokens before `read_offset` kept as context
-    read_offset: int = 0
-
-    def cancel(self) -> None:
-        """Stop at the next step (the client went away, or no longer wants it)."""
-        self.cancelled = True
-
-    def end(self, event: tuple) -> None:
-        """The last event: ("done", finish_reason) or ("error", ServingError)."""
-        if event[0] == "error":
-            self.error = event[1]
-        self.events.put(event)
-        if self.on_end is not None:
-            try:
-                self.on_end(self)
-            except Exception:  # a consumer's callback must never stop the generation loop
-                log.exception("a sequence's end callback failed")
-
-    def stream(self, timeout_s: float):
-        """Yield ("token", id, delta) events until the end; raises the sequence's error, if any."""
-        for events in self.stream_batches(timeout_s):
-            yield from events
-
-    def stream_batches(self, timeout_s: float):
-        """Like `stream`, but each yield is every token event that has arrived since the last one:
-        a consumer that was busy writing catches up in one write rather than one per token."""
-        while True:
-            try:
-                events = [self.events.get(timeout=timeout_s)]
-            except queue.Empty:
-                self.cancel()
-                raise DeadlineExceeded("no token arrived within the request's deadline") from None
-            while True:
-                try:
-                    events.append(self.events.get_nowait())
-                except queue.Empty:
-                    break
-            tokens = [e for e in events if e[0] == "token"]
-            last = events[-1]
-            if tokens:
-                yield tokens
-            if last[0] == "error":
-                raise last[1]
-            if last[0] == "done":
-                return
-
-
-class _Stats:
-    """What GET /models shows of a generation loop."""
-
-    def __init__(self, batcher: ContinuousBatcher) -> None:
-        self.batcher = batcher
-
-    def as_dict(self) -> dict:
-        b = self.batcher
-        running, waiting = b.counts()
-        return {
-            "steps": b.steps,
-            "sequences": b.sequences,
-            "generated_tokens": b.generated,
-            "running": running,
-            "waiting": waiting,
-            "reserved_cache_tokens": b._reserved,
-        }
 
 
 class ContinuousBatcher:
@@ -153,13 +53,12 @@ class ContinuousBatcher:
         model,
         tokenizer,
         device: torch.device,
+        settings: BatchSettings = DEFAULT_SETTINGS,
         *,
-        max_running: int = 16,
-        max_cached_tokens: int = 32768,
         max_waiting: int = 256,
         eos_ids: tuple[int, ...] = (),
         name: str = "model",
-        observer=None,
+        observer: GenerationObserver | None = None,
         autocast: torch.dtype | None = None,
         step_threads=None,
         tag: object = None,
@@ -167,12 +66,11 @@ class ContinuousBatcher:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.max_running = max_running
-        self.max_cached_tokens = max_cached_tokens
+        self._settings = _checked(settings)
         self.max_waiting = max_waiting
         self.eos_ids = set(eos_ids)
         self.name = name
-        self.observer = observer  # metrics sink: token(ttft_s | None, itl_s | None), counts(running, waiting)
+        self.observer: GenerationObserver = observer or NullObserver()
         self.autocast = autocast
         self.step_threads = step_threads  # context manager giving the step its cores (runtime.batch_threads)
         self.tag = tag  # what results are tagged with (the model version)
@@ -189,11 +87,6 @@ class ContinuousBatcher:
         self.steps = 0
         self.sequences = 0  # admitted so far
         self.generated = 0  # tokens so far
-        self.stats = _Stats(self)
-        #: the names GET /models shows for a batcher's bounds (the request batcher's, same meaning)
-        self.max_batch_size = max_running
-        self.max_batch_tokens = max_cached_tokens
-        self.max_wait_s = 0.0
 
     # --- request side ------------------------------------------------------------------------
     def start(self) -> ContinuousBatcher:
@@ -202,8 +95,30 @@ class ContinuousBatcher:
         return self
 
     @property
+    def settings(self) -> BatchSettings:
+        """The bounds the next step admits sequences by."""
+        return self._settings
+
+    def configure(self, settings: BatchSettings) -> None:
+        """Admit by `settings` from the next step on (running sequences keep their reservations)."""
+        self._settings = _checked(settings)  # one assignment: the loop reads it once per step
+
+    @property
     def queued_samples(self) -> int:
+        """Sequences waiting to start."""
         return len(self._waiting)
+
+    def stats(self) -> dict:
+        """What GET /models shows of the generation loop."""
+        running, waiting = self.counts()
+        return {
+            "steps": self.steps,
+            "sequences": self.sequences,
+            "generated_tokens": self.generated,
+            "running": running,
+            "waiting": waiting,
+            "reserved_cache_tokens": self._reserved,
+        }
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) sequences now."""
@@ -214,16 +129,12 @@ class ContinuousBatcher:
 
     def submit_sequence(self, seq: Sequence) -> Sequence:
         """Queue a sequence; 413 if it could never fit the cache, 429 when the queue is full."""
-        need = self._reservation(seq)
-        if need > self.max_cached_tokens:
-            raise LimitExceeded(
-                f"prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.params.max_new_tokens}) is over this "
-                f"model's {self.max_cached_tokens}-token cache"
-            )
+        self._check_fits(seq, self._settings)
         with self._cond:
             if self._closed:
                 raise NotReady(f"model {self.name!r} is shutting down")
             if len(self._waiting) >= self.max_waiting:
+                notify(self.observer.dropped, "overloaded")
                 raise Overloaded(
                     f"model {self.name!r} has {len(self._waiting)} sequences waiting (limit {self.max_waiting}); "
                     "retry later",
@@ -239,8 +150,6 @@ class ContinuousBatcher:
     def submit(self, samples: list, deadline: float, abandoned=None) -> Future:
         """The Batcher interface for whole (non-streamed) generations: samples are (prompt, params);
         the future gets a BatchResult-like object with one {"output_ids"} per sample."""
-        from binserve.scheduling.batcher import BatchResult
-
         if len(samples) > self.max_waiting:  # could never be queued at once: 413, not a 429 to retry
             raise LimitExceeded(
                 f"{len(samples)} prompts in one request; model {self.name!r} queues at most {self.max_waiting}"
@@ -313,12 +222,27 @@ class ContinuousBatcher:
                     self._running, self._joining, self._kv, self._mask, self._reserved = [], [], [], None, 0
             self._observe_counts()
 
+    def _check_fits(self, seq: Sequence, s: BatchSettings) -> None:
+        if self._reservation(seq) > s.max_batch_tokens:
+            raise LimitExceeded(
+                f"prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.params.max_new_tokens}) is over this "
+                f"model's {s.max_batch_tokens}-token cache"
+            )
+
     def _admit(self) -> list[Sequence]:
         admitted = []
+        s = self._settings  # this step's bounds
         with self._cond:
-            while self._waiting and len(self._running) + len(admitted) < self.max_running:
+            while self._waiting and len(self._running) + len(admitted) < s.max_batch_size:
                 seq = self._waiting[0]
-                if self._reserved + self._reservation(seq) > self.max_cached_tokens:
+                try:
+                    self._check_fits(seq, s)  # queued under larger settings than today's: it never will
+                except LimitExceeded as exc:
+                    self._waiting.popleft()
+                    seq.finish_reason = "error"
+                    seq.end(("error", exc))
+                    continue
+                if self._reserved + self._reservation(seq) > s.max_batch_tokens:
                     break
                 self._waiting.popleft()
                 self._reserved += self._reservation(seq)
@@ -457,11 +381,11 @@ class ContinuousBatcher:
     def _emit(self, seq: Sequence, token: int) -> None:
         """Record a sampled token and stream its text; decide whether the sequence is finished."""
         now = time.monotonic()
-        if self.observer is not None:
-            self.observer.token(
-                now - seq.enqueued if seq.first_token_at is None else None,
-                now - seq.last_token_at if seq.last_token_at is not None else None,
-            )
+        notify(
+            self.observer.token,
+            now - seq.enqueued if seq.first_token_at is None else None,
+            now - seq.last_token_at if seq.last_token_at is not None else None,
+        )
         self.generated += 1
         seq.first_token_at = seq.first_token_at or now
         seq.last_token_at = now
@@ -514,8 +438,10 @@ class ContinuousBatcher:
         seq.end(("done", reason))
 
     def _observe_counts(self) -> None:
-        if self.observer is not None:
-            try:
-                self.observer.counts(len(self._running), len(self._waiting))
-            except Exception:  # metrics must never break serving
-                log.debug("metrics observer failed", exc_info=True)
+        notify(self.observer.counts, len(self._running), len(self._waiting))
+
+
+def _checked(settings: BatchSettings) -> BatchSettings:
+    if settings.max_batch_tokens is None:
+        raise ValueError("a continuous batcher needs max_batch_tokens (the KV-cache tokens it may reserve)")
+    return settings

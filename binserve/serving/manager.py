@@ -1,13 +1,16 @@
-"""The models one worker serves: loading them off the request path, hot reload, a batcher for each.
+"""The models one worker serves: loading them off the request path, hot reload, a scheduler for each.
 
 design: `start()` registers the configured models in the model repository, then one background
 thread (the watcher) loads and warms the repository's current version of each, so Gunicorn's
 heartbeat keeps beating and /readyz says 503 until all are warm, and goes on polling the
-repository. Each model sits in a `ModelSlot` that its `Batcher` calls: the slot reads its adapter
-once per batch, so swapping `slot.adapter` between batches means no batch mixes versions, and
-every batch is tagged with the version that ran it. When a model's CURRENT names another version
-the watcher loads it beside the old one, warms it, checks it (finite outputs with the old
-version's keys and shapes), swaps it in and lets the old one go. A load or switch that fails is
+repository. Each model sits in a `ModelSlot` that its scheduler (the request batcher, or the
+continuous batcher of a generative model; `scheduling.contract.Scheduler`) calls: the slot reads
+its served version (adapter and signature, one frozen value) once per batch, so swapping it between
+batches means no batch mixes versions, and every batch is tagged with the version that ran it. A
+version's batching settings reach the scheduler as one `BatchSettings` (`Scheduler.configure`).
+When a model's CURRENT names another version the watcher loads it beside the old one, warms it,
+checks it (finite outputs with the old version's keys and shapes), swaps it in and lets the old
+one go. A load or switch that fails is
 retried with exponential backoff (1 s doubling to 60 s), and at once when CURRENT changes, so a
 worker recovers when the repository is fixed; /readyz says why a model is not loaded meanwhile.
 `update()` (POST /update_model) holds the repository's lock for the model while it imports,
@@ -30,8 +33,9 @@ import torch
 from binserve.config import ServerConfig
 from binserve.errors import BadRequest, Conflict, Forbidden, ModelLoadFailed, ModelNotFound, NotReady
 from binserve.observability import metrics
-from binserve.process.runtime import trim_heap
-from binserve.scheduling.batcher import Batcher, Tagged
+from binserve.process.memory import trim_heap
+from binserve.scheduling.batcher import Batcher
+from binserve.scheduling.contract import BatchSettings, Scheduler, Tagged
 from binserve.serving.repository import ModelRepository
 from models.base import AdapterOptions, ModelAdapter, RequestLimits
 from models.engines import RuntimeSettings
@@ -56,15 +60,22 @@ def _signature(adapter: ModelAdapter) -> dict:
     return sig
 
 
-class ModelSlot:
-    """The version of one model that batches run on now; swapped between batches."""
+@dataclass(frozen=True)
+class ServedVersion:
+    """A loaded, checked version: its adapter and what it answers (keys, per-sample shapes, dtypes)."""
 
-    def __init__(self, adapter: ModelAdapter, signature: dict) -> None:
-        self.adapter = adapter
-        self.signature = signature
+    adapter: ModelAdapter
+    signature: dict
+
+
+class ModelSlot:
+    """The version of one model that batches run on now; replaced whole, between batches."""
+
+    def __init__(self, version: ServedVersion) -> None:
+        self.current = version
 
     def run(self, samples: list) -> Tagged:
-        adapter = self.adapter  # read once: the whole batch runs on one version
+        adapter = self.current.adapter  # read once: the whole batch runs on one version
         outputs = adapter.run_batch(samples)
         memory = adapter.runner.memory_bytes()
         if memory is not None:
@@ -74,15 +85,22 @@ class ModelSlot:
 
 @dataclass
 class LoadedModel:
-    """A served model: its slot (current version) and the batcher that feeds it."""
+    """A served model: its slot (current version) and the scheduler that feeds it (a
+    `serving.contract.ServedModel`, which is what the HTTP layer sees of it)."""
 
     name: str
     slot: ModelSlot
-    batcher: Batcher
+    scheduler: Scheduler
 
     @property
     def adapter(self) -> ModelAdapter:
-        return self.slot.adapter
+        """The served version's adapter."""
+        return self.slot.current.adapter
+
+    @property
+    def signature(self) -> dict:
+        """The served version's outputs: key -> (per-sample shape, dtype)."""
+        return self.slot.current.signature
 
 
 def _release_memory(device: torch.device) -> None:
@@ -184,22 +202,34 @@ class ModelManager:
         """Block until ready (or the timeout); returns readiness."""
         return self._ready.wait(timeout_s)
 
-    def _generator(self, adapter: ModelAdapter, settings: dict):
-        """A started continuous batcher for a generative model (its batch thread)."""
-        return adapter.continuous_batcher(settings, metrics.GenerationMetrics(adapter.name)).start()
+    def _scheduler(self, adapter: ModelAdapter, slot: ModelSlot, settings: BatchSettings) -> Scheduler:
+        """A started scheduler for a model: the continuous batcher of a generative model, else the
+        request batcher over the model's slot."""
+        if adapter.generates:
+            return adapter.continuous_batcher(settings, metrics.GenerationMetrics(adapter.name)).start()
+        return Batcher(
+            slot.run,
+            settings,
+            max_queue_samples=self.config.max_queue_samples,
+            sample_len=adapter.sample_length if adapter.token_inputs else None,
+            name=adapter.name,
+            observer=metrics.BatchMetrics(adapter.name),
+        ).start()
 
     def _lock(self, name: str) -> threading.Lock:
         return self._locks.setdefault(name, threading.Lock())  # atomic: one lock per name
 
-    def batch_settings(self, name: str, version: str) -> dict:
-        """The batcher settings for a version: its own (binserve.json), else the server's flags."""
+    def batch_settings(self, name: str, version: str, adapter: ModelAdapter) -> BatchSettings:
+        """The scheduler's settings for a version: its own (binserve.json), else the server's flags.
+        Token budgets apply to token rows and to generation (cache tokens), not to array models."""
         own = self.repo.spec(name, version).settings
         c = self.config
-        return {
-            "max_batch_size": own.get("max_batch_size", c.max_batch_size),
-            "max_batch_tokens": own.get("max_batch_tokens", c.max_batch_tokens),
-            "max_wait_ms": own.get("max_wait_ms", c.max_wait_ms),
-        }
+        tokens = own.get("max_batch_tokens", c.max_batch_tokens) if adapter.token_inputs or adapter.generates else None
+        return BatchSettings(
+            max_batch_size=own.get("max_batch_size", c.max_batch_size),
+            max_batch_tokens=tokens,
+            max_wait_ms=own.get("max_wait_ms", c.max_wait_ms),
+        )
 
     def _load_version(self, name: str, version: str) -> tuple[ModelAdapter, dict]:
         started = time.monotonic()
@@ -213,24 +243,11 @@ class ModelManager:
         return adapter, signature
 
     def _add(self, name: str, version: str) -> None:
-        """Load `version` of a model this worker does not serve yet, and give it a batcher."""
+        """Load `version` of a model this worker does not serve yet, and give it a scheduler."""
         adapter, signature = self._load_version(name, version)
-        slot = ModelSlot(adapter, signature)
-        settings = self.batch_settings(name, version)
-        if adapter.generates:
-            batcher = self._generator(adapter, settings)
-        else:
-            batcher = Batcher(
-                slot.run,
-                max_batch_size=settings["max_batch_size"],
-                max_queue_samples=self.config.max_queue_samples,
-                max_wait_ms=settings["max_wait_ms"],
-                max_batch_tokens=settings["max_batch_tokens"],
-                sample_len=adapter.sample_length if adapter.token_inputs else None,
-                name=name,
-                observer=metrics.BatchMetrics(name),
-            ).start()
-        self._models[name] = LoadedModel(name, slot, batcher)
+        slot = ModelSlot(ServedVersion(adapter, signature))
+        scheduler = self._scheduler(adapter, slot, self.batch_settings(name, version, adapter))
+        self._models[name] = LoadedModel(name, slot, scheduler)
         self.repo.report(name, self.pid, version)
         metrics.set_model_info(name, version, str(self.device), adapter.describe()["dtype"])
         log.info("model %s version %s (%s) is warm on %s", name, version, adapter.adapter_name, self.device)
@@ -320,22 +337,19 @@ class ModelManager:
     def _swap_in(self, loaded: LoadedModel, version: str) -> None:
         """Load, warm and check `version` of `loaded` beside the serving one, then serve it."""
         adapter, signature = self._load_version(loaded.name, version)
-        if signature != loaded.slot.signature:
+        if signature != loaded.signature:
             raise ValueError(
-                f"version {version} gives outputs {signature}, the serving version gives {loaded.slot.signature}"
+                f"version {version} gives outputs {signature}, the serving version gives {loaded.signature}"
             )
-        old = loaded.slot.adapter
-        settings = self.batch_settings(loaded.name, version)
-        loaded.slot.adapter, loaded.slot.signature = adapter, signature  # the next batch runs on it
+        old = loaded.adapter
+        settings = self.batch_settings(loaded.name, version, adapter)
+        loaded.slot.current = ServedVersion(adapter, signature)  # one assignment: the next batch runs on it
         if adapter.generates:
             # a new generation loop on the new version; the old one finishes its sequences, then stops
-            old_batcher, loaded.batcher = loaded.batcher, self._generator(adapter, settings)
-            threading.Thread(target=old_batcher.close, name="binserve-generate-drain", daemon=True).start()
+            old_scheduler, loaded.scheduler = loaded.scheduler, self._scheduler(adapter, loaded.slot, settings)
+            threading.Thread(target=old_scheduler.close, name="binserve-generate-drain", daemon=True).start()
         else:
-            # the batch thread reads these per batch: the new version's batching applies from the next one
-            loaded.batcher.max_batch_size = settings["max_batch_size"]
-            loaded.batcher.max_batch_tokens = settings["max_batch_tokens"]
-            loaded.batcher.max_wait_s = settings["max_wait_ms"] / 1000.0
+            loaded.scheduler.configure(settings)  # the new version's batching, from the next batch on
         self.repo.report(loaded.name, self.pid, version)
         metrics.set_model_info(loaded.name, version, str(self.device), adapter.describe()["dtype"], old.version)
         metrics.RELOADS.labels(loaded.name, "success").inc()
@@ -448,13 +462,9 @@ class ModelManager:
             info["repository_version"] = self.repo.current(loaded.name)
             info["workers"] = self.repo.workers(loaded.name, max_age_s=3 * self.poll_s + 1)
             info["last_error"] = self._errors.get(loaded.name)
-            info["batching"] = {
-                "max_batch_size": loaded.batcher.max_batch_size,
-                "max_batch_tokens": loaded.batcher.max_batch_tokens if loaded.adapter.token_inputs else None,
-                "max_wait_ms": loaded.batcher.max_wait_s * 1000,
-                "queued_samples": loaded.batcher.queued_samples,
-            }
-            info["stats"] = loaded.batcher.stats.as_dict()
+            scheduler = loaded.scheduler
+            info["batching"] = {**scheduler.settings.as_dict(), "queued_samples": scheduler.queued_samples}
+            info["stats"] = scheduler.stats()
             out.append(info)
         return out
 
@@ -470,7 +480,7 @@ class ModelManager:
             loaded = self._models.pop(name, None)
             if loaded is None:
                 return
-            loaded.batcher.close()  # drains: every request it accepted is answered
+            loaded.scheduler.close()  # drains: every request it accepted is answered
             self.repo.forget(name, self.pid)
             self._errors.pop(name, None)
             self._retry.pop(name, None)
@@ -485,8 +495,8 @@ class ModelManager:
         self.draining = True
 
     def close(self) -> None:
-        """Stop watching, finish queued work and stop every batcher."""
+        """Stop watching, finish queued work and stop every scheduler."""
         self._stop.set()
         for loaded in list(self._models.values()):
-            loaded.batcher.close()
+            loaded.scheduler.close()
             self.repo.forget(loaded.name, self.pid)

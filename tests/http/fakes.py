@@ -1,7 +1,8 @@
 """A small fake model manager for in-process HTTP tests (Flask's test client, no Gunicorn, no torch).
 
-It has ModelManager's interface as the routes use it, and real Batchers, so requests go through
-the same submit/wait path as in production; the models are two tiny deterministic functions:
+It is a `serving.contract.ModelHost` (what the routes use of the manager; checked in
+tests/unit/test_contracts.py), with real Batchers, so requests go through the same submit/wait path
+as in production; the models are two tiny deterministic functions:
 `double` (an array model: y = 2x on float32 rows of 3) and `embed` (a text model whose embedding
 of a text is a fixed function of its characters, and whose samples are "token" rows).
 """
@@ -15,8 +16,9 @@ import numpy as np
 
 from binary_protocol import as_array
 from binserve.errors import InvalidInput, ModelNotFound, NotReady
-from binserve.scheduling.batcher import Batcher, Tagged
-from models.base import TensorSpec, Validated
+from binserve.scheduling.batcher import Batcher
+from binserve.scheduling.contract import BatchSettings, Tagged
+from models.contract import TensorSpec, Validated
 
 DIM = 4
 
@@ -35,7 +37,8 @@ class DoubleAdapter:
     model_dir = Path("/nonexistent")
     generates = False
 
-    def __init__(self, version: str = "1") -> None:
+    def __init__(self, name: str = "double", version: str = "1") -> None:
+        self.name = name
         self.version = version
 
     def input_tensors(self):
@@ -108,23 +111,17 @@ class BrokenAdapter(EmbedAdapter):
 
 
 @dataclass
-class _Slot:
-    adapter: object
-    signature: dict
-
-
-@dataclass
 class FakeLoaded:
-    """What the routes read of a served model: name, adapter, slot signature, batcher."""
+    """A `serving.contract.ServedModel`: name, adapter, signature, scheduler."""
 
     name: str
-    adapter: object
-    batcher: Batcher
-    slot: _Slot = field(init=False)
+    adapter: DoubleAdapter
+    scheduler: Batcher
+    signature: dict = field(init=False)
 
     def __post_init__(self) -> None:
         out = self.adapter.run(self.adapter.validate(_EXAMPLES[self.adapter.adapter_name]).samples)[0]
-        self.slot = _Slot(self.adapter, {k: (v.shape, str(v.dtype)) for k, v in out.items()})
+        self.signature = {k: (v.shape, str(v.dtype)) for k, v in out.items()}
 
 
 _EXAMPLES = {
@@ -146,24 +143,18 @@ class FakeRepo:
 
 
 class FakeManager:
-    """ModelManager's interface over fake models with real batchers; `calls` records updates."""
+    """A `serving.contract.ModelHost` over fake models with real batchers; `calls` records updates."""
 
     def __init__(self, max_batch_size: int = 8, max_wait_ms: float = 0.0) -> None:
         self._models = {}
-        models = (
-            ("double", DoubleAdapter()),
-            ("embed", EmbedAdapter()),
-            ("shout", ShoutAdapter()),
-            ("broken", BrokenAdapter()),
-        )
-        for name, adapter in models:
+        models = (DoubleAdapter("double"), EmbedAdapter("embed"), ShoutAdapter("shout"), BrokenAdapter("broken"))
+        for adapter in models:
             batcher = Batcher(
                 lambda samples, a=adapter: Tagged(a.run(samples), a.version),
-                max_batch_size=max_batch_size,
-                max_wait_ms=max_wait_ms,
-                name=name,
+                BatchSettings(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms),
+                name=adapter.name,
             ).start()
-            self._models[name] = FakeLoaded(name, adapter, batcher)
+            self._models[adapter.name] = FakeLoaded(adapter.name, adapter, batcher)
         self._models["broken"].adapter.broken = True  # it passed its load check; now every batch fails
         self.names = [*self._models, "loading"]
         self.default_name = "double"
@@ -173,7 +164,7 @@ class FakeManager:
         self.repo = FakeRepo({"double": ["1", "2"], "embed": ["1"]})
         self.calls: list[dict] = []
 
-    def get(self, name: str | None):
+    def get(self, name: str | None) -> FakeLoaded:
         name = name or self.default_name
         if name in self._models:
             return self._models[name]
@@ -181,7 +172,7 @@ class FakeManager:
             raise NotReady("model 'loading' is still loading", retry_after_s=1.0)
         raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(self.names)}")
 
-    def served(self):
+    def served(self) -> list[FakeLoaded]:
         return list(self._models.values())
 
     def describe(self) -> list[dict]:
@@ -190,13 +181,18 @@ class FakeManager:
     def workers_ready(self) -> bool:
         return self.others_ready
 
-    def not_ready_reasons(self) -> dict:
+    def not_ready_reasons(self) -> dict[str, str]:
         return {}
 
-    def update(self, name, **kwargs) -> dict:
-        self.calls.append({"model": name, **kwargs})
-        return {"model": name, "version": kwargs.get("version") or "imported", "converged": True, "workers": {}}
+    def update(
+        self, name: str, *, version: str | None, path: str | None, adapter: str | None, timeout_s: float
+    ) -> dict:
+        self.calls.append({"model": name, "version": version, "path": path, "adapter": adapter, "timeout_s": timeout_s})
+        return {"model": name, "version": version or "imported", "converged": True, "workers": {}}
+
+    def start_draining(self) -> None:
+        self.draining = True
 
     def close(self) -> None:
         for m in self._models.values():
-            m.batcher.close()
+            m.scheduler.close()

@@ -71,7 +71,7 @@ def test_a_failing_model_fails_only_the_requests_that_asked_for_it():
 
 
 def test_bad_fan_outs_are_400_and_run_nothing(client, manager):
-    before = manager.get("embed").batcher.stats.as_dict()["batches"]
+    before = manager.get("embed").scheduler.stats()["batches"]
     cases = [
         ({"texts": TEXTS, "models": []}, "non-empty list"),
         ({"texts": TEXTS, "models": ["embed", "embed"]}, "twice"),
@@ -86,7 +86,7 @@ def test_bad_fan_outs_are_400_and_run_nothing(client, manager):
         assert says in resp.get_json()["error"]["message"], resp.get_json()
     assert client.post("/infer", json={"texts": TEXTS, "models": ["embed", "nope"]}).status_code == 404
     assert client.post("/infer/embed", json={"texts": TEXTS, "models": ["embed"]}).status_code == 400
-    assert manager.get("embed").batcher.stats.as_dict()["batches"] == before
+    assert manager.get("embed").scheduler.stats()["batches"] == before
 
 
 def test_params_reach_only_their_model(client):

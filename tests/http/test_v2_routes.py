@@ -158,13 +158,13 @@ def _tensor(name, shape, datatype, size):
     ],
 )
 def test_malformed_tensors_are_400_naming_the_problem(client, manager, header, blob, says):
-    batches = manager.get("double").batcher.stats.as_dict()["batches"]
+    batches = manager.get("double").scheduler.stats()["batches"]
     model = "embed" if header["inputs"] and header["inputs"][0]["name"] == "texts" else "double"
     body, headers = _raw(header, blob)
     resp = client.post(f"/v2/models/{model}/infer", data=body, headers=headers)
     assert resp.status_code == 400, resp.data
     assert says in resp.get_json()["error"]
-    assert manager.get("double").batcher.stats.as_dict()["batches"] == batches  # no forward pass was spent
+    assert manager.get("double").scheduler.stats()["batches"] == batches  # no forward pass was spent
 
 
 def test_a_header_length_outside_the_body_is_400(client):

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from binserve.errors import DeadlineExceeded, LimitExceeded, ModelFailure, Overloaded
-from binserve.scheduling.batcher import Batcher, BatchResult
+from binserve.scheduling.batcher import Batcher
+from binserve.scheduling.contract import BatchResult, BatchSettings
 
 
 class FakeClock:
@@ -48,7 +49,7 @@ def test_lone_request_runs_at_once():
 def test_arrivals_during_a_batch_form_the_next_batch():
     model = GatedModel()
     clock = FakeClock()
-    b = Batcher(model, max_batch_size=4, clock=clock).start()
+    b = Batcher(model, BatchSettings(max_batch_size=4), clock=clock).start()
     first = b.submit([0], deadline=1e9)
     assert model.entered.acquire(timeout=5)  # batch [0] is running
     later = [b.submit([i], deadline=1e9) for i in range(1, 7)]
@@ -69,7 +70,7 @@ def test_large_request_is_split_and_rejoined_in_order():
         seen.append(len(xs))
         return [x * 10 for x in xs]
 
-    b = Batcher(model, max_batch_size=3).start()
+    b = Batcher(model, BatchSettings(max_batch_size=3)).start()
     res = b.submit(list(range(8)), deadline=1e9).result(timeout=5)
     assert res.outputs == [x * 10 for x in range(8)]
     assert seen == [3, 3, 2] and res.batch_size == 3
@@ -79,7 +80,7 @@ def test_large_request_is_split_and_rejoined_in_order():
 def test_expired_requests_never_reach_the_model():
     model = GatedModel()
     clock = FakeClock()
-    b = Batcher(model, max_batch_size=8, clock=clock).start()
+    b = Batcher(model, BatchSettings(max_batch_size=8), clock=clock).start()
     blocker = b.submit([0], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     late = b.submit([1], deadline=clock.now + 0.5)
@@ -97,7 +98,7 @@ def test_expired_requests_never_reach_the_model():
 
 def test_failing_batch_fails_only_its_requests_and_the_thread_goes_on():
     model = GatedModel(fail_on=13)
-    b = Batcher(model, max_batch_size=2).start()
+    b = Batcher(model, BatchSettings(max_batch_size=2)).start()
     blocker = b.submit([0], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     bad_batch = [b.submit([13], deadline=1e9), b.submit([1], deadline=1e9)]
@@ -122,7 +123,7 @@ def test_wrong_output_count_is_a_model_failure():
 
 def test_full_queue_answers_429_at_once_with_retry_after():
     model = GatedModel()
-    b = Batcher(model, max_batch_size=2, max_queue_samples=3).start()
+    b = Batcher(model, BatchSettings(max_batch_size=2), max_queue_samples=3).start()
     blocker = b.submit([0], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     queued = b.submit([1, 2, 3], deadline=1e9)
@@ -161,7 +162,9 @@ def test_max_wait_collects_a_fuller_batch():
     clock = FakeClock()
     seen = []
     wait = ScriptedWait(clock)
-    b = Batcher(lambda xs: seen.append(list(xs)) or xs, max_batch_size=3, max_wait_ms=50, clock=clock, wait=wait)
+    b = Batcher(
+        lambda xs: seen.append(list(xs)) or xs, BatchSettings(max_batch_size=3, max_wait_ms=50), clock=clock, wait=wait
+    )
     late = []
     wait.during = lambda: late.extend(b.submit([i], deadline=1e9) for i in (1, 2)) if not late else None
     first = b.submit([0], deadline=1e9)
@@ -176,7 +179,7 @@ def test_max_wait_collects_a_fuller_batch():
 def test_max_wait_gives_up_after_max_wait_ms():
     clock = FakeClock()
     wait = ScriptedWait(clock)
-    b = Batcher(lambda xs: xs, max_batch_size=8, max_wait_ms=20, clock=clock, wait=wait)
+    b = Batcher(lambda xs: xs, BatchSettings(max_batch_size=8, max_wait_ms=20), clock=clock, wait=wait)
     f = b.submit([7], deadline=1e9)
     b.start()
     res = f.result(timeout=5)
@@ -188,7 +191,7 @@ def test_max_wait_gives_up_after_max_wait_ms():
 def test_no_wait_by_default():
     clock = FakeClock()
     wait = ScriptedWait(clock)
-    b = Batcher(lambda xs: xs, max_batch_size=8, clock=clock, wait=wait).start()
+    b = Batcher(lambda xs: xs, BatchSettings(max_batch_size=8), clock=clock, wait=wait).start()
     assert b.submit([1], deadline=1e9).result(timeout=5).outputs == [1]
     assert wait.timeouts == []
     b.close()
@@ -225,7 +228,7 @@ def token_batcher(model, **kw):
 
 def test_token_budget_bounds_rows_times_longest():
     model = GatedModel()
-    b = token_batcher(model, max_batch_size=8, max_batch_tokens=40).start()
+    b = token_batcher(model, settings=BatchSettings(max_batch_size=8, max_batch_tokens=40)).start()
     blocker = b.submit(["x"], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     # ten-token rows: at most 4 fit in 40 padded tokens
@@ -235,13 +238,13 @@ def test_token_budget_bounds_rows_times_longest():
     blocker.result(timeout=5)
     [f.result(timeout=5) for f in futures]
     assert [len(batch) for batch in model.batches] == [1, 4, 2]
-    assert b.stats.padded_tokens == 1 + 40 + 20 and b.stats.real_tokens == 1 + 60
+    assert b.totals.padded_tokens == 1 + 40 + 20 and b.totals.real_tokens == 1 + 60
     b.close()
 
 
 def test_length_grouping_keeps_padding_low_and_the_oldest_first():
     model = GatedModel()
-    b = token_batcher(model, max_batch_size=2).start()
+    b = token_batcher(model, settings=BatchSettings(max_batch_size=2)).start()
     blocker = b.submit(["x"], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     lengths = [50, 3, 48, 4, 2, 47]
@@ -261,7 +264,7 @@ def test_grouping_looks_no_further_than_the_window():
     """Greedy picks come from the first `group_window` queued parts only, so a request cannot be
     overtaken by ones queued far behind it."""
     model = GatedModel()
-    b = token_batcher(model, max_batch_size=2, group_window=2).start()
+    b = token_batcher(model, settings=BatchSettings(max_batch_size=2), group_window=2).start()
     blocker = b.submit(["x"], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     futures = [b.submit(["t" * n], deadline=1e9) for n in (50, 5, 50)]
@@ -279,7 +282,7 @@ def test_grouping_looks_no_further_than_the_window():
 def test_abandoned_requests_are_not_computed():
     model = GatedModel()
     clock = FakeClock()
-    b = Batcher(model, max_batch_size=4, clock=clock).start()
+    b = Batcher(model, BatchSettings(max_batch_size=4), clock=clock).start()
     blocker = b.submit([0], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     asked = []
@@ -292,7 +295,7 @@ def test_abandoned_requests_are_not_computed():
     with pytest.raises(Exception, match="client disconnected"):
         gone.result(timeout=5)
     assert here.result(timeout=5).outputs == [4]
-    assert model.batches == [[0], [2]] and b.stats.abandoned == 1 and asked == [1, 2]
+    assert model.batches == [[0], [2]] and b.totals.abandoned == 1 and asked == [1, 2]
     b.close()
 
 
@@ -351,14 +354,14 @@ def test_expired_and_rejected_are_counted():
     with pytest.raises(DeadlineExceeded):
         late.result(timeout=5)
     b.close()
-    assert (b.stats.expired, b.stats.rejected) == (1, 1)
+    assert (b.totals.expired, b.totals.rejected) == (1, 1)
 
 
 def test_a_request_larger_than_the_queue_is_413_not_429():
     b = Batcher(lambda xs: xs, max_queue_samples=8)
     with pytest.raises(LimitExceeded, match="larger than model 'model''s queue") as info:
         b.submit(list(range(9)), deadline=1e9)
-    assert info.value.status_code == 413 and b.stats.rejected == 0
+    assert info.value.status_code == 413 and b.totals.rejected == 0
     b.close()
 
 
@@ -366,7 +369,7 @@ def test_a_cancel_during_the_batch_fails_no_request():
     """A request thread cancelling (its deadline passed) while its batch runs: the futures are
     running by then, so the cancel is refused and every result still lands."""
     model = GatedModel()
-    b = Batcher(model, max_batch_size=4).start()
+    b = Batcher(model, BatchSettings(max_batch_size=4)).start()
     blocker = b.submit([0], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     futures = [b.submit([i], deadline=1e9) for i in (1, 2, 3)]
@@ -384,7 +387,7 @@ def test_a_cancel_during_the_batch_fails_no_request():
 
 def test_a_request_cancelled_while_queued_is_skipped():
     model = GatedModel()
-    b = Batcher(model, max_batch_size=4).start()
+    b = Batcher(model, BatchSettings(max_batch_size=4)).start()
     blocker = b.submit([0], deadline=1e9)
     assert model.entered.acquire(timeout=5)
     gone, kept = b.submit([1], deadline=1e9), b.submit([2], deadline=1e9)
@@ -401,7 +404,7 @@ def test_cancel_between_check_and_result_cannot_break_the_batch(monkeypatch):
     """The old race: the batch thread saw a future not done, then a cancel landed before
     set_result, and the InvalidStateError failed the rest of the batch. Force that interleaving:
     cancel every future at the moment the batch thread is about to resolve them."""
-    b = Batcher(lambda xs: xs, max_batch_size=4)
+    b = Batcher(lambda xs: xs, BatchSettings(max_batch_size=4))
     futures = [b.submit([i], deadline=1e9) for i in range(3)]
     real_account = b._account
 
@@ -413,3 +416,31 @@ def test_cancel_between_check_and_result_cannot_break_the_batch(monkeypatch):
     b.start()
     assert [f.result(timeout=5).outputs for f in futures] == [[0], [1], [2]]
     b.close()
+
+
+def test_configure_applies_from_the_next_batch_and_never_strands_a_larger_part():
+    """New settings (a reload's) replace the old whole, between batches. A request split into parts
+    under the old max_batch_size still runs when the new one is smaller: the first part of a batch
+    always goes (it used to be left in the queue for ever, and the batch thread spun on it)."""
+    model = GatedModel()
+    b = Batcher(model, BatchSettings(max_batch_size=4)).start()
+    blocker = b.submit([0], deadline=1e9)
+    assert model.entered.acquire(timeout=5)
+    wide = b.submit([1, 2, 3, 4], deadline=1e9)  # one part of 4 under max_batch_size=4
+    b.configure(BatchSettings(max_batch_size=2))
+    assert b.settings == BatchSettings(max_batch_size=2)
+    later = [b.submit([i], deadline=1e9) for i in (5, 6, 7)]
+    for _ in range(4):
+        model.gate.release()
+    blocker.result(timeout=5)
+    assert wide.result(timeout=5).outputs == [2, 4, 6, 8]
+    assert [f.result(timeout=5).outputs for f in later] == [[10], [12], [14]]
+    assert model.batches == [[0], [1, 2, 3, 4], [5, 6], [7]]
+    b.close()
+
+
+def test_batch_settings_are_bounded():
+    for bad in ({"max_batch_size": 0}, {"max_batch_tokens": 0}, {"max_wait_ms": -1}, {"max_batch_size": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            BatchSettings(**bad)
+    assert BatchSettings(max_batch_tokens=None).max_batch_tokens is None

@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from binserve.errors import ClientGone, LimitExceeded, Overloaded
-from binserve.scheduling.continuous import ContinuousBatcher, SamplingParams, Sequence
+from binserve.scheduling.continuous import ContinuousBatcher
+from binserve.scheduling.contract import BatchSettings, NullObserver, Scheduler
+from binserve.scheduling.sequences import SamplingParams, Sequence
 from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference, write_causal_lm
 
 PROMPTS = EXAMPLE_PROMPTS
@@ -24,7 +26,7 @@ def lm(tmp_path_factory):
 @pytest.fixture
 def batcher(lm):
     model, tok = lm
-    b = ContinuousBatcher(model, tok, torch.device("cpu"), max_running=16, eos_ids=()).start()
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(16, 32768), eos_ids=()).start()
     yield b
     b.close()
 
@@ -120,7 +122,7 @@ def test_a_cancelled_sequence_stops_at_the_next_step(lm, batcher):
 
 def test_bounds(lm):
     model, tok = lm
-    b = ContinuousBatcher(model, tok, torch.device("cpu"), max_cached_tokens=64, max_waiting=1)
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(16, 64), max_waiting=1)
     with pytest.raises(LimitExceeded, match="cache"):
         submit(b, tok, PROMPTS[0], 100)
     submit(b, tok, PROMPTS[0], 4)  # not started: it waits
@@ -136,10 +138,7 @@ def test_leaving_rows_take_their_padding_with_them(lm):
     model, tok = lm
     widths = []
 
-    class Watch:
-        def token(self, ttft, itl):
-            pass
-
+    class Watch(NullObserver):
         def counts(self, running, waiting):
             if b._mask is not None and running == 1:
                 widths.append((b._mask.shape[1], b._running[0].cache_len))
@@ -183,3 +182,26 @@ def test_whole_generations_through_the_batcher_interface(lm, batcher):
     while batcher.counts() != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.01)  # polling the loop's own counts
     assert batcher.counts() == (0, 0) and batcher.generated < 7 * 3 + 500  # not the 1000 it asked for
+
+
+def test_settings_swap_between_steps_and_a_waiting_sequence_that_no_longer_fits_is_413(lm):
+    """The continuous batcher is a Scheduler like the request batcher: its bounds are one
+    BatchSettings swapped whole; admission reads them each step."""
+    model, tok = lm
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(4, 256))
+    assert isinstance(b, Scheduler) and b.settings == BatchSettings(4, 256)
+    big = submit(b, tok, PROMPTS[0], 100)  # fits 256 cache tokens; waits (the loop is not started)
+    small = submit(b, tok, PROMPTS[0], 4)
+    b.configure(BatchSettings(4, 64))
+    b.start()
+    try:
+        with pytest.raises(LimitExceeded, match="64-token cache"):
+            collect(big)
+        collect(small)
+    finally:
+        b.close()
+    assert small.output == reference(lm, PROMPTS[0], 4)
+    stats = b.stats()
+    assert stats["sequences"] == 1 and stats["running"] == stats["waiting"] == stats["reserved_cache_tokens"] == 0
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        b.configure(BatchSettings(4, None))

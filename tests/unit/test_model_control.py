@@ -8,6 +8,7 @@ import torch
 
 from binserve.config import ServerConfig
 from binserve.errors import ModelNotFound
+from binserve.scheduling.contract import BatchSettings
 from binserve.serving.manager import ModelManager
 from binserve.serving.repository import ModelRepository
 from models.registry import ModelSpec, check_settings, default_minilm_path, load_model, parse_specs
@@ -50,11 +51,9 @@ def test_batch_settings_are_per_version_and_bounded(tmp_path):
     models = f"m=hf_encoder:{default_minilm_path()};max_batch_size=4"
     config = ServerConfig(models=models, model_repository=str(tmp_path))
     manager = ModelManager(config, torch.device("cpu"))
-    assert manager.batch_settings("m", "1") == {
-        "max_batch_size": 4,
-        "max_batch_tokens": config.max_batch_tokens,
-        "max_wait_ms": config.max_wait_ms,
-    }
+    assert manager.batch_settings("m", "1", adapter) == BatchSettings(4, config.max_batch_tokens, config.max_wait_ms)
+    policy = load_model(ModelSpec("p", "torch_module", "models/policy_v1"), torch.device("cpu"))
+    assert manager.batch_settings("m", "1", policy).max_batch_tokens is None  # arrays have no token budget
 
 
 class _Repo:
