@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from binserve.scheduling.contract import BATCH_BOUNDS
 from models.base import AdapterOptions, ModelAdapter
 from models.hf_causal_lm import HFCausalLM
 from models.hf_encoder import HFEncoder
@@ -38,7 +39,6 @@ SETTINGS: dict[str, type] = {
 }
 #: the settings that go to the batcher rather than to the runtime
 BATCH_SETTINGS = ("max_batch_size", "max_batch_tokens", "max_wait_ms")
-_BOUNDS = {"max_batch_size": (1, 4096), "max_batch_tokens": (1, 1 << 22), "max_wait_ms": (0.0, 10_000.0)}
 
 
 def check_settings(settings: dict, where: str) -> dict:
@@ -56,7 +56,7 @@ def check_settings(settings: dict, where: str) -> dict:
             out[key] = None
         if out[key] is None:
             raise ValueError(f"{where}: setting {key!r} must be a {kind.__name__}, got {value!r}")
-        low, high = _BOUNDS.get(key, (None, None))
+        low, high = BATCH_BOUNDS.get(key, (None, None))
         if low is not None and not low <= out[key] <= high:
             raise ValueError(f"{where}: setting {key!r} must be in [{low}, {high}], got {value!r}")
     return out
