@@ -22,94 +22,15 @@ import os
 import re
 import shutil
 import socket
-import stat
 import tempfile
 import time
 from pathlib import Path
 
+from binserve.serving.imports import MAX_IMPORT_FILES, Budget, copy_confined, under_root
 from models.registry import ADAPTERS, ModelSpec, check_settings
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-_MAX_IMPORT_FILES = 10_000
-_MAX_IMPORT_DEPTH = 16
-
-
-class _Budget:
-    """Bytes and files an import may still copy."""
-
-    def __init__(self, max_bytes: int, max_files: int) -> None:
-        self.bytes = max_bytes
-        self.files = max_files
-        self.max_bytes = max_bytes
-        self.max_files = max_files
-
-    def spend(self, nbytes: int, what: str) -> None:
-        self.bytes -= nbytes
-        if self.bytes < 0:
-            raise ValueError(f"{what}: the import is over the {self.max_bytes}-byte limit (max_import_bytes)")
-
-
-def _under_root(source: str | Path, import_root: str | Path) -> Path:
-    """`source` (absolute, or relative to the root) if it lies under `import_root` with no symlink on the way."""
-    given_root = os.path.normpath(os.path.abspath(import_root))
-    real_root = os.path.realpath(import_root)
-    src = os.path.normpath(os.path.join(given_root, source))
-    for base in (given_root, real_root):
-        if src.startswith(base + os.sep):
-            rel = os.path.relpath(src, base)
-            if os.path.realpath(src) == os.path.join(real_root, rel):
-                return Path(real_root, rel)
-            break
-    raise ValueError(f"path {str(source)!r} is not a directory under the import root, reached without symlinks")
-
-
-def _copy_confined(src: Path, dst: Path, budget: _Budget, label: str, depth: int = 0) -> None:
-    """Copy directory `src` into the existing `dst`: regular files and directories only, no links."""
-    if depth > _MAX_IMPORT_DEPTH:
-        raise ValueError(f"{label}: directories nested deeper than {_MAX_IMPORT_DEPTH} levels")
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY
-    try:
-        dir_fd = os.open(src, flags)
-    except OSError as exc:
-        raise ValueError(f"{label} is not a directory on the server (or is a symlink): {exc.strerror}") from None
-    try:
-        for entry in os.scandir(dir_fd):
-            where = f"{label}/{entry.name}"
-            budget.files -= 1
-            if budget.files < 0:
-                raise ValueError(f"{label}: more than {budget.max_files} files")
-            if entry.is_symlink():
-                raise ValueError(f"{where} is a symlink; imports copy no symlinks")
-            if entry.is_dir(follow_symlinks=False):
-                (dst / entry.name).mkdir()
-                _copy_confined(src / entry.name, dst / entry.name, budget, where, depth + 1)
-            elif entry.is_file(follow_symlinks=False):
-                _copy_file(dir_fd, entry.name, dst / entry.name, budget, where)
-            else:
-                raise ValueError(f"{where} is not a regular file or directory")
-    finally:
-        os.close(dir_fd)
-
-
-def _copy_file(dir_fd: int, name: str, dst: Path, budget: _Budget, where: str) -> None:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{where} is not a regular file")
-        budget.spend(info.st_size, where)
-        with open(fd, "rb", closefd=False) as fin, open(dst, "xb") as fout:
-            copied = 0
-            while chunk := fin.read(1 << 20):
-                copied += len(chunk)
-                if copied > info.st_size:  # grew while being copied
-                    budget.spend(len(chunk), where)
-                fout.write(chunk)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -218,17 +139,17 @@ class ModelRepository:
         """Copy a model directory from under `import_root` in as the next numbered version; returns it.
 
         The copy follows no symlink and copies no special file (both refused), stays under
-        `max_bytes` and `_MAX_IMPORT_FILES`, and is checked and copied in one pass over file
+        `max_bytes` and `MAX_IMPORT_FILES`, and is checked and copied in one pass over file
         descriptors opened with O_NOFOLLOW, so the source cannot change between check and copy.
         It is staged in a hidden directory that is removed whatever happens, and renamed into place
         whole.
         """
-        src = _under_root(source, import_root)
+        src = under_root(source, import_root)
         if adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {adapter!r} (known: {sorted(ADAPTERS)})")
         staging = Path(tempfile.mkdtemp(dir=self.model_dir(model), prefix=".import-"))
         try:
-            _copy_confined(src, staging, _Budget(max_bytes, _MAX_IMPORT_FILES), str(source))
+            copy_confined(src, staging, Budget(max_bytes, MAX_IMPORT_FILES), str(source))
             _atomic_write(staging / "binserve.json", json.dumps({"adapter": adapter}, indent=2) + "\n")
             numbers = [int(v) for v in self.versions(model) if v.isdigit()]
             version = str(max(numbers, default=0) + 1)
