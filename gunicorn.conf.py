@@ -79,18 +79,11 @@ def child_exit(server, worker):
 
 
 def post_worker_init(worker):
-    """binserve's own log lines go where Gunicorn's go; on SIGTERM, report not-ready first, then
-    let Gunicorn drain as usual.
+    """On SIGTERM, report not-ready first, then let Gunicorn drain as usual.
 
     Gunicorn's gthread worker stops accepting and finishes accepted requests within
     graceful_timeout; /readyz answering 503 meanwhile tells a load balancer to stop sending.
     """
-    import logging
-
-    ours = logging.getLogger("binserve")
-    ours.handlers = list(worker.log.error_log.handlers)
-    ours.setLevel(worker.log.error_log.level)
-    ours.propagate = False
     manager = worker.wsgi.extensions["binserve"]
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 
@@ -109,7 +102,15 @@ def worker_exit(server, worker):
 
 
 def post_fork(server, worker):
-    """Give each worker an index (it picks GPU index mod N) and an allocator that gives memory back."""
+    """Give each worker an index (it picks GPU index mod N), an allocator that gives memory back, and
+    binserve's log lines where Gunicorn's go - before the app loads, so what the model manager says
+    while it starts (registering the configured models) is not lost."""
+    import logging
+
+    ours = logging.getLogger("binserve")
+    ours.handlers = list(worker.log.error_log.handlers)
+    ours.setLevel(worker.log.error_log.level)
+    ours.propagate = False
     os.environ["BINSERVE_WORKER_INDEX"] = str(max(0, worker.age - 1))
     # how many workers this server runs, as Gunicorn was told (flags included): /readyz waits for all
     os.environ["BINSERVE_WORKER_COUNT"] = str(server.cfg.workers)

@@ -45,9 +45,11 @@ class HFCausalLM(ModelAdapter):
     ) -> None:
         super().__init__(name, version, device, options, path)
         root = Path(path)
-        config = AutoConfig.from_pretrained(root)
-        self._model = AutoModelForCausalLM.from_pretrained(root, use_safetensors=True).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(root)
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
+        self._model = (
+            AutoModelForCausalLM.from_pretrained(root, use_safetensors=True, local_files_only=True).to(device).eval()
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
         gen_eos = getattr(self._model.generation_config, "eos_token_id", None)
         eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])

@@ -90,12 +90,12 @@ class HFEncoder(ModelAdapter):
     ) -> None:
         super().__init__(name, version, device, options, path)
         root = Path(path)
-        config = AutoConfig.from_pretrained(root)
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
         archs = config.architectures or []
         self.task = "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "embedding"
         cls = AutoModelForSequenceClassification if self.task == "classification" else AutoModel
-        self._model = cls.from_pretrained(root, use_safetensors=True).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(root, use_fast=True)
+        self._model = cls.from_pretrained(root, use_safetensors=True, local_files_only=True).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(root, use_fast=True, local_files_only=True)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{root}: a fast tokenizer (tokenizer.json) is required")
         st_config = _read_json(root / "sentence_bert_config.json") or {}

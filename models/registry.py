@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -110,6 +111,8 @@ def parse_specs(text: str) -> list[ModelSpec]:
 
 def load_model(spec: ModelSpec, device: torch.device, options: AdapterOptions | None = None) -> ModelAdapter:
     """Load (not yet warm) the model a spec names, on `device`, served as `options` and its settings say."""
+    if not Path(spec.path).is_dir():  # a local path never reaches a hub look-up (nor its confusing errors)
+        raise FileNotFoundError(f"directory {spec.path} does not exist (or is not a directory)")
     options = options or AdapterOptions()
     runtime_settings = {k: v for k, v in spec.settings.items() if k not in BATCH_SETTINGS}
     runtime = dataclasses.replace(

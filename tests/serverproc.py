@@ -25,6 +25,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def poll(fn, timeout_s: float = 60.0, every_s: float = 0.1):
+    """fn() until it returns something truthy (polling a server's state, not waiting for readiness)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"{fn} did not become true in {timeout_s}s")
+
+
 class ServerProcess:
     """`python server.py` as a user starts it; `start()` returns once every worker is ready."""
 
@@ -93,6 +104,20 @@ class ServerProcess:
                 pass  # not listening yet, or the worker is busy loading; ask again
             time.sleep(0.05)  # polling interval between readiness probes, not a wait for readiness
         raise TimeoutError(f"server not ready after {timeout_s}s; log: {self.log_tail()}")
+
+    def wait_failed(self, timeout_s: float = 120.0) -> dict:
+        """Poll /readyz until the server says a model failed to load; its JSON (status, models)."""
+
+        def failed():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_tail()}")
+            try:
+                r = requests.get(f"{self.base_url}/readyz", timeout=5, headers={"Connection": "close"})
+            except (requests.ConnectionError, requests.Timeout):
+                return None
+            return r.status_code == 503 and r.json().get("status", "").startswith("failed") and r.json()
+
+        return poll(failed, timeout_s)
 
     def log_tail(self, n: int = 3000) -> str:
         try:

@@ -153,11 +153,25 @@ class ModelManager:
         self._errors: dict[str, str] = {}  # model -> why it is not loaded, or why its last switch failed
         self._retry: dict[str, tuple[str | None, float, float]] = {}  # model -> (CURRENT then, when, backoff)
         self.draining = False  # set on SIGTERM: /readyz says 503 while accepted requests finish
-        for spec in specs:
+        #: configured models not registered yet: their directory is missing, or the repository is
+        #: read-only and the writer has not registered them; retried every poll, and not served
+        #: meanwhile (serving the old CURRENT would ignore the configuration)
+        self._unregistered = {spec.name: spec for spec in specs}
+        self._register_configured()
+
+    def _register_configured(self) -> None:
+        for name, spec in list(self._unregistered.items()):
             try:
-                self.repo.register(spec)
-            except OSError as exc:  # e.g. a read-only repository that the writer has not filled yet
-                self._errors[spec.name] = f"could not register it in the repository: {exc}"
+                registration = self.repo.register(spec)
+            except (OSError, ValueError) as exc:  # a missing directory; a read-only repository; a bad manifest
+                reason = f"the configuration names {spec.adapter}:{spec.path}, which cannot be registered: {exc}"
+                if self._errors.get(name) != reason:
+                    log.error("model %s: %s; retrying", name, reason)
+                self._errors[name] = reason
+                continue
+            del self._unregistered[name]
+            self._errors.pop(name, None)
+            log.info("%s", registration.message(self.repo.current(name)))
 
     @property
     def ready(self) -> bool:
@@ -276,10 +290,13 @@ class ModelManager:
     def _poll(self) -> None:
         """One pass: serve what model control says, and load or switch every model whose CURRENT
         differs from what this worker serves."""
+        self._register_configured()
         self.names = self._wanted()
         for name in [n for n in self._models if n not in self.names]:
             self.drop(name)
         for name in self.names:
+            if name in self._unregistered:
+                continue  # /readyz says why
             loaded = self._models.get(name)
             try:
                 version = self.repo.current(name)

@@ -1,16 +1,18 @@
 """The model repository: the directory every worker (and every replica sharing it) takes versions from.
 
-design: `<root>/<model>/<version>/manifest.json` describes a version (adapter name, and the model
-directory: the version directory itself, or a `path` it points to); `<root>/<model>/CURRENT` names
-the version to serve. Writers replace CURRENT atomically (write a temporary file, rename), so a
-reader sees the old name or the new one, never half, and hold `<root>/<model>/.lock` (flock) while
-they import, check and move CURRENT, so concurrent updates from any worker or replica take turns.
-Workers poll CURRENT and report the version they serve in
-`<root>/<model>/.workers/<replica>_<pid>.json`, touched on every poll, which is how /update_model
-knows when every live worker has converged; the replica name (the host name: the pod's name in
-Kubernetes) keeps replicas that number their processes alike apart. The directory is the source of truth:
-no worker needs to receive the update call to follow it, and a worker that starts later loads
-whatever CURRENT says.
+design: `<root>/<model>/<version>/binserve.json` describes a version (adapter name, settings, and
+the model directory: the version directory itself, or a `path` it points to); `<root>/<model>/CURRENT`
+names the version to serve, and `<root>/<model>/CONFIGURED` the version a server's configuration
+named when it last started (`register`: a restart serves what the configuration says, and leaves a
+hot reload standing when the configuration did not change). Writers replace CURRENT atomically
+(write a temporary file, rename), so a reader sees the old name or the new one, never half, and
+hold `<root>/<model>/.lock` (flock) while they register, import, check and move CURRENT, so
+concurrent updates from any worker or replica take turns. Workers poll CURRENT and report the
+version they serve in `<root>/<model>/.workers/<replica>_<pid>.json`, touched on every poll, which
+is how /update_model knows when every live worker has converged; the replica name (the host name:
+the pod's name in Kubernetes) keeps replicas that number their processes alike apart. The
+directory is the source of truth: no worker needs to receive the update call to follow it, and a
+worker that starts later loads whatever CURRENT says.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from binserve.serving.imports import MAX_IMPORT_FILES, Budget, copy_confined, under_root
@@ -38,6 +41,31 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What `register` did with a configured model: `action` is "registered" (a new version),
+    "switched" (an existing version made current again) or "kept" (CURRENT left as it was)."""
+
+    model: str
+    version: str
+    action: str
+    path: str
+    previous: str | None  # CURRENT before
+    previous_path: str | None
+
+    def message(self, current: str | None = None) -> str:
+        """The log line, e.g. `model topics: configuration names /m/B; registered as version 2 (was 1: /m/A)`."""
+        was = f" (was {self.previous}: {self.previous_path})" if self.previous and self.previous != self.version else ""
+        head = f"model {self.model}: configuration names {self.path}"
+        if self.action == "registered":
+            return f"{head}; registered as version {self.version}{was}"
+        if self.action == "switched":
+            return f"{head}, version {self.version}; made it current{was}"
+        if current and current != self.version:
+            return f"{head}, version {self.version}; version {current}, made current since, stays current"
+        return f"{head}, version {self.version}; it is current"
 
 
 class ModelRepository:
@@ -59,25 +87,94 @@ class ModelRepository:
             raise ValueError(f"model name {model!r} must be letters, digits, '.', '_' or '-'")
         return self.root / model
 
-    def register(self, spec: ModelSpec) -> None:
-        """Make `spec` version 1 of its model if the model is not in the repository yet."""
-        mdir = self.model_dir(spec.name)
-        vdir = mdir / spec.version
-        manifest = {"adapter": spec.adapter, "path": str(Path(spec.path).resolve())}
-        if spec.settings:
-            manifest["settings"] = spec.settings
-        if (mdir / "CURRENT").exists():
-            # The configured version follows its configuration (settings given with --models).
-            try:
-                if json.loads((vdir / "binserve.json").read_text()).get("path") == manifest["path"]:
-                    if json.loads((vdir / "binserve.json").read_text()) != manifest:
-                        _atomic_write(vdir / "binserve.json", json.dumps(manifest, indent=2) + "\n")
-            except (OSError, ValueError):
-                pass
-            return
-        vdir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(vdir / "binserve.json", json.dumps(manifest, indent=2) + "\n")
-        _atomic_write(mdir / "CURRENT", spec.version + "\n")
+    def register(self, spec: ModelSpec) -> Registration:
+        """Follow the configuration: the version whose directory and adapter the configuration names
+        is the configured version, and CURRENT moves to it when the configuration changed.
+
+        - A directory no version has: registered as the next version, and made current.
+        - The directory of the version configured last time: CURRENT stays (a hot reload since stands).
+        - The directory of another version (the configuration went back to it): made current.
+        A configured directory that does not exist is refused (FileNotFoundError naming it) before
+        anything is written, so a typo in one server's flags cannot point every replica sharing the
+        repository at nothing. Writes happen only when something changes, under the model's lock,
+        so read-only replicas and workers that start together register alike.
+        """
+        name = spec.name
+        path = str(Path(spec.path).resolve())
+        manifest = {"adapter": spec.adapter, "path": path, **({"settings": spec.settings} if spec.settings else {})}
+        found = self._version_of(name, spec.adapter, path)
+        if found is None and not Path(path).is_dir():
+            raise FileNotFoundError(f"the configured directory {path} does not exist (or is not a directory)")
+        before, configured = self._current_or_none(name), self._configured(name)
+        unchanged = configured in (found, None) and before is not None and self._manifest(name, found) == manifest
+        if found is not None and unchanged:
+            if configured is None:  # a repository from before CONFIGURED was kept: remember, if we may write
+                with contextlib.suppress(OSError):
+                    _atomic_write(self.model_dir(name) / "CONFIGURED", found + "\n")
+            return Registration(name, found, "kept", path, before, self._path_of(name, before))
+        self.model_dir(name).mkdir(parents=True, exist_ok=True)
+        with self.lock(name):  # another worker or replica may be registering it at this moment
+            return self._register_locked(spec, manifest, path)
+
+    def _register_locked(self, spec: ModelSpec, manifest: dict, path: str) -> Registration:
+        name, mdir = spec.name, self.model_dir(spec.name)
+        before, configured = self._current_or_none(name), self._configured(name)
+        found = self._version_of(name, spec.adapter, path)
+        if found is None:
+            found, action = self._next_version(name), "registered"
+            (mdir / found).mkdir()
+        elif before is not None and configured in (found, None):
+            action = "kept"
+        else:
+            action = "switched"
+        if self._manifest(name, found) != manifest:  # new, or settings given with --models that changed
+            _atomic_write(mdir / found / "binserve.json", json.dumps(manifest, indent=2) + "\n")
+        if action != "kept":
+            _atomic_write(mdir / "CURRENT", found + "\n")
+        if configured != found:
+            _atomic_write(mdir / "CONFIGURED", found + "\n")
+        return Registration(name, found, action, path, before, self._path_of(name, before))
+
+    def _manifest(self, model: str, version: str | None) -> dict | None:
+        if version is None:
+            return None
+        try:
+            return json.loads((self.model_dir(model) / version / "binserve.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _path_of(self, model: str, version: str | None) -> str | None:
+        """The resolved directory a version's files are in (its `path`, or the version directory)."""
+        manifest = self._manifest(model, version)
+        if manifest is None:
+            return None
+        vdir = self.model_dir(model) / version
+        return str((vdir / manifest["path"]).resolve() if manifest.get("path") else vdir.resolve())
+
+    def _version_of(self, model: str, adapter: str, path: str) -> str | None:
+        """The newest version of `model` served by `adapter` from directory `path`, if any."""
+        matches = [
+            v
+            for v in self.versions(model)
+            if (self._manifest(model, v) or {}).get("adapter") == adapter and self._path_of(model, v) == path
+        ]
+        return matches[-1] if matches else None
+
+    def _configured(self, model: str) -> str | None:
+        """The version the configuration named when a server last registered this model."""
+        try:
+            return (self.model_dir(model) / "CONFIGURED").read_text().strip() or None
+        except OSError:
+            return None
+
+    def _current_or_none(self, model: str) -> str | None:
+        try:
+            return self.current(model)
+        except (KeyError, OSError):
+            return None
+
+    def _next_version(self, model: str) -> str:
+        return str(max((int(v) for v in self.versions(model) if v.isdigit()), default=0) + 1)
 
     def versions(self, model: str) -> list[str]:
         """Versions on disk, oldest first by number where they are numbers."""
@@ -151,8 +248,7 @@ class ModelRepository:
         try:
             copy_confined(src, staging, Budget(max_bytes, MAX_IMPORT_FILES), str(source))
             _atomic_write(staging / "binserve.json", json.dumps({"adapter": adapter}, indent=2) + "\n")
-            numbers = [int(v) for v in self.versions(model) if v.isdigit()]
-            version = str(max(numbers, default=0) + 1)
+            version = self._next_version(model)
             os.rename(staging, self.model_dir(model) / version)  # appears whole or not at all
             return version
         finally:

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from request_tools import InferenceClient
-from tests.serverproc import ServerProcess, free_port
+from tests.serverproc import ServerProcess, free_port, poll
 
 ADMIN = "admin-secret"
 POLICY = "policy=torch_module:models/policy_v1"
@@ -27,17 +27,6 @@ SAMPLE = {"image": np.zeros((480, 640, 3), np.uint8), "state": np.zeros(6, np.fl
 
 def update(base_url: str, timeout: float = 120, **body) -> requests.Response:
     return requests.post(f"{base_url}/update_model", json={"model": "policy", **body}, headers=HEADERS, timeout=timeout)
-
-
-def poll(fn, timeout_s: float = 60.0, every_s: float = 0.1):
-    """fn() until it returns something truthy (polling a server's state, not waiting for readiness)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"{fn} did not become true in {timeout_s}s")
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +107,7 @@ def test_a_worker_recovers_when_the_repository_is_fixed(tmp_path):
     (repo / "policy" / "CURRENT").write_text("7\n")  # a version that does not exist
     srv = ServerProcess(workers=1, models=POLICY, model_repository=repo).start(wait=False)
     try:
-
-        def failed():
-            try:
-                r = requests.get(f"{srv.base_url}/readyz", timeout=5)
-            except requests.ConnectionError:
-                return None
-            return r.status_code == 503 and r.json()["status"].startswith("failed") and r.json()
-
-        status = poll(failed, timeout_s=120)
+        status = srv.wait_failed()
         assert "version 7" in status["models"]["policy"] and "retrying" in status["models"]["policy"]
         health = requests.get(f"{srv.base_url}/healthz", timeout=5)
         assert health.status_code == 200  # alive: a restart would not fix the repository
