@@ -2,11 +2,14 @@
 
 design: tokenization happens in `validate`, on the request thread, with the fast tokenizer and
 without padding (~0.05 ms a text), so the batch thread only pads to the batch's own longest row and
-runs the forward pass on the engine its plan picks (models/engines.py). Embedding models
-(AutoModel) give pooled, L2-normalised embeddings, pooled as the directory's sentence-transformers
-config says (mean by default); `*ForSequenceClassification` models give logits and probabilities
-(softmax; sigmoid for `problem_type: multi_label_classification`), and each reply names the labels
-(`id2label`): top-k, or every label over a threshold (models/labels.py). Pooling is part of
+runs the forward pass on the engine its plan picks (models/engines.py). Embedding models give
+pooled, L2-normalised embeddings through the sentence-transformers pipeline the directory declares
+(models/sentence_modules.py: pooling, Dense projections; mean pooling by default); of an
+encoder-decoder family (T5: sentence-T5, GTR) only the encoder is loaded (`T5EncoderModel`, or the
+family's encoder), since the whole model's forward would ask for decoder inputs.
+`*ForSequenceClassification` models give logits and probabilities (softmax; sigmoid for
+`problem_type: multi_label_classification`), and each reply names the labels (`id2label`): top-k,
+or every label over a threshold (models/labels.py). Pooling and projections are part of
 `EncoderHead`, the module both torch and the ONNX export run, so every engine returns the final
 outputs. Weights load through safetensors only. Models of one fan-out request that share a
 tokenizer file tokenize its texts once (`validate`'s `shared`).
@@ -20,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from binary_protocol import as_array
 from binserve.errors import InvalidInput, LimitExceeded
 from models.base import AdapterOptions, ModelAdapter, OnnxSpec
 from models.contract import TensorSpec, Validated
 from models.labels import OPTION_KEYS, label_rows, parse_options
+from models.sentence_modules import SentencePipeline, pool, read_pipeline
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -50,13 +56,16 @@ BENCH_TEXT = "a model serves many requests quickly while the batches grow under 
 
 
 class EncoderHead(torch.nn.Module):
-    """The encoder plus its pooling: (input_ids, attention_mask) -> final outputs, for torch and ONNX."""
+    """The encoder plus what follows it: (input_ids, attention_mask) -> final outputs, for torch and ONNX."""
 
-    def __init__(self, model: torch.nn.Module, task: str, pooling: str, multi_label: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, task: str, sentence: SentencePipeline, multi_label: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.task = task
-        self.pooling = pooling
+        self.pooling = sentence.pooling
+        self.dense = sentence.dense
         self.multi_label = multi_label
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -64,13 +73,26 @@ class EncoderHead(torch.nn.Module):
         if self.task == "classification":
             logits = out.logits.float()
             return logits, torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
-        hidden = out.last_hidden_state.float()  # pool in fp32 whatever the engine computed in
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-        return (torch.nn.functional.normalize(pooled.float(), p=2, dim=1),)
+        pooled = pool(out.last_hidden_state.float(), attention_mask, self.pooling)  # fp32 whatever the engine
+        if self.dense is not None:
+            pooled = self.dense(pooled)
+        return (torch.nn.functional.normalize(pooled, p=2, dim=1),)
+
+
+def _load_encoder(root: Path, config) -> torch.nn.Module:
+    """The model an embedding needs: the encoder alone for an encoder-decoder family."""
+    options = {"use_safetensors": True, "local_files_only": True}
+    # The directory's own encoder class, else its family's (T5Model -> T5EncoderModel): a T5 saved as
+    # T5EncoderModel does not say is_encoder_decoder, and AutoModel would build the whole T5Model.
+    family = MODEL_MAPPING_NAMES.get(config.model_type, "")
+    names = [a for a in config.architectures or [] if a.endswith("EncoderModel")]
+    names.append(family.removesuffix("Model") + "EncoderModel")
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is not None:
+        return cls.from_pretrained(root, **options)
+    model = AutoModel.from_pretrained(root, **options)
+    # another encoder-decoder family (BART, Pegasus, ...): keep the encoder, let the decoder go
+    return model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
 
 
 class HFEncoder(ModelAdapter):
@@ -89,20 +111,28 @@ class HFEncoder(ModelAdapter):
         options: AdapterOptions | None = None,
     ) -> None:
         super().__init__(name, version, device, options, path)
-        root = Path(path)
-        config = AutoConfig.from_pretrained(root, local_files_only=True)
+        top = Path(path)
+        config = AutoConfig.from_pretrained(top, local_files_only=True)
         archs = config.architectures or []
         self.task = "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "embedding"
-        cls = AutoModelForSequenceClassification if self.task == "classification" else AutoModel
-        self._model = cls.from_pretrained(root, use_safetensors=True, local_files_only=True).to(device).eval()
+        if self.task == "classification":
+            self.sentence = SentencePipeline(top)
+            model = AutoModelForSequenceClassification.from_pretrained(top, use_safetensors=True, local_files_only=True)
+        else:
+            self.sentence = read_pipeline(top)
+            if self.sentence.encoder_dir != top:
+                config = AutoConfig.from_pretrained(self.sentence.encoder_dir, local_files_only=True)
+            model = _load_encoder(self.sentence.encoder_dir, config)
+        root = self.sentence.encoder_dir
+        self._model = model.to(device).eval()
+        if self.sentence.dense is not None:
+            self.sentence.dense.to(device)
         self.tokenizer = AutoTokenizer.from_pretrained(root, use_fast=True, local_files_only=True)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{root}: a fast tokenizer (tokenizer.json) is required")
-        st_config = _read_json(root / "sentence_bert_config.json") or {}
+        st_config = next((c for d in (root, top) if (c := _read_json(d / "sentence_bert_config.json"))), {})
         limit = getattr(config, "max_position_embeddings", 512)
         self.max_length = int(min(st_config.get("max_seq_length", self.tokenizer.model_max_length), limit))
-        pooling = _read_json(root / "1_Pooling" / "config.json") or {}
-        self.pooling = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
         self.vocab_size = int(config.vocab_size)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if self.task == "classification" else None
@@ -247,7 +277,7 @@ class HFEncoder(ModelAdapter):
     def torch_forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         head = self._heads.get(id(module))
         if head is None:
-            head = self._heads[id(module)] = EncoderHead(module, self.task, self.pooling, self.multi_label)
+            head = self._heads[id(module)] = EncoderHead(module, self.task, self.sentence, self.multi_label)
         return dict(zip(self.output_names, head(inputs["input_ids"], inputs["attention_mask"]), strict=True))
 
     def onnx_spec(self) -> OnnxSpec:
@@ -256,7 +286,7 @@ class HFEncoder(ModelAdapter):
         axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}
         axes.update({name: {0: "batch"} for name in self.output_names})
         return OnnxSpec(
-            EncoderHead(self._model, self.task, self.pooling, self.multi_label),
+            EncoderHead(self._model, self.task, self.sentence, self.multi_label),
             example,
             ["input_ids", "attention_mask"],
             self.output_names,
