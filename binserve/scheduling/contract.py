@@ -16,18 +16,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Protocol, runtime_checkable
 
+from binserve.config import ServerConfig
 from binserve.scheduling import sequences
 
 log = logging.getLogger("binserve.scheduling")
 
-#: the bounds of each batching setting, inclusive (a version's binserve.json is held to them too)
+#: the bounds of each batching setting, inclusive: the server's settings' (a version's binserve.json
+#: is held to them too)
 BATCH_BOUNDS: dict[str, tuple[float, float]] = {
-    "max_batch_size": (1, 4096),
-    "max_batch_tokens": (1, 1 << 22),
-    "max_wait_ms": (0.0, 10_000.0),
+    f.name: (f.metadata["ge"], f.metadata["le"])
+    for f in fields(ServerConfig)
+    if f.name in ("max_batch_size", "max_batch_tokens", "max_wait_ms")
 }
 
 

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
-from binserve.config import ServerConfig
+from binserve import settings_doc
+from binserve.config import ServerConfig, env_var, flag
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults():
@@ -44,3 +52,29 @@ def test_validation(kwargs, match):
 def test_bad_env_value_names_the_variable():
     with pytest.raises(ValueError, match="BINSERVE_PORT must be of type int"):
         ServerConfig.from_env({"BINSERVE_PORT": "eighty"})
+
+
+def test_every_setting_documents_itself_in_help():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    for f in fields(ServerConfig):
+        assert f.metadata["doc"], f"{f.name} has no description"
+        assert flag(f) in text and env_var(f) in text, f.name
+        words = " ".join(f.metadata["doc"].replace("`", "").split()[:6])
+        assert words in text, (f.name, words)
+    assert "(ms; > 0, <= 60000; default 500; env BINSERVE_REPOSITORY_POLL_MS)" in text
+
+
+def test_the_readme_settings_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
+    assert settings_doc.with_table(readme) == readme, "run: python -m binserve.settings_doc --write README.md"
+    assert "| `max_body_bytes` | `--max-body-bytes` / `BINSERVE_MAX_BODY_BYTES` | 64 MiB | bytes, >= 1 |" in readme
+
+
+@pytest.mark.parametrize("f", [f for f in fields(ServerConfig) if f.metadata["ge"] is not None], ids=lambda f: f.name)
+def test_each_bound_is_enforced_and_named(f):
+    with pytest.raises(ValueError, match=f"{f.name} must be at least {f.metadata['ge']}"):
+        ServerConfig(**{f.name: f.metadata["ge"] - 1})
