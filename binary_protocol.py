@@ -45,6 +45,7 @@ from itertools import repeat
 import numpy as np
 
 from binserve.errors import InvalidInput, LimitExceeded, ProtocolError, UnsupportedMediaType
+from binserve.wire.media import is_json, media_type
 from binserve.wire.safe_pickle import DEFAULT_LIMITS, DTYPE_CODES, Limits, safe_loads
 
 __all__ = [
@@ -340,14 +341,10 @@ def as_array(value, *, dtype, name: str) -> np.ndarray:
 # --- choosing the format of a request and of its reply --------------------------------------
 
 
-def _media(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
 def decode_body(body, content_type: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[dict, str]:
     """Decode a request body; returns (payload, format). 415 for an unknown Content-Type."""
-    media = _media(content_type)
-    if media == "application/json" or media.endswith("+json"):
+    media = media_type(content_type)
+    if is_json(media):
         return json_to_dict(body, limits), JSON
     if media in _BINARY_MEDIA or media == "":
         head = bytes(body[:4])
@@ -367,7 +364,7 @@ def decode_body(body, content_type: str | None, limits: Limits = DEFAULT_LIMITS)
 def reply_format(request_format: str, accept: str | None) -> str:
     """The reply's format: the first of ours that `Accept` names, else the request's own."""
     for part in (accept or "").split(","):
-        media = _media(part)
+        media = media_type(part)
         for fmt, mt in MEDIA_TYPES.items():
             if media == mt:
                 return fmt

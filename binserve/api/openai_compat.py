@@ -16,12 +16,12 @@ import os
 import time
 
 import numpy as np
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify
 
-from binary_protocol import dict_to_json, json_to_dict
+from binary_protocol import dict_to_json
 from binserve.api.failures import Failure
-from binserve.api.pipeline import Pipeline, inference_view, is_json, media_type
-from binserve.errors import BadRequest, InvalidInput, UnsupportedMediaType
+from binserve.api.pipeline import Pipeline, inference_view
+from binserve.errors import BadRequest, InvalidInput
 
 PREFIX = "/v1"
 _CATEGORY = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
@@ -77,9 +77,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     @inference_view("openai")
     def embeddings():
         pipeline.authorize()
-        if request.content_type and not is_json(request.content_type):
-            raise UnsupportedMediaType(f"send application/json, not {media_type(request.content_type)!r}")
-        body = json_to_dict(pipeline.body(), pipeline.limits)
+        body = pipeline.json_object()
         unknown = sorted(set(body) - _FIELDS)
         if unknown:
             raise BadRequest(f"unknown fields {unknown}; /v1/embeddings takes {sorted(_FIELDS)}")

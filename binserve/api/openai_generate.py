@@ -17,11 +17,11 @@ import uuid
 
 from flask import Blueprint, Response, request
 
-from binary_protocol import dict_to_json, json_to_dict
+from binary_protocol import dict_to_json
 from binserve.api.failures import failure_of
 from binserve.api.openai_compat import error_body
-from binserve.api.pipeline import Pipeline, client_gone_check, inference_view, is_json, media_type
-from binserve.errors import BadRequest, ServingError, UnsupportedMediaType
+from binserve.api.pipeline import Pipeline, client_gone_check, inference_view
+from binserve.errors import BadRequest, ServingError
 from binserve.scheduling.sequences import Sequence
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options"}
@@ -32,9 +32,7 @@ _NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,), "presence_penalty
 
 
 def _body(pipeline: Pipeline, kind: str) -> dict:
-    if request.content_type and not is_json(request.content_type):
-        raise UnsupportedMediaType(f"send application/json, not {media_type(request.content_type)!r}")
-    body = json_to_dict(pipeline.body(), pipeline.limits)
+    body = pipeline.json_object()
     unknown = sorted(set(body) - _FIELDS[kind])
     if unknown:
         raise BadRequest(f"unknown fields {unknown}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from flask import Flask, Response, current_app, g, request
 
-from binary_protocol import Limits, decode_body
+from binary_protocol import Limits, decode_body, json_to_dict
 from binserve.config import ServerConfig
 from binserve.errors import (
     BadRequest,
@@ -31,11 +31,13 @@ from binserve.errors import (
     ModelNotFound,
     RequestTimeout,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from binserve.observability import metrics
 from binserve.process.memory import trim_heap
 from binserve.scheduling.contract import BatchResult
 from binserve.serving.contract import ModelHost, ServedModel
+from binserve.wire.media import is_json, media_type
 from models.contract import Validated
 
 # How long a request thread waits past its deadline for a batch that already started.
@@ -59,17 +61,6 @@ def inference_view(protocol: str):
 def _protocol_of_request() -> str | None:
     view = current_app.view_functions.get(request.endpoint or "")
     return getattr(view, "binserve_protocol", None)
-
-
-def media_type(content_type: str | None) -> str:
-    """The bare media type of a Content-Type header, lower case."""
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
-def is_json(content_type: str | None) -> bool:
-    """Whether a Content-Type names JSON (which has its own, smaller size limit)."""
-    media = media_type(content_type)
-    return media == "application/json" or media.endswith("+json")
 
 
 def read_body(config: ServerConfig) -> bytes:
@@ -177,6 +168,12 @@ class Pipeline:
     def body(self) -> bytes:
         """The request body within its limit (see `read_body`)."""
         return read_body(self.config)
+
+    def json_object(self) -> dict:
+        """A JSON-only route's body (no Content-Type is taken as JSON; any other is 415)."""
+        if request.content_type and not is_json(request.content_type):
+            raise UnsupportedMediaType(f"send application/json, not {media_type(request.content_type)!r}")
+        return json_to_dict(self.body(), self.limits)
 
     def decode(self) -> tuple[dict, str]:
         """The body decoded by the native protocol's rules: (payload, format)."""

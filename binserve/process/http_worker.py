@@ -34,6 +34,7 @@ from functools import partial
 from gunicorn.workers.gthread import ThreadWorker
 
 from binserve.config import ServerConfig
+from binserve.wire.media import is_json
 
 MAX_HEADER_BYTES = 64 * 1024
 _MAX_CHUNK_LINE = 1024
@@ -129,8 +130,7 @@ class RequestBuffer:
             elif name == b"expect" and value == b"100-continue":
                 self.expect_continue = True
             elif name == b"content-type":
-                media = value.split(b";", 1)[0].strip()
-                if media == b"application/json" or media.endswith(b"+json"):
+                if is_json(value):
                     self.max_body = min(self.max_body, self.max_json)  # the app's limit for JSON
         if self.chunked and self.length is not None:
             return MALFORMED  # both framings at once: request smuggling territory, gunicorn refuses it

@@ -10,12 +10,7 @@ naming the way back; queued requests for it are answered before it goes.
 
 from __future__ import annotations
 
-import time
-
 from binserve.errors import ModelNotFound
-
-# a worker that has not refreshed any report for this long is gone
-_LIVE_POLLS = 3
 
 
 class ModelControl:
@@ -25,14 +20,11 @@ class ModelControl:
         self.manager = manager
         self.repo = manager.repo
 
-    def _max_age_s(self) -> float:
-        return _LIVE_POLLS * self.manager.poll_s + 1
-
     def _live_workers(self) -> set[str]:
         """Workers (replica:pid) that reported for any model lately: the ones that must agree."""
         live = set()
         for name in self.repo.models():
-            live |= set(self.repo.workers(name, self._max_age_s()))
+            live |= set(self.repo.workers(name))
         return live
 
     def index(self) -> list[dict]:
@@ -40,7 +32,7 @@ class ModelControl:
         out = []
         wanted = set(self.manager.names)
         for name in self.repo.models():
-            workers = self.repo.workers(name, self._max_age_s())
+            workers = self.repo.workers(name)
             current = self.repo.current(name)
             serving = name in wanted
             ready = serving and bool(workers) and all(v == current for v in workers.values())
@@ -67,15 +59,6 @@ class ModelControl:
             self.repo.set_serving(name, on)
         self.manager.refresh()  # raises nothing: a failed load goes to /readyz and is retried
 
-    def _until(self, timeout_s: float, check):
-        """Poll `check() -> (done, result)` until done or the timeout; (done, the last result)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            done, result = check()
-            if done or time.monotonic() >= deadline:
-                return done, result
-            time.sleep(self.manager.poll_s / 2)  # polling the workers' reports, refreshed every poll
-
     def load(self, name: str, timeout_s: float) -> dict:
         """Serve a model that is in the repository; returns once every live worker serves it.
         Not converged: `error` says why (the load's failure, or the workers that lag)."""
@@ -83,11 +66,11 @@ class ModelControl:
         version = self.repo.current(name)
 
         def check():
-            workers = self.repo.workers(name, self._max_age_s())
+            workers = self.repo.workers(name)
             lagging = sorted(w for w in self._live_workers() if workers.get(w) != version)
             return not lagging, (workers, lagging)
 
-        converged, (workers, lagging) = self._until(timeout_s, check)
+        converged, (workers, lagging) = self.repo.await_workers(check, timeout_s)
         out = {"model": name, "version": version, "converged": converged, "workers": workers, "lagging": lagging}
         if not converged:
             why = self.manager.not_ready_reasons().get(name) or f"workers {lagging} do not serve it after the timeout"
@@ -99,10 +82,10 @@ class ModelControl:
         self._set(name, False)
 
         def check():
-            workers = self.repo.workers(name, self._max_age_s())
+            workers = self.repo.workers(name)
             return not workers, workers
 
-        converged, workers = self._until(timeout_s, check)
+        converged, workers = self.repo.await_workers(check, timeout_s)
         out = {"model": name, "converged": converged, "workers": workers}
         if not converged:
             out["error"] = f"workers {sorted(workers)} still serve {name!r}"

@@ -20,95 +20,22 @@ checks and moves CURRENT, then waits until every live worker reports the new ver
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from binserve.config import ServerConfig
 from binserve.errors import BadRequest, Conflict, Forbidden, ModelLoadFailed, ModelNotFound, NotReady
 from binserve.observability import metrics
-from binserve.process.memory import trim_heap
-from binserve.scheduling.batcher import Batcher
-from binserve.scheduling.contract import BatchSettings, Scheduler, Tagged
+from binserve.serving.loader import VersionLoader
 from binserve.serving.repository import ModelRepository
-from models.base import AdapterOptions, ModelAdapter, RequestLimits
-from models.engines import RuntimeSettings
-from models.registry import load_model, parse_specs
+from binserve.serving.served import LoadedModel, ModelSlot
+from models.registry import parse_specs
 
 log = logging.getLogger("binserve.models")
-
-
-def _signature(adapter: ModelAdapter) -> dict:
-    """Output keys, per-sample shapes and dtypes on the example payload; raises if not finite."""
-    if adapter.generates:
-        return adapter.signature()  # what it generates varies; its warm-up checked that it runs
-    v = adapter.validate(adapter.example_payload())
-    outputs = adapter.run_batch(v.samples)
-    sig = {}
-    for out in outputs:
-        for k, arr in out.items():
-            arr = np.asarray(arr)
-            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-                raise ValueError(f"output {k!r} is not finite on the example input")
-            sig[k] = (arr.shape, str(arr.dtype))
-    return sig
-
-
-@dataclass(frozen=True)
-class ServedVersion:
-    """A loaded, checked version: its adapter and what it answers (keys, per-sample shapes, dtypes)."""
-
-    adapter: ModelAdapter
-    signature: dict
-
-
-class ModelSlot:
-    """The version of one model that batches run on now; replaced whole, between batches."""
-
-    def __init__(self, version: ServedVersion) -> None:
-        self.current = version
-
-    def run(self, samples: list) -> Tagged:
-        adapter = self.current.adapter  # read once: the whole batch runs on one version
-        outputs = adapter.run_batch(samples)
-        memory = adapter.runner.memory_bytes()
-        if memory is not None:
-            metrics.DEVICE_MEMORY.labels(str(adapter.device)).set(memory)
-        return Tagged(outputs, adapter.version)
-
-
-@dataclass
-class LoadedModel:
-    """A served model: its slot (current version) and the scheduler that feeds it (a
-    `serving.contract.ServedModel`, which is what the HTTP layer sees of it)."""
-
-    name: str
-    slot: ModelSlot
-    scheduler: Scheduler
-
-    @property
-    def adapter(self) -> ModelAdapter:
-        """The served version's adapter."""
-        return self.slot.current.adapter
-
-    @property
-    def signature(self) -> dict:
-        """The served version's outputs: key -> (per-sample shape, dtype)."""
-        return self.slot.current.signature
-
-
-def _release_memory(device: torch.device) -> None:
-    """Give a dropped model's memory back: Python objects, the CUDA cache, glibc's free lists."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    trim_heap()
 
 
 _RETRY_FIRST_S = 1.0
@@ -131,20 +58,14 @@ class ModelManager:
             raise ValueError(f"default_model {self.default_name!r} is not among the models {self.names}")
         self.pid = os.getpid()
         self.repo = ModelRepository(
-            config.model_repository, replica=config.replica_id or None, report_root=config.report_dir or None
+            config.model_repository,
+            replica=config.replica_id or None,
+            report_root=config.report_dir or None,
+            poll_s=config.repository_poll_ms / 1000.0,
         )
         self.worker_id = self.repo.worker_id(self.pid)
         self.poll_s = config.repository_poll_ms / 1000.0
-        limits = RequestLimits(
-            max_samples=config.max_queue_samples, max_text_chars=config.max_text_chars, truncate=config.truncate
-        )
-        self.adapter_options = AdapterOptions(
-            runtime=RuntimeSettings(
-                config.runtime, config.precision, config.min_cosine, cache_dir=config.cache_dir or None
-            ),
-            limits=limits,
-            trusted_modules=config.trusted_module_prefixes,
-        )
+        self.loader = VersionLoader(config, device, self.repo)
         self._models: dict[str, LoadedModel] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._poll_lock = threading.Lock()  # one pass over the repository at a time (watcher, model control)
@@ -186,7 +107,7 @@ class ModelManager:
         prefix = self.repo.replica + ":"
         for name in self.names:
             try:
-                workers = self.repo.workers(name, max_age_s=3 * self.poll_s + 1)
+                workers = self.repo.workers(name)
             except OSError:
                 return False
             if sum(1 for w in workers if w.startswith(prefix)) < expected:
@@ -216,51 +137,14 @@ class ModelManager:
         """Block until ready (or the timeout); returns readiness."""
         return self._ready.wait(timeout_s)
 
-    def _scheduler(self, adapter: ModelAdapter, slot: ModelSlot, settings: BatchSettings) -> Scheduler:
-        """A started scheduler for a model: the continuous batcher of a generative model, else the
-        request batcher over the model's slot."""
-        if adapter.generates:
-            return adapter.continuous_batcher(settings, metrics.GenerationMetrics(adapter.name)).start()
-        return Batcher(
-            slot.run,
-            settings,
-            max_queue_samples=self.config.max_queue_samples,
-            sample_len=adapter.sample_length if adapter.token_inputs else None,
-            name=adapter.name,
-            observer=metrics.BatchMetrics(adapter.name),
-        ).start()
-
     def _lock(self, name: str) -> threading.Lock:
         return self._locks.setdefault(name, threading.Lock())  # atomic: one lock per name
 
-    def batch_settings(self, name: str, version: str, adapter: ModelAdapter) -> BatchSettings:
-        """The scheduler's settings for a version: its own (binserve.json), else the server's flags.
-        Token budgets apply to token rows and to generation (cache tokens), not to array models."""
-        own = self.repo.spec(name, version).settings
-        c = self.config
-        tokens = own.get("max_batch_tokens", c.max_batch_tokens) if adapter.token_inputs or adapter.generates else None
-        return BatchSettings(
-            max_batch_size=own.get("max_batch_size", c.max_batch_size),
-            max_batch_tokens=tokens,
-            max_wait_ms=own.get("max_wait_ms", c.max_wait_ms),
-        )
-
-    def _load_version(self, name: str, version: str) -> tuple[ModelAdapter, dict]:
-        started = time.monotonic()
-        adapter = load_model(self.repo.spec(name, version), self.device, self.adapter_options)
-        adapter.warmup()
-        signature = _signature(adapter)
-        log.info(
-            "model %s version %s: loaded in %.1fs, engines %s", name, version, time.monotonic() - started,
-            adapter.describe()["engines"],
-        )  # fmt: skip
-        return adapter, signature
-
     def _add(self, name: str, version: str) -> None:
         """Load `version` of a model this worker does not serve yet, and give it a scheduler."""
-        adapter, signature = self._load_version(name, version)
-        slot = ModelSlot(ServedVersion(adapter, signature))
-        scheduler = self._scheduler(adapter, slot, self.batch_settings(name, version, adapter))
+        served = self.loader.load(name, version)
+        adapter, slot = served.adapter, ModelSlot(served)
+        scheduler = self.loader.scheduler(adapter, slot, self.loader.batch_settings(name, version, adapter))
         self._models[name] = LoadedModel(name, slot, scheduler)
         self.repo.report(name, self.pid, version)
         metrics.set_model_info(name, version, str(self.device), adapter.describe()["dtype"])
@@ -331,7 +215,7 @@ class ModelManager:
                 if loaded is not None:
                     metrics.RELOADS.labels(name, "failure").inc()
                 self._failed(name, version, reason)
-                _release_memory(self.device)
+                self.loader.release_memory()
             else:
                 self._errors.pop(name, None)
                 self._retry.pop(name, None)
@@ -353,17 +237,18 @@ class ModelManager:
 
     def _swap_in(self, loaded: LoadedModel, version: str) -> None:
         """Load, warm and check `version` of `loaded` beside the serving one, then serve it."""
-        adapter, signature = self._load_version(loaded.name, version)
-        if signature != loaded.signature:
+        served = self.loader.load(loaded.name, version)
+        adapter = served.adapter
+        if served.signature != loaded.signature:
             raise ValueError(
-                f"version {version} gives outputs {signature}, the serving version gives {loaded.signature}"
+                f"version {version} gives outputs {served.signature}, the serving version gives {loaded.signature}"
             )
         old = loaded.adapter
-        settings = self.batch_settings(loaded.name, version, adapter)
-        loaded.slot.current = ServedVersion(adapter, signature)  # one assignment: the next batch runs on it
+        settings = self.loader.batch_settings(loaded.name, version, adapter)
+        loaded.slot.current = served  # one assignment: the next batch runs on it
         if adapter.generates:
             # a new generation loop on the new version; the old one finishes its sequences, then stops
-            old_scheduler, loaded.scheduler = loaded.scheduler, self._scheduler(adapter, loaded.slot, settings)
+            old_scheduler, loaded.scheduler = loaded.scheduler, self.loader.scheduler(adapter, loaded.slot, settings)
             threading.Thread(target=old_scheduler.close, name="binserve-generate-drain", daemon=True).start()
         else:
             loaded.scheduler.configure(settings)  # the new version's batching, from the next batch on
@@ -372,7 +257,7 @@ class ModelManager:
         metrics.RELOADS.labels(loaded.name, "success").inc()
         log.info("model %s: now serving version %s (was %s)", loaded.name, version, old.version)
         del old
-        _release_memory(self.device)
+        self.loader.release_memory()
 
     # --- POST /update_model ----------------------------------------------------------------------
     def update(
@@ -417,7 +302,7 @@ class ModelManager:
                     metrics.RELOADS.labels(name, "failure").inc()
                     if imported is not None:
                         self.repo.remove_version(name, imported)  # a refused import leaves nothing behind
-                    _release_memory(self.device)
+                    self.loader.release_memory()
                     keeps = f"version {serving} keeps serving" if serving else "nothing was serving it"
                     raise ModelLoadFailed(f"version {version} of {name!r} was refused and {keeps}: {reason}")
             self._errors.pop(name, None)
@@ -432,20 +317,18 @@ class ModelManager:
             raise BadRequest(f"model {name!r} serves no version to take the adapter from; name the 'adapter'") from None
 
     def _await_convergence(self, name: str, version: str, timeout_s: float) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        def check():
             current = self.repo.current(name)
             if current != version:
                 raise Conflict(
                     f"version {version} of {name!r} was superseded by version {current}, made current by a later "
                     "update, before every worker served it"
                 )
-            workers = self.repo.workers(name, max_age_s=3 * self.poll_s + 1)
-            lagging = {w: v for w, v in workers.items() if v != version}
-            converged = bool(workers) and not lagging  # at least this worker reports, once it serves it
-            if converged or time.monotonic() >= deadline:
-                return {"model": name, "version": version, "converged": converged, "workers": workers}
-            time.sleep(self.poll_s / 2)  # polling the workers' reports, which they refresh every poll
+            workers = self.repo.workers(name)
+            return bool(workers) and all(v == version for v in workers.values()), workers  # this worker reports
+
+        converged, workers = self.repo.await_workers(check, timeout_s)
+        return {"model": name, "version": version, "converged": converged, "workers": workers}
 
     # --- lookups ---------------------------------------------------------------------------------
     def get(self, name: str | None) -> LoadedModel:
@@ -477,7 +360,7 @@ class ModelManager:
             info["worker"] = self.worker_id
             info["worker_pid"] = self.pid
             info["repository_version"] = self.repo.current(loaded.name)
-            info["workers"] = self.repo.workers(loaded.name, max_age_s=3 * self.poll_s + 1)
+            info["workers"] = self.repo.workers(loaded.name)
             info["last_error"] = self._errors.get(loaded.name)
             scheduler = loaded.scheduler
             info["batching"] = {**scheduler.settings.as_dict(), "queued_samples": scheduler.queued_samples}
@@ -505,7 +388,7 @@ class ModelManager:
             metrics.clear_model_info(name, adapter.version, str(self.device), adapter.describe()["dtype"])
             log.info("model %s: unloaded (was serving version %s)", name, loaded.adapter.version)
             del loaded
-        _release_memory(self.device)
+        self.loader.release_memory()
 
     def start_draining(self) -> None:
         """The worker is shutting down: report not-ready so load balancers stop sending requests."""

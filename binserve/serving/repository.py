@@ -26,6 +26,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,20 @@ class Registration:
         return f"{head}, version {self.version}; it is current"
 
 
+#: a worker whose reports are older than this many polls (plus a second of slack) is gone
+LIVE_POLLS = 3
+
+
 class ModelRepository:
     """Versions of each model on disk, which one is current, and which worker serves which."""
 
-    def __init__(self, root: str | Path, replica: str | None = None, report_root: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        replica: str | None = None,
+        report_root: str | Path | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         #: where worker reports go: the repository itself, or a writable directory beside a read-only one
@@ -81,6 +92,10 @@ class ModelRepository:
             raise ValueError(f"replica id {replica!r} must be letters, digits, '.', '_' or '-'")
         #: this replica's name in worker reports (the pod's name in Kubernetes)
         self.replica = replica
+        #: how often workers poll the repository (and refresh their reports)
+        self.poll_s = poll_s
+        #: reports older than this are of workers that are gone
+        self.live_age_s = LIVE_POLLS * poll_s + 1
 
     def model_dir(self, model: str) -> Path:
         if not _NAME.match(model):
@@ -294,12 +309,14 @@ class ModelRepository:
         except OSError:
             pass
 
-    def workers(self, model: str, max_age_s: float) -> dict[str, str]:
-        """Versions served by the workers ("replica:pid") that reported within `max_age_s`.
+    def workers(self, model: str, max_age_s: float | None = None) -> dict[str, str]:
+        """Versions served by the workers ("replica:pid") that reported within `max_age_s` (default:
+        the live workers, `live_age_s`).
 
         Stale reports are ignored; this replica's own are removed once long stale (its dead
         workers), another replica's never - it may only be slow, and it cleans up after itself.
         """
+        max_age_s = self.live_age_s if max_age_s is None else max_age_s
         wdir = self._reports(model)
         out: dict[str, str] = {}
         now = time.time()  # file mtimes are wall-clock times
@@ -315,6 +332,17 @@ class ModelRepository:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # replaced or removed while we read it
         return out
+
+    def await_workers(self, check: Callable[[], tuple[bool, object]], timeout_s: float) -> tuple[bool, object]:
+        """Ask `check() -> (done, result)` about the workers' reports (refreshed every poll) until it is
+        done or `timeout_s` passed; (done, the last result). How a reload, a load and an unload wait
+        for every worker and replica to agree."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done, result = check()
+            if done or time.monotonic() >= deadline:
+                return done, result
+            time.sleep(self.poll_s / 2)  # polling files other processes write, not waiting for readiness
 
     @contextlib.contextmanager
     def lock(self, model: str):

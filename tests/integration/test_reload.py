@@ -136,10 +136,13 @@ def test_reload_under_load_drops_nothing_and_every_reply_matches_its_version(rel
     assert failures == []
     assert mismatches == []
     assert seen["1"] > 0 and seen["2"] > 0
-    # ten more reloads without load, then memory must be back near the level after the first
-    for n in range(10):
+    # eleven more reloads without load, ending on version 1 again: memory must be back near the level
+    # after the first. The same version at both ends: the two versions' plans may differ (engines are
+    # timed at load), and with them their footprints, by ~8% on one machine.
+    for n in range(11):
         r = update(srv, version="1" if n % 2 == 0 else "2")
         assert r.status_code == 200, r.text
+    assert r.json()["version"] == "1"
     rss_after_20 = worker_rss(r.json()["workers"])
     assert rss_after_20 <= 1.10 * rss_after_first, (rss_after_first, rss_after_20)
 

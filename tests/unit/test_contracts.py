@@ -24,7 +24,8 @@ from binserve.scheduling.contract import (
     Scheduler,
 )
 from binserve.serving.contract import AdapterView, GenerativeView, ModelHost, ServedModel
-from binserve.serving.manager import LoadedModel, ModelManager, ModelSlot, ServedVersion
+from binserve.serving.manager import ModelManager
+from binserve.serving.served import LoadedModel, ModelSlot, ServedVersion
 from models.example_causal_lm import write_causal_lm
 from models.registry import ModelSpec, default_minilm_path, load_model
 from tests.http.fakes import DoubleAdapter, EmbedAdapter, FakeManager

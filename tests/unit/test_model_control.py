@@ -51,13 +51,17 @@ def test_batch_settings_are_per_version_and_bounded(tmp_path):
     models = f"m=hf_encoder:{default_minilm_path()};max_batch_size=4"
     config = ServerConfig(models=models, model_repository=str(tmp_path))
     manager = ModelManager(config, torch.device("cpu"))
-    assert manager.batch_settings("m", "1", adapter) == BatchSettings(4, config.max_batch_tokens, config.max_wait_ms)
+    settings = manager.loader.batch_settings("m", "1", adapter)
+    assert settings == BatchSettings(4, config.max_batch_tokens, config.max_wait_ms)
     policy = load_model(ModelSpec("p", "torch_module", "models/policy_v1"), torch.device("cpu"))
-    assert manager.batch_settings("m", "1", policy).max_batch_tokens is None  # arrays have no token budget
+    assert manager.loader.batch_settings("m", "1", policy).max_batch_tokens is None  # arrays have no token budget
 
 
 class _Repo:
     """The repository as ModelControl reads it; workers keep reporting the model for `lag` reads."""
+
+    poll_s = 0.001
+    await_workers = ModelRepository.await_workers  # the real wait, over these fake reports
 
     def __init__(self, lag: int) -> None:
         self.lag, self.serving = lag, {}
@@ -76,7 +80,7 @@ class _Repo:
     def current(self, name):
         return "1"
 
-    def workers(self, name, max_age_s):
+    def workers(self, name, max_age_s=None):
         if self.serving.get(name):
             return {"r:1": "1", "r:2": "1"}
         self.lag -= 1
@@ -84,7 +88,6 @@ class _Repo:
 
 
 class _Manager:
-    poll_s = 0.001
     names = ["m"]
     configured = ["m"]
 

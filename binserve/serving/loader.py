@@ -1,0 +1,89 @@
+"""How a repository version becomes servable on this worker: adapter, warm-up, check, scheduler.
+
+design: the model manager decides what to serve and when; this builds it. `load` loads a version
+with the operator's adapter options, warms it up (choosing its engines) and checks it on its
+example (finite outputs: its signature); `scheduler` gives it the continuous batcher of a
+generative model or a request batcher over its slot, with the version's batching settings (its own
+binserve.json over the server's flags); `release_memory` gives a dropped version's memory back.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import torch
+
+from binserve.config import ServerConfig
+from binserve.observability import metrics
+from binserve.process.memory import trim_heap
+from binserve.scheduling.batcher import Batcher
+from binserve.scheduling.contract import BatchSettings, Scheduler
+from binserve.serving.repository import ModelRepository
+from binserve.serving.served import ModelSlot, ServedVersion, signature_of
+from models.base import AdapterOptions, ModelAdapter, RequestLimits
+from models.engines import RuntimeSettings
+from models.registry import load_model
+
+log = logging.getLogger("binserve.models")
+
+
+class VersionLoader:
+    """Loads, warms and checks versions from `repo` on `device`, and gives each its scheduler."""
+
+    def __init__(self, config: ServerConfig, device: torch.device, repo: ModelRepository) -> None:
+        self.config = config
+        self.device = device
+        self.repo = repo
+        limits = RequestLimits(
+            max_samples=config.max_queue_samples, max_text_chars=config.max_text_chars, truncate=config.truncate
+        )
+        cache = config.cache_dir or None
+        runtime = RuntimeSettings(config.runtime, config.precision, config.min_cosine, cache_dir=cache)
+        self.adapter_options = AdapterOptions(runtime, limits, config.trusted_module_prefixes)
+
+    def load(self, name: str, version: str) -> ServedVersion:
+        """`version` of model `name`, loaded, warm and checked (raises whatever its load raised)."""
+        started = time.monotonic()
+        adapter = load_model(self.repo.spec(name, version), self.device, self.adapter_options)
+        adapter.warmup()
+        signature = signature_of(adapter)
+        log.info(
+            "model %s version %s: loaded in %.1fs, engines %s", name, version, time.monotonic() - started,
+            adapter.describe()["engines"],
+        )  # fmt: skip
+        return ServedVersion(adapter, signature)
+
+    def batch_settings(self, name: str, version: str, adapter: ModelAdapter) -> BatchSettings:
+        """The scheduler's settings for a version: its own (binserve.json), else the server's flags.
+        Token budgets apply to token rows and to generation (cache tokens), not to array models."""
+        own = self.repo.spec(name, version).settings
+        c = self.config
+        tokens = own.get("max_batch_tokens", c.max_batch_tokens) if adapter.token_inputs or adapter.generates else None
+        return BatchSettings(
+            max_batch_size=own.get("max_batch_size", c.max_batch_size),
+            max_batch_tokens=tokens,
+            max_wait_ms=own.get("max_wait_ms", c.max_wait_ms),
+        )
+
+    def scheduler(self, adapter: ModelAdapter, slot: ModelSlot, settings: BatchSettings) -> Scheduler:
+        """A started scheduler: the continuous batcher of a generative model, else the request batcher
+        over the model's slot."""
+        if adapter.generates:
+            return adapter.continuous_batcher(settings, metrics.GenerationMetrics(adapter.name)).start()
+        return Batcher(
+            slot.run,
+            settings,
+            max_queue_samples=self.config.max_queue_samples,
+            sample_len=adapter.sample_length if adapter.token_inputs else None,
+            name=adapter.name,
+            observer=metrics.BatchMetrics(adapter.name),
+        ).start()
+
+    def release_memory(self) -> None:
+        """Give a dropped version's memory back: Python objects, the CUDA cache, glibc's free lists."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        trim_heap()
