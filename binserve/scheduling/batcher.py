@@ -32,7 +32,15 @@ from binserve.errors import (
     Overloaded,
     ServingError,
 )
-from binserve.scheduling.contract import BatchObserver, BatchResult, BatchSettings, NullObserver, Tagged, notify
+from binserve.scheduling.contract import (
+    BatchObserver,
+    BatchResult,
+    BatchSettings,
+    NullObserver,
+    SchedulerThread,
+    Tagged,
+    notify,
+)
 
 log = logging.getLogger("binserve.batching")
 
@@ -86,7 +94,7 @@ class BatchStats:
         return d
 
 
-class Batcher:
+class Batcher(SchedulerThread):
     """Groups concurrent requests into batches for `run_batch` on one background thread."""
 
     def __init__(
@@ -105,6 +113,7 @@ class Batcher:
     ) -> None:
         if max_queue_samples < 1:
             raise ValueError("max_queue_samples must be at least 1")
+        super().__init__(f"batcher-{name}")
         self.run_batch = run_batch
         self._settings = settings or BatchSettings()
         self.max_queue_samples = max_queue_samples
@@ -126,10 +135,7 @@ class Batcher:
         self.name = name
         self._parts: deque[_Part] = deque()
         self._queued_samples = 0
-        self._cond = threading.Condition()
-        self._closed = False
         self._drain_rate = 0.0  # samples per second, exponentially averaged
-        self._thread: threading.Thread | None = None
 
     # --- request side ---------------------------------------------------------------------
     @property
@@ -151,13 +157,6 @@ class Batcher:
     def stats(self) -> dict:
         """Running totals for GET /models."""
         return self.totals.as_dict()
-
-    def start(self) -> Batcher:
-        """Start the batch thread (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
-            self._thread.start()
-        return self
 
     def submit(self, samples: Sequence, deadline: float, abandoned: Callable[[], bool] | None = None) -> Future:
         """Queue a request of one or more samples; the future gives a `BatchResult` or raises.
@@ -204,14 +203,6 @@ class Batcher:
         if self._drain_rate <= 0:
             return 1.0
         return max(1.0, round(self._queued_samples / self._drain_rate, 1))
-
-    def close(self, timeout_s: float | None = None) -> None:
-        """Stop taking requests, finish what is queued, and stop the thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
 
     # --- batch side -----------------------------------------------------------------------
     def _take_batch(self) -> list[_Part] | None:

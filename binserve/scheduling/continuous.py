@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from binserve.errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded
-from binserve.scheduling.contract import BatchResult, BatchSettings, GenerationObserver, NullObserver, notify
+from binserve.scheduling.contract import (
+    BatchResult,
+    BatchSettings,
+    GenerationObserver,
+    NullObserver,
+    SchedulerThread,
+    notify,
+)
 from binserve.scheduling.sequences import Sequence
 
 #: what a continuous batcher runs with unless told: 16 sequences, 32 Ki cache tokens
@@ -45,7 +52,7 @@ DEFAULT_SETTINGS = BatchSettings(max_batch_size=16, max_batch_tokens=32768)
 log = logging.getLogger("binserve.generation")
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(SchedulerThread):
     """The generation loop of one causal LM; `submit` a prompt, read its `Sequence.events`."""
 
     def __init__(
@@ -63,6 +70,7 @@ class ContinuousBatcher:
         step_threads=None,
         tag: object = None,
     ) -> None:
+        super().__init__(f"binserve-generate-{name}")
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -74,13 +82,10 @@ class ContinuousBatcher:
         self.autocast = autocast
         self.step_threads = step_threads  # context manager giving the step its cores (runtime.batch_threads)
         self.tag = tag  # what results are tagged with (the model version)
-        self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._joining: list[Sequence] = []  # admitted this step, not merged yet
         self._reserved = 0
-        self._closed = False
-        self._thread: threading.Thread | None = None
         # the batched cache: per layer [keys, values] of [B, kv_heads, T, head_dim]; mask [B, T]
         self._kv: list[list[torch.Tensor]] = []
         self._mask: torch.Tensor | None = None
@@ -89,11 +94,6 @@ class ContinuousBatcher:
         self.generated = 0  # tokens so far
 
     # --- request side ------------------------------------------------------------------------
-    def start(self) -> ContinuousBatcher:
-        self._thread = threading.Thread(target=self._loop, name=f"binserve-generate-{self.name}", daemon=True)
-        self._thread.start()
-        return self
-
     @property
     def settings(self) -> BatchSettings:
         """The bounds the next step admits sequences by."""
@@ -188,14 +188,6 @@ class ContinuousBatcher:
                 s.cancel()  # the ones already queued end at their first step
             raise
         return future
-
-    def close(self, timeout_s: float | None = None) -> None:
-        """Stop taking sequences, finish the running and waiting ones, and stop the thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
 
     # --- the generation thread --------------------------------------------------------------------
     def _loop(self) -> None:

@@ -14,6 +14,7 @@ torch or Flask, so the HTTP layer can name these types.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, fields
@@ -134,6 +135,35 @@ def notify(call: Callable[..., None], *args) -> None:
         call(*args)
     except Exception:
         log.exception("metrics observer failed in %s", getattr(call, "__qualname__", call))
+
+
+class SchedulerThread:
+    """What both schedulers share: one condition, a closed flag, and one thread running `_loop`,
+    which returns once the scheduler is closed and what it accepted is done."""
+
+    def __init__(self, thread_name: str) -> None:
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._thread_name = thread_name
+
+    def start(self):
+        """Start the scheduler's thread (idempotent); returns the scheduler."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self._thread_name, daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop taking work, finish what was accepted, and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
 
 
 @runtime_checkable
