@@ -27,7 +27,7 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_bench import RawClient, texts_25  # noqa: E402
+from bench.serve_bench import RawClient, run_clients, texts_25  # noqa: E402
 from binary_protocol import FRAMED, MEDIA_TYPES, dict_to_binary  # noqa: E402
 from models.example_classifier import TOPICS, TOXICITY, write_classifier  # noqa: E402
 from models.registry import default_minilm_path  # noqa: E402
@@ -49,31 +49,17 @@ def batches(base_url: str) -> float:
 
 def run(base_url: str, logical: list[list[bytes]], concurrency: int) -> dict:
     """Send each logical request's HTTP requests in order, `concurrency` clients; time the whole."""
-    host, port = base_url.removeprefix("http://").split(":")
-    lock, todo, latencies, failures = threading.Lock(), iter(logical), [], []
+    lock, latencies, failures = threading.Lock(), [], []
 
-    def client():
-        c = RawClient(host, int(port))
-        while True:
-            with lock:
-                parts = next(todo, None)
-            if parts is None:
-                c.close()
-                return
-            t0 = time.perf_counter()
-            statuses = [c.exchange(p)[0] for p in parts]
-            dt = time.perf_counter() - t0
-            with lock:
-                (latencies.append(dt) if all(s == 200 for s in statuses) else failures.append(statuses))
+    def one(client: RawClient, parts: list[bytes]) -> None:
+        t0 = time.perf_counter()
+        statuses = [client.exchange(p)[0] for p in parts]
+        dt = time.perf_counter() - t0
+        with lock:
+            (latencies.append(dt) if all(s == 200 for s in statuses) else failures.append(statuses))
 
     before = batches(base_url)
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(base_url, logical, concurrency, one)
     lat = np.array(latencies) * 1000
     return {
         "req/s": len(latencies) / wall,

@@ -178,6 +178,33 @@ def http_request(body: bytes) -> bytes:
     return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+def run_clients(base_url: str, items, concurrency: int, handle) -> float:
+    """`concurrency` threads, each with one keep-alive connection, take the next of `items` (under a
+    lock) and `handle(client, item)` it until none are left; returns the wall time in seconds."""
+    host, port = base_url.removeprefix("http://").split(":")
+    lock, todo = threading.Lock(), iter(items)
+
+    def client():
+        c = RawClient(host, int(port))
+        try:
+            while True:
+                with lock:
+                    item = next(todo, None)
+                if item is None:
+                    return
+                handle(c, item)
+        finally:
+            c.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def drive(base_url: str, bodies: list[bytes], refs: np.ndarray | None, concurrency: int, n_requests: int) -> dict:
     """Send n_requests pre-encoded bodies with `concurrency` threads (one keep-alive connection each);
     with `refs`, check every reply's embedding against refs[body index] (cosine >= GATE)."""
@@ -185,43 +212,29 @@ def drive(base_url: str, bodies: list[bytes], refs: np.ndarray | None, concurren
     failures: list[str] = []
     wrong: list[float] = []
     lock = threading.Lock()
-    counter = iter(range(n_requests))
     requests_ = [http_request(b) for b in bodies]
-    host, port = base_url.removeprefix("http://").split(":")
 
-    def worker():
-        client = RawClient(host, int(port))
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                client.close()
-                return
-            k = i % len(bodies)
-            t0 = time.perf_counter()
-            try:
-                status, data = client.exchange(requests_[k])
-                ok, err = status == 200, f"{status} {data[:200]!r}"
-            except OSError as exc:
-                ok, err, data = False, repr(exc), b""
-            dt = time.perf_counter() - t0
-            cos = None
-            if ok and refs is not None:
-                emb = binary_to_dict(data)["embeddings"][0]
-                cos = float(emb @ refs[k] / np.linalg.norm(emb) / np.linalg.norm(refs[k]))
-            with lock:
-                (latencies.append(dt) if ok else failures.append(err))
-                if cos is not None and cos < GATE:
-                    wrong.append(cos)
+    def one(client: RawClient, i: int) -> None:
+        k = i % len(bodies)
+        t0 = time.perf_counter()
+        try:
+            status, data = client.exchange(requests_[k])
+            ok, err = status == 200, f"{status} {data[:200]!r}"
+        except OSError as exc:
+            ok, err, data = False, repr(exc), b""
+        dt = time.perf_counter() - t0
+        cos = None
+        if ok and refs is not None:
+            emb = binary_to_dict(data)["embeddings"][0]
+            cos = float(emb @ refs[k] / np.linalg.norm(emb) / np.linalg.norm(refs[k]))
+        with lock:
+            (latencies.append(dt) if ok else failures.append(err))
+            if cos is not None and cos < GATE:
+                wrong.append(cos)
 
     before = batch_stats(base_url)
-    cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    wall = run_clients(base_url, range(n_requests), concurrency, one)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     after = batch_stats(base_url)
     batches = after["batches"] - before["batches"]

@@ -138,10 +138,8 @@ class ServerConfig:
         shown="empty",
     )  # fmt: skip
     admin_port: int = setting(
-        0, "a second port for `/update_model`, model control and `/metrics`, which then answer only there; "
-        "0: none",
-        ge=0, le=65535,
-    )  # fmt: skip
+        0, "a second port for `/update_model`, model control and `/metrics` (then only there); 0: none", ge=0, le=65535
+    )
     runtime: str = setting(
         "auto", "which runtimes a model may run on (auto: the fastest that passes the accuracy gate, per batch "
         "size); a version's settings override it",

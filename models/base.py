@@ -93,7 +93,7 @@ class ModelAdapter(abc.ABC):
     bf16_weights_on_cpu: bool = False
 
     def __init__(
-        self, name: str, version: str, device: torch.device, options: AdapterOptions | None = None, path: str = ""
+        self, name: str, version: str, path: str, device: torch.device, options: AdapterOptions | None = None
     ) -> None:
         self.name = name
         #: the directory the version's files are in (ONNX exports are keyed by its files)
@@ -105,8 +105,13 @@ class ModelAdapter(abc.ABC):
         #: staging buffers and streams for this model's batches
         self.runner = DeviceRunner(device)
         self.plan: Plan | None = None
+        self.load(self.model_dir)
 
     # --- what an adapter supplies -----------------------------------------------------------------
+    @abc.abstractmethod
+    def load(self, root: Path) -> None:
+        """Load the version's files from `root` onto `self.device` (called once, by the constructor)."""
+
     @abc.abstractmethod
     def input_spec(self) -> dict:
         """JSON description of the accepted inputs (shown by GET /models)."""

@@ -23,7 +23,7 @@ from binserve.process.runtime import batch_threads, in_compute_thread
 from binserve.scheduling.continuous import ContinuousBatcher
 from binserve.scheduling.contract import BatchSettings, GenerationObserver
 from binserve.scheduling.sequences import SamplingParams, Sequence
-from models.base import AdapterOptions, ModelAdapter
+from models.base import ModelAdapter
 from models.contract import TensorSpec, Validated
 from models.engines import native
 
@@ -40,11 +40,8 @@ class HFCausalLM(ModelAdapter):
     #: served by a continuous batcher (binserve/scheduling/continuous.py), not the request batcher
     generates = True
 
-    def __init__(
-        self, name: str, version: str, path: str, device: torch.device, options: AdapterOptions | None = None
-    ) -> None:
-        super().__init__(name, version, device, options, path)
-        root = Path(path)
+    def load(self, root: Path) -> None:
+        device = self.device
         config = AutoConfig.from_pretrained(root, local_files_only=True)
         self._model = (
             AutoModelForCausalLM.from_pretrained(root, use_safetensors=True, local_files_only=True).to(device).eval()

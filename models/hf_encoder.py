@@ -29,7 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from binary_protocol import as_array
 from binserve.errors import InvalidInput, LimitExceeded
-from models.base import AdapterOptions, ModelAdapter, OnnxSpec
+from models.base import ModelAdapter, OnnxSpec
 from models.contract import TensorSpec, Validated
 from models.labels import OPTION_KEYS, label_rows, parse_options
 from models.sentence_modules import SentencePipeline, pool, read_pipeline
@@ -102,16 +102,8 @@ class HFEncoder(ModelAdapter):
     token_inputs = True
     bf16_weights_on_cpu = True  # integer inputs; measured faster than autocast for small batches
 
-    def __init__(
-        self,
-        name: str,
-        version: str,
-        path: str,
-        device: torch.device,
-        options: AdapterOptions | None = None,
-    ) -> None:
-        super().__init__(name, version, device, options, path)
-        top = Path(path)
+    def load(self, top: Path) -> None:
+        device = self.device
         config = AutoConfig.from_pretrained(top, local_files_only=True)
         archs = config.architectures or []
         self.task = "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "embedding"

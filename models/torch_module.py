@@ -24,7 +24,7 @@ import torch
 
 from binary_protocol import as_array
 from binserve.errors import InvalidInput
-from models.base import AdapterOptions, ModelAdapter, OnnxSpec
+from models.base import ModelAdapter, OnnxSpec
 from models.contract import TensorSpec, Validated
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -65,16 +65,8 @@ class TorchModule(ModelAdapter):
 
     adapter_name = "torch_module"
 
-    def __init__(
-        self,
-        name: str,
-        version: str,
-        path: str,
-        device: torch.device,
-        options: AdapterOptions | None = None,
-    ) -> None:
-        super().__init__(name, version, device, options, path)
-        root = Path(path)
+    def load(self, root: Path) -> None:
+        device = self.device
         manifest = json.loads((root / "manifest.json").read_text())
         cls = trusted_class(str(manifest.get("class", "")), self.options.trusted_modules)
         init_args = manifest.get("init_args", {})

@@ -102,10 +102,8 @@ class BatchMetrics:
 
     def __init__(self, model: str) -> None:
         self.model = model
-        self._size = BATCH_SIZE.labels(model)
-        self._padding = PADDING_RATIO.labels(model)
-        self._infer = INFERENCE_DURATION.labels(model)
-        self._depth = QUEUE_DEPTH.labels(model)
+        children = (m.labels(model) for m in (BATCH_SIZE, PADDING_RATIO, INFERENCE_DURATION, QUEUE_DEPTH))
+        self._size, self._padding, self._infer, self._depth = children
 
     def batch(self, samples: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
         """One batch ran."""
@@ -151,11 +149,8 @@ class GenerationMetrics:
 
     def __init__(self, model: str) -> None:
         self.model = model
-        self._ttft = TIME_TO_FIRST_TOKEN.labels(model)
-        self._itl = INTER_TOKEN_LATENCY.labels(model)
-        self._tokens = GENERATED_TOKENS.labels(model)
-        self._running = RUNNING_SEQUENCES.labels(model)
-        self._waiting = WAITING_SEQUENCES.labels(model)
+        metrics = (TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, RUNNING_SEQUENCES, WAITING_SEQUENCES)
+        self._ttft, self._itl, self._tokens, self._running, self._waiting = (m.labels(model) for m in metrics)
 
     def token(self, ttft_s: float | None, itl_s: float | None) -> None:
         """A token was generated: its time since arrival if first, else since the previous one."""
