@@ -40,8 +40,16 @@ class ServerProcess:
     """`python server.py` as a user starts it; `start()` returns once every worker is ready."""
 
     def __init__(
-        self, workers: int = 2, models: str = "", log_path: Path | None = None, env: dict | None = None, **settings
+        self,
+        workers: int = 2,
+        models: str = "",
+        log_path: Path | None = None,
+        env: dict | None = None,
+        root: Path | None = None,
+        **settings,
     ) -> None:
+        #: the checkout whose server.py runs (benchmarks compare two checkouts side by side)
+        self.root = Path(root) if root else ROOT
         self.port = free_port()
         # each server gets its own model repository unless a test shares one on purpose
         settings.setdefault("model_repository", tempfile.mkdtemp(prefix="binserve-repo-"))
@@ -68,8 +76,8 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BINSERVE_")} | self.extra_env
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), *self.args],
-            cwd=ROOT,
+            [sys.executable, str(self.root / "server.py"), *self.args],
+            cwd=self.root,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
