@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-fanout bench-generate bench-gpu lint load image docker-test
+.PHONY: install serve test bench-protocol bench-serve bench-plan bench-ab bench-fanout bench-generate bench-gpu lint load image docker-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ bench-protocol: install
 
 bench-serve: install
 	$(PY) -m bench.serve_bench
+
+bench-plan: install
+	$(PY) -m bench.plan_bench
+
+# Two server configurations interleaved: make bench-ab AB_ARGS="--b env.GOMP_SPINCOUNT=300000"
+bench-ab: install
+	$(PY) -m bench.ab_bench $(AB_ARGS)
 
 bench-fanout: install
 	$(PY) -m bench.fanout_bench

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from binary_protocol import FRAMED, MEDIA_TYPES, binary_to_dict, dict_to_binary  # noqa: E402
 from models.base import AdapterOptions  # noqa: E402
-from models.engines import Engine, Plan, RuntimeSettings, Trial, native  # noqa: E402
+from models.engines import Engine, RuntimeSettings, native  # noqa: E402
+from models.plans import Plan, Trial  # noqa: E402
 from models.registry import ModelSpec, default_minilm_path, load_model  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
@@ -326,14 +327,18 @@ def main() -> None:
         if "c=32" in res:
             r32 = res["c=32"]["req/s"]
             ratio = r32 / gated[best32][32]
-            ok = ratio >= 0.9 and r32 >= 2.5 * 210
             print(f"- c=32: {r32:.0f} req/s = {ratio:.2f}x {best32} at batch 32 ({gated[best32][32]:.0f} seq/s) "
-                  f"(target >= 0.90x, and >= 525 req/s) -> {'PASS' if ok else 'FAIL'}")  # fmt: skip
+                  f"(target >= 0.75x) -> {'PASS' if ratio >= 0.75 else 'FAIL'}")  # fmt: skip
         if "c=1" in res:
             floor = 1000 / gated[best1][1]
             p50 = res["c=1"]["p50"]
-            print(f"- c=1: p50 {p50:.1f} ms vs {best1} at batch 1 {floor:.1f} ms + 2 ms "
-                  f"-> {'PASS' if p50 <= floor + 2 else 'FAIL'}")  # fmt: skip
+            print(f"- c=1: p50 {p50:.1f} ms vs {best1} at batch 1 {floor:.1f} ms + 1.5 ms "
+                  f"-> {'PASS' if p50 <= floor + 1.5 else 'FAIL'}")  # fmt: skip
+    if "c=32" in res and "c=64" in res:
+        r32, r64 = res["c=32"]["req/s"], res["c=64"]["req/s"]
+        # two runs of the same server differ by up to ~4% here (bench/ab_bench.py, A against A)
+        print(f"- c=64: {r64:.0f} req/s = {r64 / r32:.2f}x c=32 (target: no lower, within the 3% the machine's "
+              f"noise allows) -> {'PASS' if r64 >= 0.97 * r32 else 'FAIL'}")  # fmt: skip
     print(f"- failed requests and replies under cosine {GATE}: {bad} -> {'PASS' if bad == 0 else 'FAIL'}")
     if bad:
         print("  first:", next(r["first_failure"] for _, _, r in rows if r["first_failure"]))

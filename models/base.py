@@ -17,6 +17,7 @@ import abc
 import contextlib
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from models.contract import TensorSpec, Validated
 from models.engines import (
     TORCH_DTYPES,
     Engine,
-    Plan,
     RuntimeSettings,
     cache_key,
     cached_path,
@@ -37,12 +37,12 @@ from models.engines import (
     export_onnx,
     load_record,
     machine_key,
-    make_plan,
     native,
     ort_engine,
     quantize_int8,
     save_record,
 )
+from models.plans import Plan, make_plan
 
 
 @dataclass(frozen=True)
@@ -264,6 +264,8 @@ class ModelAdapter(abc.ABC):
             )
             if record_file:
                 save_record(record_file, self.plan.record())
+                # what the online check learns while serving is what the next load starts from
+                self.plan.on_change = lambda plan: save_record(record_file, plan.record())
         for name, why in skipped:
             self.plan.note_skipped(name, why)
 
@@ -274,8 +276,11 @@ class ModelAdapter(abc.ABC):
             self.prepare()
         self.runner.next_batch()
         host = self.collate(samples)
+        engine = self.plan.engine_for(len(samples))
         with batch_threads():
-            outputs = self.plan.engine_for(len(samples))(host)
+            started = time.perf_counter()
+            outputs = engine(host)
+            self.plan.observe(len(samples), engine, time.perf_counter() - started)
         return self.split(outputs, len(samples))
 
     def join(self, outputs: list[dict], batched: bool, options: dict | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Runtimes and precisions: the engines one model version can run on, and which one runs each batch.
+"""Runtimes and precisions: the engines one model version can run on.
 
 design: an engine is a function from collated host arrays to output host arrays. The candidates are
 torch in fp32, bf16 or fp16 and ONNX Runtime in fp32 or int8 (CPU), limited to what the hardware
@@ -6,11 +6,10 @@ computes natively (bf16 on CPUs with avx512_bf16/AMX and on GPUs that support it
 to what the operator asked for (`runtime`, `precision`: "auto" means every one that applies). At
 load, each candidate passes an accuracy gate - its outputs on varied inputs, as a batch and alone,
 compared with torch fp32 by the adapter (embeddings: cosine; classifiers: argmax and probability
-error; arrays: tolerances) - or is not used, and each one that passes is timed at a few batch sizes
-on this machine. The plan gives every batch size to the engine that was fastest there: on a 2-core
-EPYC, ONNX Runtime wins single requests and torch bf16 wins full batches, and a server at low and
-at high load gets both. `describe()` says what was chosen and why. ONNX exports (and their int8
-quantization) are cached beside the version, so reloads and restarts load them in a second.
+error; arrays: tolerances) - or is not used; models/plans.py times those that pass and gives every
+batch size to the fastest, and keeps checking that choice while serving. ONNX exports (and their
+int8 quantization) and the plan's record are cached beside the version, so reloads and restarts
+load them in a second.
 """
 
 from __future__ import annotations
@@ -24,10 +23,9 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +37,6 @@ from binserve.process.runtime import compute_threads, current_threads, thread_co
 log = logging.getLogger("binserve.engines")
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BENCH_SIZES = (1, 4, 16)  # the plan's batch sizes; a batch goes to the winner of the nearest one
 _EXPORT_VERSION = "binserve-onnx-1"  # bump when the exported wrapper or its settings change
 
 
@@ -87,164 +84,6 @@ class Engine:
 
     def __call__(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.fn(host)
-
-
-@dataclass
-class Trial:
-    """What happened to one candidate at load."""
-
-    engine: str
-    used: bool = False
-    passed: bool | None = None
-    accuracy: str | None = None
-    seq_per_s: dict[int, float] = field(default_factory=dict)
-    note: str = ""
-
-    def as_dict(self) -> dict:
-        return {
-            "engine": self.engine,
-            "used": self.used,
-            "accuracy": self.accuracy,
-            "seq_per_s": {str(k): round(v, 1) for k, v in self.seq_per_s.items()},
-            "note": self.note,
-        }
-
-    @classmethod
-    def from_record(cls, engine: str, rec: dict) -> Trial:
-        seq = {int(n): float(v) for n, v in rec.get("seq_per_s", {}).items()}
-        return cls(engine, bool(rec.get("used")), rec.get("passed"), rec.get("accuracy"), seq, rec.get("note", ""))
-
-
-class Plan:
-    """Which engine runs a batch of n samples: steps of (largest n, engine), the last unbounded."""
-
-    def __init__(self, steps: list[tuple[float, Engine]], trials: list[Trial]) -> None:
-        self.steps = steps
-        self.trials = trials
-
-    def engine_for(self, n: int) -> Engine:
-        for limit, engine in self.steps:
-            if n <= limit:
-                return engine
-        return self.steps[-1][1]
-
-    @property
-    def engines(self) -> list[str]:
-        """The engines the plan uses, smallest batches first."""
-        return [e.name for _, e in self.steps]
-
-    def record(self) -> dict:
-        """Every candidate's verdict, timings and fate, to reuse on the next load of the same files here."""
-        return {
-            t.engine: {"used": t.used, "passed": t.passed, "accuracy": t.accuracy, "note": t.note,
-                       "seq_per_s": {str(n): v for n, v in t.seq_per_s.items()}}
-            for t in self.trials
-        }  # fmt: skip
-
-    def note_skipped(self, engine: str, why: str) -> None:
-        """Record a candidate that was not tried (not native here, not applicable)."""
-        self.trials.append(Trial(engine, note=f"skipped: {why}"))
-
-    def describe(self) -> dict:
-        """For GET /models: the plan, and each candidate's accuracy, speed and fate."""
-        steps = [
-            {"max_batch": None if limit == float("inf") else int(limit), "engine": e.name} for limit, e in self.steps
-        ]
-        return {"plan": steps, "candidates": [t.as_dict() for t in self.trials]}
-
-
-def _time_per_call(engine: Engine, host: dict, budget_s: float = 0.12) -> float:
-    """Best time of one call (the least disturbed by other load on a shared machine)."""
-    engine(host)  # first call: allocations, kernel selection
-    best, spent = float("inf"), 0.0
-    while spent < budget_s or best == float("inf"):
-        t0 = time.perf_counter()
-        engine(host)
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-    return best
-
-
-def make_plan(
-    reference: Engine,
-    candidates: list[tuple[str, Callable[[], Engine]]],
-    collate: Callable[[int], dict],
-    gate_sets: list[dict],
-    accuracy: Callable[[dict, dict], tuple[bool, str]],
-    reference_eligible: bool = True,
-    record: dict | None = None,
-) -> Plan:
-    """Gate every candidate against `reference` on `gate_sets`, time those that pass, pick per batch size.
-
-    `collate(n)` gives host arrays of n representative samples for timing. The reference (torch
-    fp32) competes like any candidate when `reference_eligible`; otherwise (the operator asked for
-    another engine) it is used only when no candidate passes, so a plan always exists.
-
-    `record` is `Plan.record()` from an earlier load of the same files with the same settings on
-    this machine: then only the engines it used are built and gated again (the others failed the
-    gate or were slower, which the same files cannot change), and its timings are reused. If an
-    engine it used now fails, everything is evaluated afresh.
-    """
-    names = [reference.name] + [name for name, _ in candidates]
-    if record and set(names) <= set(record):
-        used = {n for n in names if record[n].get("used")}
-        plan = _evaluate(reference, [(n, m) for n, m in candidates if n in used], collate, gate_sets, accuracy,
-                         reference_eligible or reference.name in used, record)  # fmt: skip
-        if plan is not None:
-            plan.trials += [Trial.from_record(n, record[n]) for n in names if n not in used and n != reference.name]
-            return plan
-    return _evaluate(reference, candidates, collate, gate_sets, accuracy, reference_eligible, None)
-
-
-def _evaluate(reference, candidates, collate, gate_sets, accuracy, reference_eligible, record) -> Plan | None:
-    trials = [Trial(reference.name, passed=True, accuracy="reference")]
-    passing = []
-    expected = [reference(host) for host in gate_sets]
-    for name, make in candidates:
-        trial = Trial(name)
-        trials.append(trial)
-        try:
-            engine = make()
-            results = [accuracy(ref, engine(host)) for ref, host in zip(expected, gate_sets, strict=True)]
-        except Exception as exc:  # a runtime that cannot run this model is not a candidate
-            log.warning("engine %s is not available: %s: %s", name, type(exc).__name__, exc)
-            trial.passed, trial.note = False, f"not available: {type(exc).__name__}: {str(exc)[:200]}"
-            continue
-        trial.accuracy = "; ".join(msg for _, msg in results)
-        trial.passed = all(ok for ok, _ in results)
-        if trial.passed:
-            passing.append(engine)
-        else:
-            trial.note = "failed the accuracy gate"
-    if record is not None and len(passing) < len(candidates):
-        return None  # an engine the record used fails now: evaluate everything again
-    if reference_eligible or not passing:
-        passing.insert(0, reference)
-    by_name = {t.engine: t for t in trials}
-    if len(passing) > 1:
-        if record is not None:
-            for e in passing:
-                by_name[e.name].seq_per_s = {int(n): float(v) for n, v in record[e.name]["seq_per_s"].items()}
-        else:
-            for n in BENCH_SIZES:
-                host = collate(n)
-                for engine in passing:
-                    by_name[engine.name].seq_per_s[n] = n / _time_per_call(engine, host)
-    steps: list[tuple[float, Engine]] = []
-    for i, n in enumerate(BENCH_SIZES):
-        best = max(passing, key=lambda e: by_name[e.name].seq_per_s.get(n, 0.0))
-        # a batch goes to the winner of the nearest measured size (geometric midpoints: 2, 8)
-        limit = float("inf") if i == len(BENCH_SIZES) - 1 else (n * BENCH_SIZES[i + 1]) ** 0.5
-        if steps and steps[-1][1] is best:
-            steps[-1] = (limit, best)
-        else:
-            steps.append((limit, best))
-    for _, engine in steps:
-        by_name[engine.name].used = True
-    for t in trials:
-        if not t.used and not t.note:
-            t.note = "slower than the engines used" if t.seq_per_s else "not eligible: another engine was asked for"
-    return Plan(steps, trials)
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------------

@@ -1,0 +1,402 @@
+"""Which engine runs each batch: the plan made at load, and kept honest while serving.
+
+design: at load every candidate engine that passes the accuracy gate is timed at `BENCH_SIZES` on
+this machine, in interleaved rounds (each round times every engine once, in a rotating order, and
+each engine keeps its best round), so a burst of load on a shared machine hits all of them rather
+than the one timed at that moment. The CPU time other processes spent on this process's cores
+during the timing is measured too; above `FOREIGN_LIMIT_CORES` the plan is *provisional*: it is
+used, but its record is not trusted by the next load, which times again. Each batch-size bucket goes
+to its fastest engine. While serving, the plan checks itself on real batches: one batch in
+`EXPLORE_FIRST` of a bucket (`EXPLORE_PROVISIONAL` for a provisional plan) runs on one of its
+alternatives (the other engines that passed the gate, in turn; ever more rarely, down to one in
+`EXPLORE_MAX`, while they prove slower), each such time is paired with the chosen engine's recent
+median at that moment (a load that comes and goes hits both sides of a pair), and the bucket goes
+to an alternative once the median of its pairs is below `SWITCH_MARGIN`. The alternatives'
+answers are served (they passed the same gate). A plan timed next to a busy neighbour so ends up
+with engines as fast as a quiet machine's, and `describe()` shows the live figures beside the
+load-time ones. Each process checks its own plan; what it learns is saved in the version's record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("binserve.engines")
+
+BENCH_SIZES = (1, 4, 16)  # the plan's batch sizes; a batch goes to the winner of the nearest one
+#: interleaved timing rounds per batch size at load, and the time each engine gets per round
+ROUNDS = 5
+ROUND_BUDGET_S = 0.03
+#: other processes' CPU on our cores during the timing (cores, averaged) above which a plan is provisional
+FOREIGN_LIMIT_CORES = 0.5
+#: the online check: recent batches kept per engine and bucket, the fewest to judge on, how often an
+#: alternative runs (at first; for a provisional plan; at most rarely), and how much faster it must
+#: be to take the bucket
+LIVE_WINDOW = 16
+LIVE_MIN = 5
+EXPLORE_FIRST = 32
+EXPLORE_PROVISIONAL = 8
+EXPLORE_MAX = 1024
+SWITCH_MARGIN = 0.9
+
+
+@dataclass
+class Trial:
+    """What happened to one candidate at load."""
+
+    engine: str
+    used: bool = False
+    passed: bool | None = None
+    accuracy: str | None = None
+    seq_per_s: dict[int, float] = field(default_factory=dict)
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {
+            "engine": self.engine,
+            "used": self.used,
+            "accuracy": self.accuracy,
+            "seq_per_s": {str(k): round(v, 1) for k, v in self.seq_per_s.items()},
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_record(cls, engine: str, rec: dict) -> Trial:
+        seq = {int(n): float(v) for n, v in rec.get("seq_per_s", {}).items()}
+        return cls(engine, bool(rec.get("used")), rec.get("passed"), rec.get("accuracy"), seq, rec.get("note", ""))
+
+
+class CpuMeter:
+    """CPU time other processes spend on the cores this process may use, over a window.
+
+    From /proc/stat (busy and steal jiffies of the CPUs in our affinity mask) minus this process's
+    own CPU time (`os.times`). Where /proc/stat is missing (not Linux) it reports 0.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self.cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        except AttributeError:
+            self.cpus = set()
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = self._snapshot()
+
+    def _busy_s(self) -> float:
+        busy = 0
+        try:
+            with open("/proc/stat") as f:
+                for line in f:
+                    name, *vals = line.split()
+                    if name in self.cpus:
+                        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in vals[:8])
+                        busy += user + nice + system + irq + softirq + steal
+        except (OSError, ValueError):
+            return 0.0
+        return busy / self.tick
+
+    def _snapshot(self) -> tuple[float, float, float]:
+        t = os.times()
+        return time.monotonic(), self._busy_s(), t.user + t.system
+
+    def foreign_cores(self) -> float:
+        """Other processes' CPU on our cores since the meter started, in cores (0 when unknown, or
+        when the window is too short for /proc/stat's 10 ms ticks to say anything)."""
+        wall0, busy0, own0 = self._start
+        wall1, busy1, own1 = self._snapshot()
+        if wall1 - wall0 < 0.25 or busy1 == 0.0:
+            return 0.0
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
+
+
+class Plan:
+    """Which engine runs a batch of n samples: steps of (largest n, engine), the last unbounded,
+    checked online against each step's alternatives (see the module's design)."""
+
+    def __init__(
+        self,
+        steps: list[tuple[float, object]],
+        trials: list[Trial],
+        alternatives: list[list] | None = None,
+        provisional: bool = False,
+        foreign_cores: float = 0.0,
+    ) -> None:
+        self.steps = list(steps)
+        self.trials = trials
+        #: per step, the other engines that passed the gate, fastest at load first: tried now and then
+        self.alternatives = [list(a) for a in alternatives] if alternatives else [[] for _ in steps]
+        self.provisional = provisional
+        self.foreign_cores = foreign_cores
+        #: called with the plan after the online check changed a step (the adapter saves its record)
+        self.on_change: Callable[[Plan], None] | None = None
+        self.switches: list[dict] = []
+        self._lock = threading.Lock()
+        self._batches = [0] * len(self.steps)
+        self._tries = [0] * len(self.steps)
+        self._first = EXPLORE_PROVISIONAL if provisional else EXPLORE_FIRST
+        self._explore_every = [self._first] * len(self.steps)
+        self._recent: dict[tuple[int, str], deque] = {}  # (step, engine) -> recent seconds per sample
+        self._ratios: dict[tuple[int, str], deque] = {}  # (step, alternative) -> its time / the chosen's
+
+    def _step(self, n: int) -> int:
+        for i, (limit, _) in enumerate(self.steps):
+            if n <= limit:
+                return i
+        return len(self.steps) - 1
+
+    def engine_for(self, n: int):
+        """The engine for a batch of n: the step's, or now and then one of its alternatives."""
+        i = self._step(n)
+        with self._lock:
+            self._batches[i] += 1
+            alts = self.alternatives[i]
+            if alts and self._batches[i] % self._explore_every[i] == 0:
+                self._tries[i] += 1
+                return alts[self._tries[i] % len(alts)]
+            return self.steps[i][1]
+
+    def observe(self, n: int, engine, seconds: float) -> None:
+        """A real batch of n ran on `engine` in `seconds`. An alternative's time is paired with the
+        chosen engine's recent median at that moment (so a load that comes and goes hits both), and
+        the step goes to the alternative once the median of its pairs is below `SWITCH_MARGIN`."""
+        i, per_sample, changed = self._step(n), seconds / n, None
+        with self._lock:
+            self._recent.setdefault((i, engine.name), deque(maxlen=LIVE_WINDOW)).append(per_sample)
+            chosen = self.steps[i][1]
+            mine = self._recent.get((i, chosen.name))
+            if engine is chosen or engine not in self.alternatives[i] or not mine or len(mine) < LIVE_MIN:
+                return
+            ratios = self._ratios.setdefault((i, engine.name), deque(maxlen=LIVE_WINDOW))
+            ratios.append(per_sample / statistics.median(mine))
+            if len(ratios) < LIVE_MIN:
+                return
+            ratio = statistics.median(ratios)
+            if ratio < SWITCH_MARGIN:
+                changed = self._switch(i, chosen, engine, ratio)
+            elif ratio > 1 / SWITCH_MARGIN:
+                self._explore_every[i] = min(EXPLORE_MAX, 2 * self._explore_every[i])  # confirmed slower
+                ratios.clear()
+        if changed is not None:
+            log.warning(
+                "plan: batches up to %s now run on %s, %.0f%% of %s's time on live batches",
+                _limit(self.steps[i][0]), changed["to"], 100 * changed["ratio"], changed["from"],
+            )  # fmt: skip
+            if self.on_change is not None:
+                self.on_change(self)
+
+    def _switch(self, i: int, chosen, faster, ratio: float) -> dict:
+        """Under the lock: step i runs on `faster` from now on; what was chosen becomes an alternative."""
+        self.steps[i] = (self.steps[i][0], faster)
+        self.alternatives[i] = [chosen] + [a for a in self.alternatives[i] if a is not faster]
+        for alt in self.alternatives[i]:
+            self._ratios.pop((i, alt.name), None)  # measured against the old choice
+        self._ratios.pop((i, faster.name), None)
+        self._explore_every[i] = self._first
+        size = BENCH_SIZES[min(i, len(BENCH_SIZES) - 1)]
+        by_name = {t.engine: t for t in self.trials}
+        for engine in (faster, chosen):  # what serving measured replaces the load-time figure
+            recent = self._recent.get((i, engine.name))
+            if engine.name in by_name and recent:
+                by_name[engine.name].seq_per_s[size] = 1.0 / statistics.median(recent)
+        used = {e.name for _, e in self.steps}
+        for t in self.trials:
+            t.used = t.engine in used
+            if t.used and t.note.startswith("slower"):
+                t.note = ""
+            elif not t.used and t.seq_per_s and not t.note:
+                t.note = "slower than the engines used (live)"
+        switch = {"max_batch": _limit(self.steps[i][0]), "from": chosen.name, "to": faster.name, "ratio": ratio}
+        self.switches.append(switch)
+        return switch
+
+    @property
+    def engines(self) -> list[str]:
+        """The engines the plan uses, smallest batches first."""
+        return [e.name for _, e in _merged(self.steps)]
+
+    def record(self) -> dict:
+        """Every candidate's verdict, timings and fate, to reuse on the next load of the same files here."""
+        rec = {
+            t.engine: {"used": t.used, "passed": t.passed, "accuracy": t.accuracy, "note": t.note,
+                       "seq_per_s": {str(n): v for n, v in t.seq_per_s.items()}}
+            for t in self.trials
+        }  # fmt: skip
+        rec["_meta"] = {"provisional": self.provisional, "foreign_cores": round(self.foreign_cores, 2)}
+        return rec
+
+    def note_skipped(self, engine: str, why: str) -> None:
+        """Record a candidate that was not tried (not native here, not applicable)."""
+        self.trials.append(Trial(engine, note=f"skipped: {why}"))
+
+    def describe(self) -> dict:
+        """For GET /models: the plan, each candidate's accuracy, speed and fate, and the live figures."""
+        with self._lock:
+            live = []
+            for i, (limit, engine) in enumerate(self.steps):
+                recent = {
+                    name: {"ms_per_sample": round(statistics.median(w) * 1000, 4), "batches": len(w)}
+                    for (step, name), w in self._recent.items()
+                    if step == i and w
+                }
+                ratios = {
+                    name: round(statistics.median(r), 3) for (step, name), r in self._ratios.items() if step == i and r
+                }
+                live.append({
+                    "max_batch": _limit(limit), "engine": engine.name, "recent": recent,
+                    "alternatives": [a.name for a in self.alternatives[i]], "tried_every": self._explore_every[i],
+                    "time_vs_engine": ratios,
+                })  # fmt: skip
+            switches = list(self.switches)
+        steps = [{"max_batch": _limit(limit), "engine": e.name} for limit, e in _merged(self.steps)]
+        return {
+            "plan": steps,
+            "provisional": self.provisional,
+            "foreign_cores_at_load": round(self.foreign_cores, 2),
+            "candidates": [t.as_dict() for t in self.trials],
+            "live": live,
+            "switches": switches,
+        }
+
+
+def _limit(limit: float) -> int | None:
+    return None if limit == float("inf") else int(limit)
+
+
+def _merged(steps: list[tuple[float, object]]) -> list[tuple[float, object]]:
+    out: list[tuple[float, object]] = []
+    for limit, engine in steps:
+        if out and out[-1][1] is engine:
+            out[-1] = (limit, engine)
+        else:
+            out.append((limit, engine))
+    return out
+
+
+def _time_call(engine, host: dict, budget_s: float) -> float:
+    """Best time of one call within `budget_s` (at least one call)."""
+    best, spent = float("inf"), 0.0
+    while spent < budget_s or best == float("inf"):
+        t0 = time.perf_counter()
+        engine(host)
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+    return best
+
+
+def time_engines(engines: list, host: dict) -> dict[str, float]:
+    """Seconds per call of each engine on `host`: best of `ROUNDS` interleaved rounds."""
+    for engine in engines:
+        engine(host)  # first call: allocations, kernel selection
+    best = {e.name: float("inf") for e in engines}
+    for r in range(ROUNDS):
+        for engine in engines[r % len(engines) :] + engines[: r % len(engines)]:
+            best[engine.name] = min(best[engine.name], _time_call(engine, host, ROUND_BUDGET_S))
+    return best
+
+
+def make_plan(
+    reference,
+    candidates: list[tuple[str, Callable[[], object]]],
+    collate: Callable[[int], dict],
+    gate_sets: list[dict],
+    accuracy: Callable[[dict, dict], tuple[bool, str]],
+    reference_eligible: bool = True,
+    record: dict | None = None,
+) -> Plan:
+    """Gate every candidate against `reference` on `gate_sets`, time those that pass, pick per batch size.
+
+    `collate(n)` gives host arrays of n representative samples for timing. The reference (torch
+    fp32) competes like any candidate when `reference_eligible`; otherwise (the operator asked for
+    another engine) it is used only when no candidate passes, so a plan always exists.
+
+    `record` is `Plan.record()` from an earlier load of the same files with the same settings on
+    this machine: then only the engines it used, and each step's runner-up, are built and gated again
+    (the others failed the gate or were slower, which the same files cannot change), and its
+    timings are reused. If one of them now fails, or the record was provisional (timed under
+    foreign load), everything is evaluated afresh.
+    """
+    names = [reference.name] + [name for name, _ in candidates]
+    meta = (record or {}).get("_meta", {})
+    if record and set(names) <= set(record) and not meta.get("provisional"):
+        wanted = _used_and_runners_up(record, names)
+        plan = _evaluate(reference, [(n, m) for n, m in candidates if n in wanted], collate, gate_sets, accuracy,
+                         reference_eligible or reference.name in wanted, record)  # fmt: skip
+        if plan is not None:
+            plan.trials += [Trial.from_record(n, record[n]) for n in names if n not in wanted and n != reference.name]
+            return plan
+    return _evaluate(reference, candidates, collate, gate_sets, accuracy, reference_eligible, None)
+
+
+def _used_and_runners_up(record: dict, names: list[str]) -> set[str]:
+    """The engines a record's plan uses, and at each size the fastest other one that passed."""
+    used = {n for n in names if record[n].get("used")}
+    passed = [n for n in names if record[n].get("passed")]
+    wanted = set(used)
+    for size in BENCH_SIZES:
+        speed = {n: float(record[n].get("seq_per_s", {}).get(str(size), 0.0)) for n in passed if n not in used}
+        best = max(speed, key=speed.get, default=None)
+        if best is not None and speed[best] > 0:
+            wanted.add(best)
+    return wanted
+
+
+def _evaluate(reference, candidates, collate, gate_sets, accuracy, reference_eligible, record) -> Plan | None:
+    trials = [Trial(reference.name, passed=True, accuracy="reference")]
+    passing = []
+    expected = [reference(host) for host in gate_sets]
+    for name, make in candidates:
+        trial = Trial(name)
+        trials.append(trial)
+        try:
+            engine = make()
+            results = [accuracy(ref, engine(host)) for ref, host in zip(expected, gate_sets, strict=True)]
+        except Exception as exc:  # a runtime that cannot run this model is not a candidate
+            log.warning("engine %s is not available: %s: %s", name, type(exc).__name__, exc)
+            trial.passed, trial.note = False, f"not available: {type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        trial.accuracy = "; ".join(msg for _, msg in results)
+        trial.passed = all(ok for ok, _ in results)
+        if trial.passed:
+            passing.append(engine)
+        else:
+            trial.note = "failed the accuracy gate"
+    if record is not None and len(passing) < len(candidates):
+        return None  # an engine the record used now fails: evaluate everything again
+    if reference_eligible or not passing:
+        passing.insert(0, reference)
+    by_name = {t.engine: t for t in trials}
+    meter, foreign = CpuMeter(), 0.0
+    if len(passing) > 1:
+        if record is not None:
+            for e in passing:
+                by_name[e.name].seq_per_s = {int(n): float(v) for n, v in record[e.name]["seq_per_s"].items()}
+        else:
+            for n in BENCH_SIZES:
+                for name, seconds in time_engines(passing, collate(n)).items():
+                    by_name[name].seq_per_s[n] = n / seconds
+            foreign = meter.foreign_cores()
+    steps, alternatives = [], []
+    for i, n in enumerate(BENCH_SIZES):
+        ranked = sorted(passing, key=lambda e: -by_name[e.name].seq_per_s.get(n, 0.0))
+        # a batch goes to the winner of the nearest measured size (geometric midpoints: 2, 8)
+        limit = float("inf") if i == len(BENCH_SIZES) - 1 else (n * BENCH_SIZES[i + 1]) ** 0.5
+        steps.append((limit, ranked[0]))
+        alternatives.append(ranked[1:])
+    for _, engine in steps:
+        by_name[engine.name].used = True
+    for t in trials:
+        if not t.used and not t.note:
+            t.note = "slower than the engines used" if t.seq_per_s else "not eligible: another engine was asked for"
+    provisional = foreign > FOREIGN_LIMIT_CORES
+    if provisional:
+        log.warning(
+            "plan timed while other processes used %.1f cores of this machine's; it is provisional: checked "
+            "online while serving, and timed again at the next load", foreign,
+        )  # fmt: skip
+    return Plan(steps, trials, alternatives, provisional, foreign)
