@@ -139,16 +139,18 @@ class RawClient:
         self.sock = socket.create_connection(self.addr)
         self.buf = b""
 
-    def exchange(self, request: bytes) -> tuple[int, bytes]:
+    def exchange(self, request: bytes, with_head: bool = False) -> tuple:
+        """Send a request, read its reply: (status, body), or (status, head, body) `with_head`."""
         try:
-            return self._exchange(request)
+            self.sock.sendall(request)
+            head, body = self._reply()
         except ConnectionError:
             self.sock.close()
             self.sock, self.buf = socket.create_connection(self.addr), b""
             raise
+        return (int(head[9:12]), head, body) if with_head else (int(head[9:12]), body)
 
-    def _exchange(self, request: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(request)
+    def _reply(self) -> tuple[bytes, bytes]:
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(65536)
             if not chunk:
@@ -165,7 +167,7 @@ class RawClient:
         if b"connection: close" in head.lower():
             self.sock.close()
             self.sock, self.buf = socket.create_connection(self.addr), b""
-        return int(head[9:12]), rest[:length]
+        return head, rest[:length]
 
     def close(self) -> None:
         self.sock.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flask import g
 
-from binserve.api.pipeline import Pipeline
+from binserve.api.pipeline import Pipeline, arrival_timing
 from binserve.errors import BadRequest, ServingError
 from binserve.observability import metrics
 from binserve.scheduling.contract import BatchResult
@@ -47,7 +47,7 @@ class FanOutcome:
 
     def headers(self, encode_s: float) -> dict[str, str]:
         """Per-model versions, batch sizes and times (`queue-<model>`, `infer-<model>` in Server-Timing)."""
-        timing = [f"decode;dur={(self.decoded - self.started) * 1000:.2f}"]
+        timing = [f"{arrival_timing()}decode;dur={(self.decoded - self.started) * 1000:.2f}"]
         for name, r in self.results.items():
             timing += [f"queue-{name};dur={r.queue_s * 1000:.2f}", f"infer-{name};dur={r.infer_s * 1000:.2f}"]
         timing.append(f"encode;dur={encode_s * 1000:.2f}")

@@ -34,6 +34,7 @@ from binserve.errors import (
     UnsupportedMediaType,
 )
 from binserve.observability import metrics
+from binserve.process import stamps
 from binserve.process.memory import trim_heap
 from binserve.scheduling.contract import BatchResult
 from binserve.serving.contract import ModelHost, ServedModel
@@ -122,6 +123,17 @@ def _request_id() -> str:
     return uuid.uuid4().hex
 
 
+def arrival_timing() -> str:
+    """`Server-Timing`'s stages before the app: `wait` (the request, whole in the worker's event loop,
+    until a request thread took it) and `parse` (Gunicorn's parser and the WSGI call, until the app's
+    first hook); empty outside binserve's worker."""
+    stamped = stamps.since_arrival()
+    if stamped is None:
+        return ""
+    arrived, dispatched = stamped
+    return f"wait;dur={(dispatched - arrived) * 1000:.2f}, parse;dur={(g.started - dispatched) * 1000:.2f}, "
+
+
 @dataclass
 class Outcome:
     """What a request's batch gave back: the adapter's reply and how the time was spent."""
@@ -136,8 +148,9 @@ class Outcome:
     def headers(self, encode_s: float) -> dict[str, str]:
         """The metadata headers every protocol sends with a reply."""
         timing = (
-            f"decode;dur={(self.decoded - self.started) * 1000:.2f}, queue;dur={self.result.queue_s * 1000:.2f}, "
-            f"infer;dur={self.result.infer_s * 1000:.2f}, encode;dur={encode_s * 1000:.2f}"
+            f"{arrival_timing()}decode;dur={(self.decoded - self.started) * 1000:.2f}, "
+            f"queue;dur={self.result.queue_s * 1000:.2f}, infer;dur={self.result.infer_s * 1000:.2f}, "
+            f"encode;dur={encode_s * 1000:.2f}"
         )
         return {
             "X-Request-Id": g.request_id,

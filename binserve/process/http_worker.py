@@ -34,6 +34,7 @@ from functools import partial
 from gunicorn.workers.gthread import ThreadWorker
 
 from binserve.config import ServerConfig
+from binserve.process import stamps
 from binserve.wire.media import is_json
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -292,6 +293,7 @@ class BufferingWorker(ThreadWorker):
         del self._buffering[conn]
         self._release(len(rb.buf))
         conn.binserve_prebuffer = rb.take()
+        conn.binserve_arrived = time.monotonic()
         conn.binserve_ready = True
         conn.data_ready = True
         self.enqueue_req(conn)
@@ -352,6 +354,7 @@ class BufferingWorker(ThreadWorker):
     # --- request thread side -----------------------------------------------------------------------
     def handle(self, conn):
         """Run a buffered request: the parser reads the buffer before it would touch the socket."""
+        stamps.mark(conn.__dict__.pop("binserve_arrived", None))
         prebuffer = conn.__dict__.pop("binserve_prebuffer", None)
         if prebuffer is not None:
             conn.init()

@@ -58,8 +58,10 @@ def test_concurrent_requests_are_batched(server, reference):
     assert max(sizes) > 1, f"no request shared a batch: {sizes}"
     got = np.concatenate([r.outputs["embeddings"] for r in replies])
     assert cosines(got, reference.encode(TEXTS)).min() >= GATE  # batching changed no result
-    timing = replies[0].headers["Server-Timing"]
-    assert all(f"{k};dur=" in timing for k in ("decode", "queue", "infer", "encode"))
+    for reply in replies:  # every stage of the account, from the event loop on, in order
+        stages = [part.split(";dur=") for part in reply.headers["Server-Timing"].split(", ")]
+        assert [name for name, _ in stages] == ["wait", "parse", "decode", "queue", "infer", "encode"]
+        assert all(float(ms) >= 0 for _, ms in stages)
 
 
 def test_framed_plain_pickle_and_json_agree(server):
