@@ -13,6 +13,9 @@ import tempfile
 from pathlib import Path
 
 from binserve.config import ServerConfig
+from binserve.policy import buckets
+from binserve.policy.cors import Cors
+from binserve.policy.keys import KeyRing
 from binserve.process import coreshare
 
 # prometheus_client's multiprocess mode: every worker writes its metrics to files in this
@@ -28,6 +31,12 @@ _config = ServerConfig.from_env()
 # The cores' share between workers' running batches lives in shared memory made here, in the
 # master, so that every worker forked from it sees the same slots (coreshare.py).
 coreshare.create()
+
+# API keys and origins are checked here, so a bad keys file stops the server at once with its reason
+# (not each worker in turn); the quota buckets are shared memory every worker inherits, as above.
+KeyRing.configured(_config.api_keys_file, _config.auth_token)
+Cors(_config.cors_allow_origins)
+buckets.create()
 
 # torch's OpenMP threads (GNU libgomp) spin ~300k iterations after each parallel region before they
 # sleep. Inside one forward that keeps them hot between ops; between batches the spinning steals

@@ -21,6 +21,7 @@ from flask import Flask
 from binserve.api import admin, failures, health, native, openai_compat, openai_generate, v2
 from binserve.api.pipeline import Pipeline, install_hooks
 from binserve.config import ServerConfig
+from binserve.policy.gate import Policy
 from binserve.process import coreshare
 
 
@@ -31,6 +32,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
     worker's own (`bootstrap.start_worker`).
     """
     config = config or ServerConfig.from_env()
+    policy = Policy.from_config(config)  # a bad keys file or origin stops the worker before any model loads
     if manager is None:
         from binserve.serving.bootstrap import start_worker  # torch and the models: only in a serving process
 
@@ -38,8 +40,8 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
     app = Flask("binserve")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["binserve"] = manager
-    pipeline = Pipeline(config, manager)
-    install_hooks(app, config)
+    pipeline = Pipeline(config, manager, policy)
+    install_hooks(app, config, policy)
     for bp in (
         native.blueprint(pipeline),
         v2.blueprint(pipeline),

@@ -123,6 +123,24 @@ class ServerConfig:
     admin_token: str = setting(
         "", "bearer token for `/update_model` and model control; empty: they are disabled (403)", shown="empty"
     )
+    api_keys_file: str = setting(
+        "", "a JSON file of API keys with scopes and quotas (README: API keys and quotas); read at start; "
+        "empty: `auth_token` alone, or no auth",
+        shown="empty",
+    )  # fmt: skip
+    redis_url: str = setting(
+        "", "a Redis server (`redis://host:6379/0`) that holds quotas and the shared response cache for every "
+        "replica; empty: quotas are kept per replica, shared by its workers",
+        shown="empty",
+    )  # fmt: skip
+    response_cache_bytes: int = setting(
+        0, "the response cache of deterministic models, per worker (README: Response cache); 0: no cache",
+        unit="bytes", ge=0, le=64 * GiB,
+    )  # fmt: skip
+    cors_allow_origins: str = setting(
+        "", "comma-separated origins whose browser pages may call the inference routes (`*`: any); empty: none",
+        shown="empty",
+    )  # fmt: skip
     trusted_modules: str = setting(
         "models", "comma-separated package prefixes whose nn.Module classes torch_module versions may name"
     )

@@ -116,6 +116,13 @@ class Overloaded(ServingError):
     error_type = "overloaded"
 
 
+class RateLimited(Overloaded):
+    """The API key's quota is spent for now; retry after `retry_after_s` (429). An `Overloaded`, so
+    callers that back off on a full queue back off here too."""
+
+    error_type = "rate_limited"
+
+
 class ClientGone(ServingError):
     """The client disconnected before its request ran; nobody reads this answer (nginx's 499)."""
 

@@ -37,9 +37,14 @@ SETTINGS: dict[str, type] = {
     "max_batch_size": int,
     "max_batch_tokens": int,
     "max_wait_ms": float,
+    # whether the response cache may answer this version (when the server has one)
+    "cache": bool,
 }
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 #: the settings that go to the batcher rather than to the runtime
 BATCH_SETTINGS = ("max_batch_size", "max_batch_tokens", "max_wait_ms")
+#: the settings the server reads itself (the response cache), not the runtime
+SERVER_SETTINGS = ("cache",)
 
 
 def check_settings(settings: dict, where: str) -> dict:
@@ -52,7 +57,10 @@ def check_settings(settings: dict, where: str) -> dict:
         if kind is None:
             raise ValueError(f"{where}: unknown setting {key!r} (known: {sorted(SETTINGS)})")
         try:
-            out[key] = kind(value) if not isinstance(value, bool) else None
+            if kind is bool:
+                out[key] = _BOOLS.get(str(value).lower())
+            else:
+                out[key] = kind(value) if not isinstance(value, bool) else None
         except (TypeError, ValueError):
             out[key] = None
         if out[key] is None:
@@ -114,7 +122,7 @@ def load_model(spec: ModelSpec, device: torch.device, options: AdapterOptions | 
     if not Path(spec.path).is_dir():  # a local path never reaches a hub look-up (nor its confusing errors)
         raise FileNotFoundError(f"directory {spec.path} does not exist (or is not a directory)")
     options = options or AdapterOptions()
-    runtime_settings = {k: v for k, v in spec.settings.items() if k not in BATCH_SETTINGS}
+    runtime_settings = {k: v for k, v in spec.settings.items() if k not in BATCH_SETTINGS + SERVER_SETTINGS}
     runtime = dataclasses.replace(
         options.runtime, **runtime_settings, cache_dir=options.runtime.cache_dir or spec.cache_dir
     )

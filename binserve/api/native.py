@@ -28,7 +28,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     @bp.post("/infer/<model>")
     @inference_view("native")
     def infer(model: str | None):
-        pipeline.authorize()
+        pipeline.admit("native")
         deadline = pipeline.deadline()
         if model is not None:
             loaded = pipeline.model(model)

@@ -16,11 +16,11 @@ import os
 import time
 
 import numpy as np
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, g, jsonify
 
 from binary_protocol import dict_to_json
 from binserve.api.failures import Failure
-from binserve.api.pipeline import Pipeline, inference_view
+from binserve.api.pipeline import Pipeline, cors_view, inference_view
 from binserve.errors import BadRequest, InvalidInput
 
 PREFIX = "/v1"
@@ -64,19 +64,22 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     manager = pipeline.manager
 
     @bp.get("/models")
+    @cors_view
     def list_models():
-        pipeline.authorize()
-        return jsonify(object="list", data=[_model_object(m) for m in manager.served()])
+        pipeline.authorize("openai")
+        visible = set(pipeline.policy.visible(g.admission, [m.name for m in manager.served()]))
+        return jsonify(object="list", data=[_model_object(m) for m in manager.served() if m.name in visible])
 
     @bp.get("/models/<model>")
+    @cors_view
     def get_model(model: str):
-        pipeline.authorize()
+        pipeline.authorize("openai")
         return jsonify(_model_object(pipeline.model(model)))
 
     @bp.post("/embeddings")
     @inference_view("openai")
     def embeddings():
-        pipeline.authorize()
+        pipeline.admit("openai")
         body = pipeline.json_object()
         unknown = sorted(set(body) - _FIELDS)
         if unknown:

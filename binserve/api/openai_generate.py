@@ -27,6 +27,8 @@ from binserve.scheduling.sequences import Sequence
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options"}
 _COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty"}
 _FIELDS = {"completions": _COMMON | {"prompt", "echo"}, "chat": _COMMON | {"messages", "max_completion_tokens"}}
+# generated tokens are charged to the key's quota in steps of this many (and the rest at the end)
+_CHARGE_EVERY = 16
 # accepted only at their neutral value: binserve does not implement them
 _NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,), "presence_penalty": (0,), "frequency_penalty": (0,)}
 
@@ -75,7 +77,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     bp = Blueprint("openai_generate", __name__, url_prefix="/v1")
 
     def generate(kind: str):
-        pipeline.authorize()
+        pipeline.admit("generate")
         body = _body(pipeline, kind)
         name = body.get("model")
         if not isinstance(name, str):
@@ -90,6 +92,8 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             values["max_new_tokens"] = max_tokens
         params = adapter.sampling(values)
         ids = adapter.check_prompt(_prompt(adapter, body, kind), params)
+        pipeline.admit_tokens(len(ids))  # the prompt; generated tokens are charged as they come
+        charge = pipeline.charger()
         deadline = pipeline.deadline()
         seq = loaded.scheduler.submit_sequence(Sequence(ids, params, deadline, client_gone_check(request.environ)))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -108,6 +112,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
                     if kind == "chat":
                         yield _chunk(rid, kind, name, created, None, None, first=True)
                     for events in seq.stream_batches(max(0.1, deadline - time.monotonic())):
+                        charge(len(events))
                         # every token that arrived while the last write went out, in one write
                         chunks = [_chunk(rid, kind, name, created, d, None) for _, _, d in events if d]
                         if chunks:
@@ -126,10 +131,12 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Model": name}
             return Response(events(), mimetype="text/event-stream", headers=headers)
         try:
-            for _ in seq.stream(max(0.1, deadline - time.monotonic())):
-                pass
+            for produced, _ in enumerate(seq.stream(max(0.1, deadline - time.monotonic())), 1):
+                if produced % _CHARGE_EVERY == 0:
+                    charge(_CHARGE_EVERY)
         finally:
             seq.cancel()
+            charge(len(seq.output) % _CHARGE_EVERY)
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": seq.text},
                       "finish_reason": seq.finish_reason}  # fmt: skip

@@ -34,6 +34,8 @@ from binserve.errors import (
     UnsupportedMediaType,
 )
 from binserve.observability import metrics
+from binserve.policy.cache import request_key
+from binserve.policy.gate import Admission, Policy
 from binserve.process import stamps
 from binserve.process.memory import trim_heap
 from binserve.scheduling.contract import BatchResult
@@ -50,18 +52,33 @@ _MAX_TIMEOUT_MS = 3_600_000
 
 
 def inference_view(protocol: str):
-    """Mark a view as an inference request of `protocol`: counted in the request metrics."""
+    """Mark a view as an inference request of `protocol`: counted in the request metrics, open to
+    the CORS origins."""
 
     def mark(view):
         view.binserve_protocol = protocol
+        view.binserve_cors = True
         return view
 
     return mark
 
 
-def _protocol_of_request() -> str | None:
+def cors_view(view):
+    """Mark a read-only view that pages of the CORS origins may call (model listings)."""
+    view.binserve_cors = True
+    return view
+
+
+def _view_marks() -> tuple[str | None, bool]:
+    """The request's view's protocol (None: not an inference route) and whether CORS applies."""
     view = current_app.view_functions.get(request.endpoint or "")
-    return getattr(view, "binserve_protocol", None)
+    return getattr(view, "binserve_protocol", None), getattr(view, "binserve_cors", False)
+
+
+def no_cache_requested() -> tuple[bool, bool]:
+    """(do not read the cache, do not write it) from the request's `Cache-Control`."""
+    directives = {d.strip().split("=")[0].lower() for d in request.headers.get("Cache-Control", "").split(",")}
+    return ("no-cache" in directives or "no-store" in directives), "no-store" in directives
 
 
 def read_body(config: ServerConfig) -> bytes:
@@ -164,19 +181,35 @@ class Outcome:
 class Pipeline:
     """The shared steps of an inference request, for one app's config and model manager."""
 
-    def __init__(self, config: ServerConfig, manager: ModelHost) -> None:
+    def __init__(self, config: ServerConfig, manager: ModelHost, policy: Policy | None = None) -> None:
         self.config = config
         self.manager = manager
+        self.policy = policy if policy is not None else Policy.from_config(config)
         self.limits = Limits(
             max_body_bytes=config.max_body_bytes,
             max_json_bytes=config.max_json_bytes,
             max_decoded_bytes=config.max_decoded_bytes,
         )
 
-    def authorize(self) -> None:
-        """The inference token, when the server has one."""
-        if self.config.auth_token:
-            check_token(self.config.auth_token)
+    def authorize(self, family: str) -> None:
+        """The caller's API key, when the server has keys: 401 without one, 403 when it may not use
+        this `family` of routes (native, v2, openai, generate)."""
+        self.policy.identify(g.admission, request.headers.get("Authorization", ""), family)
+
+    def admit(self, family: str) -> None:
+        """`authorize`, then one request of the key's quota (429 when spent), before anything is decoded."""
+        self.authorize(family)
+        self.policy.admit_request(g.admission)
+
+    def admit_tokens(self, tokens: int) -> None:
+        """The key's token quota for input whose size is now known (429 when over)."""
+        self.policy.admit_tokens(g.admission, tokens)
+
+    def charger(self):
+        """A function that charges tokens produced later (generation) to this request's key; it
+        holds the request's admission, so a streamed reply can call it after the view returned."""
+        admission, policy = g.admission, self.policy
+        return lambda tokens: policy.charge(admission, tokens)
 
     def body(self) -> bytes:
         """The request body within its limit (see `read_body`)."""
@@ -207,6 +240,7 @@ class Pipeline:
 
     def model(self, name: str | None, version: str | None = None) -> ServedModel:
         """The served model `name` (None: the default); 404 when `version` is given and not the one served."""
+        self.policy.check_model(g.admission, name if name is not None else self.manager.default_name)
         loaded = self.manager.get(name)
         g.model_label = loaded.name
         if version is not None and version != loaded.adapter.version:
@@ -237,28 +271,63 @@ class Pipeline:
         return result
 
     def infer(self, loaded: ServedModel, payload: dict, deadline: float, version: str | None = None) -> Outcome:
-        """Validate `payload` for the model, run it in a batch and wait; the adapter's reply."""
-        validated = loaded.adapter.validate(payload)
+        """Validate `payload` for the model, charge its tokens, answer it from the response cache or
+        run it in a batch and wait; the adapter's reply."""
+        adapter = loaded.adapter
+        validated = adapter.validate(payload)
+        self.admit_tokens(input_tokens(adapter, validated))
         decoded = time.monotonic()
+        key = self._cache_key(loaded, adapter, validated)
+        skip_read, skip_write = no_cache_requested()
+        if key is not None:
+            cached = None if skip_read else self.policy.cache.get(key)
+            metrics.CACHE_REQUESTS.labels(
+                loaded.name, "bypass" if skip_read else ("hit" if cached is not None else "miss")
+            ).inc()
+            g.cache_result = "hit" if cached is not None else "miss"
+            if cached is not None:  # answered without a batch: batch size 0, no queue, no inference
+                result = BatchResult([], 0, 0.0, 0.0, adapter.version)
+                return Outcome(loaded, validated, cached, result, g.started, decoded)
         result = self.wait(loaded, self.submit(loaded, validated, deadline), deadline)
         if version is not None and str(result.tag) != version:  # a reload landed while it waited
             raise ModelNotFound(self._version_message(loaded, version))
-        reply = loaded.adapter.join(result.outputs, validated.batched, validated.options)
+        reply = adapter.join(result.outputs, validated.batched, validated.options)
+        if key is not None and not skip_write and str(result.tag) == adapter.version:
+            # stored only under the version it was looked up for: a batch that ran on a version
+            # reloaded meanwhile leaves no entry behind that either version could be answered from
+            self.policy.cache.put(key, loaded.name, reply)
         return Outcome(loaded, validated, reply, result, g.started, decoded)
 
+    def _cache_key(self, loaded: ServedModel, adapter, validated: Validated) -> bytes | None:
+        if not (self.policy.cache.enabled and loaded.cacheable):
+            return None
+        variant = "batched" if validated.batched else "single"
+        return request_key(loaded.name, adapter.version, validated.samples, validated.options, variant)
 
-def install_hooks(app: Flask, config: ServerConfig) -> None:
-    """Per-request bookkeeping: request ids, socket timeouts, heap trims and the request metrics."""
+
+def input_tokens(adapter, validated: Validated) -> int:
+    """The tokens a validated request puts into the model (0 for array models)."""
+    if not adapter.token_inputs:
+        return 0
+    return sum(len(s) for s in validated.samples)
+
+
+def install_hooks(app: Flask, config: ServerConfig, policy: Policy) -> None:
+    """Per-request bookkeeping: request ids, socket timeouts, heap trims, the request metrics, and
+    the policy's headers (rate limits, cache, CORS) and per-key counts."""
 
     @app.before_request
     def _count_in():
         g.request_id = _request_id()
+        g.admission = Admission()
         sock = request.environ.get("gunicorn.socket")
         if sock is not None:
             # Whatever of the body the worker did not buffer, and the reply, must not wait on a stalled client.
             sock.settimeout(config.client_timeout_s)
         g.started = time.monotonic()
-        protocol = _protocol_of_request()
+        protocol, cors = _view_marks()
+        if request.method == "OPTIONS":
+            return _preflight(policy, cors)
         if protocol is not None:
             g.protocol = protocol
             metrics.IN_FLIGHT.inc()
@@ -266,6 +335,7 @@ def install_hooks(app: Flask, config: ServerConfig) -> None:
     @app.after_request
     def _count_out(response: Response) -> Response:
         response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        _policy_headers(policy, response)
         if response.status_code == 413:
             response.headers["Connection"] = "close"  # do not read the rest of a body we refused
         if (request.content_length or 0) >= _TRIM_AFTER_BYTES or response.status_code == 413:
@@ -291,3 +361,31 @@ def install_hooks(app: Flask, config: ServerConfig) -> None:
     def _in_flight_done(exc):
         if g.get("protocol") is not None:
             metrics.IN_FLIGHT.dec()
+
+
+def _preflight(policy: Policy, cors: bool) -> Response | None:
+    """A CORS preflight of an inference route: 204 with what the route allows, 403 for an origin
+    not on the list; None (Flask's own OPTIONS reply, no CORS headers) for any other route."""
+    if not (cors and policy.cors.enabled and request.headers.get("Access-Control-Request-Method")):
+        return None
+    origin = request.headers.get("Origin")
+    methods = ", ".join(sorted(m for m in request.url_rule.methods if m not in ("HEAD", "OPTIONS")))
+    headers = policy.cors.preflight(origin, methods)
+    if headers is None:
+        return Response(f"origin {origin!r} may not call this server\n", status=403, mimetype="text/plain")
+    return Response(status=204, headers=headers)
+
+
+def _policy_headers(policy: Policy, response: Response) -> None:
+    admission = g.get("admission")
+    if admission is None:
+        return
+    if g.get("protocol") is not None or admission.key is not None:
+        admission.count()
+    response.headers.update(admission.headers())
+    cached = g.get("cache_result")
+    if cached is not None:
+        response.headers["X-Cache"] = cached
+    _, cors = _view_marks()
+    if cors and policy.cors.enabled and request.method != "OPTIONS":
+        response.headers.update(policy.cors.headers(request.headers.get("Origin")))

@@ -110,7 +110,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     @bp.post("/models/<model>/versions/<version>/infer")
     @inference_view("v2")
     def infer(model: str, version: str | None):
-        pipeline.authorize()
+        pipeline.admit("v2")
         loaded = pipeline.model(model, version)
         if loaded.adapter.generates:  # outputs of different lengths per prompt: not a V2 tensor
             raise BadRequest(

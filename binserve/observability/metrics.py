@@ -95,6 +95,30 @@ DEVICE_MEMORY = Gauge(
 # observer counts the others (overloaded, deadline, client_gone) where they happen.
 REASON_BY_STATUS = {413: "too_large", 415: "media_type"}
 
+# The policy layer (binserve/policy): labels are configured key names only, so a caller cannot grow them.
+NO_KEY = "_none"  # requests that named no valid key (401) or came to a server without keys
+KEY_REQUESTS = Counter(
+    "binserve_key_requests_total",
+    "Inference requests by API key and outcome (admitted, unauthorized, forbidden, rate_limited).",
+    ["key", "outcome"],
+)
+KEY_TOKENS = Counter("binserve_key_tokens_total", "Tokens charged to an API key: input and generated.", ["key"])
+CACHE_REQUESTS = Counter(
+    "binserve_cache_requests_total", "Response cache lookups by model and result (hit, miss, bypass).",
+    ["model", "result"],
+)  # fmt: skip
+CACHE_EVICTIONS = Counter(
+    "binserve_cache_evictions_total", "Replies dropped from a worker's cache for room.", ["model"]
+)
+CACHE_BYTES = Gauge("binserve_cache_bytes", "Bytes held by the response caches of live workers.",
+                    multiprocess_mode="livesum")  # fmt: skip
+CACHE_ENTRIES = Gauge("binserve_cache_entries", "Replies held by the response caches of live workers.",
+                      multiprocess_mode="livesum")  # fmt: skip
+POLICY_STORE_ERRORS = Counter(
+    "binserve_policy_store_errors_total", "Failed calls to the shared policy store (Redis), by use (quota, cache).",
+    ["use"],
+)  # fmt: skip
+
 
 class BatchMetrics:
     """The request batcher's observer for one model (a `scheduling.contract.BatchObserver`): batch

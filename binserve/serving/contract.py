@@ -23,6 +23,8 @@ class AdapterView(Protocol):
     version: str
     adapter_name: str
     generates: bool
+    #: samples are token rows (their lengths are what token quotas count)
+    token_inputs: bool
 
     def input_tensors(self) -> list[TensorSpec]:
         """The named inputs a request may carry, per sample."""
@@ -63,6 +65,10 @@ class ServedModel(Protocol):
     @property
     def signature(self) -> dict:
         """The served version's outputs: key -> (per-sample shape, dtype)."""
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the served version's replies may be answered from the response cache."""
 
 
 class VersionsView(Protocol):

@@ -53,7 +53,9 @@ class VersionLoader:
             "model %s version %s: loaded in %.1fs, engines %s", name, version, time.monotonic() - started,
             adapter.describe()["engines"],
         )  # fmt: skip
-        return ServedVersion(adapter, signature)
+        # sampled generation is not deterministic; the cache keys only exact, repeatable work
+        cacheable = bool(self.repo.spec(name, version).settings.get("cache", True)) and not adapter.generates
+        return ServedVersion(adapter, signature, cacheable)
 
     def batch_settings(self, name: str, version: str, adapter: ModelAdapter) -> BatchSettings:
         """The scheduler's settings for a version: its own (binserve.json), else the server's flags.

@@ -39,6 +39,8 @@ class ServedVersion:
 
     adapter: ModelAdapter
     signature: dict
+    #: deterministic replies the response cache may keep (its `cache` setting; never generation)
+    cacheable: bool = True
 
 
 class ModelSlot:
@@ -74,3 +76,8 @@ class LoadedModel:
     def signature(self) -> dict:
         """The served version's outputs: key -> (per-sample shape, dtype)."""
         return self.slot.current.signature
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the served version's replies may come from the response cache."""
+        return self.slot.current.cacheable

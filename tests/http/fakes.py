@@ -36,6 +36,7 @@ class DoubleAdapter:
     adapter_name = "fake_double"
     model_dir = Path("/nonexistent")
     generates = False
+    token_inputs = False
 
     def __init__(self, name: str = "double", version: str = "1") -> None:
         self.name = name
@@ -67,6 +68,7 @@ class EmbedAdapter(DoubleAdapter):
     """Texts (or token rows) in, DIM-wide embeddings out; samples are uint8 code rows."""
 
     adapter_name = "fake_embed"
+    token_inputs = True  # its uint8 code rows stand for token rows
 
     def input_tensors(self):
         return [TensorSpec("texts", None, ()), TensorSpec("input_ids", np.dtype(np.int64), (-1,))]
@@ -112,12 +114,13 @@ class BrokenAdapter(EmbedAdapter):
 
 @dataclass
 class FakeLoaded:
-    """A `serving.contract.ServedModel`: name, adapter, signature, scheduler."""
+    """A `serving.contract.ServedModel`: name, adapter, signature, scheduler, cacheable."""
 
     name: str
     adapter: DoubleAdapter
     scheduler: Batcher
     signature: dict = field(init=False)
+    cacheable: bool = True
 
     def __post_init__(self) -> None:
         out = self.adapter.run(self.adapter.validate(_EXAMPLES[self.adapter.adapter_name]).samples)[0]

@@ -57,7 +57,11 @@ def versions(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reload_server(versions):
     root = versions["v2"].parent  # path imports only from under the import root
-    with ServerProcess(workers=2, admin_token=ADMIN, repository_poll_ms=200, import_root=root) as srv:
+    # the response cache is on, so that the reload test also shows that no reply of the old
+    # version is ever answered from the cache after the new one serves
+    with ServerProcess(
+        workers=2, admin_token=ADMIN, repository_poll_ms=200, import_root=root, response_cache_bytes=8 << 20
+    ) as srv:
         yield srv
 
 
@@ -94,7 +98,7 @@ def test_reload_under_load_drops_nothing_and_every_reply_matches_its_version(rel
     assert r.json()["version"] == "2" and r.json()["converged"] and len(r.json()["workers"]) == 2
 
     stop = threading.Event()
-    failures, seen, mismatches = [], {"1": 0, "2": 0}, []
+    failures, seen, mismatches, cached = [], {"1": 0, "2": 0}, [], {"hit": 0, "miss": 0}
     lock = threading.Lock()
 
     def client_loop(k: int):
@@ -113,6 +117,7 @@ def test_reload_under_load_drops_nothing_and_every_reply_matches_its_version(rel
                 cos = float(emb @ ref / np.linalg.norm(emb) / np.linalg.norm(ref))
                 with lock:
                     seen[reply.model_version] += 1
+                    cached[reply.headers["X-Cache"]] += 1
                     if cos < 0.999:  # the accuracy gate of the engines serving it
                         mismatches.append((reply.model_version, cos))
                 i += 16
@@ -136,6 +141,7 @@ def test_reload_under_load_drops_nothing_and_every_reply_matches_its_version(rel
     assert failures == []
     assert mismatches == []
     assert seen["1"] > 0 and seen["2"] > 0
+    assert cached["hit"] > 0 and cached["miss"] > 0, cached  # hits were answered, and matched their version
     # eleven more reloads without load, ending on version 1 again: memory must be back near the level
     # after the first. The same version at both ends: the two versions' plans may differ (engines are
     # timed at load), and with them their footprints, by ~8% on one machine.
