@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-plan bench-ab bench-fanout bench-generate bench-gpu lint load image docker-test
+.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-gpu lint load image docker-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-serve: install
 
 bench-plan: install
 	$(PY) -m bench.plan_bench
+
+bench-policy: install
+	$(PY) -m bench.policy_bench
 
 # Two server configurations interleaved: make bench-ab AB_ARGS="--b env.GOMP_SPINCOUNT=300000"
 bench-ab: install

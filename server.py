@@ -19,7 +19,8 @@ import sys
 from flask import Flask
 
 from binserve.api import admin, failures, health, native, openai_compat, openai_generate, v2
-from binserve.api.pipeline import Pipeline, install_hooks
+from binserve.api.hooks import install_hooks
+from binserve.api.pipeline import Pipeline
 from binserve.config import ServerConfig
 from binserve.policy.gate import Policy
 from binserve.process import coreshare

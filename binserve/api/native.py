@@ -16,7 +16,8 @@ from flask import Blueprint, Response, request
 
 from binary_protocol import encode_body, reply_format
 from binserve.api.fanout import fan_out
-from binserve.api.pipeline import Pipeline, inference_view
+from binserve.api.hooks import inference_view
+from binserve.api.pipeline import Pipeline
 from binserve.errors import BadRequest
 
 

@@ -20,7 +20,8 @@ from flask import Blueprint, Response, g, jsonify
 
 from binary_protocol import dict_to_json
 from binserve.api.failures import Failure
-from binserve.api.pipeline import Pipeline, cors_view, inference_view
+from binserve.api.hooks import cors_view, inference_view
+from binserve.api.pipeline import Pipeline
 from binserve.errors import BadRequest, InvalidInput
 
 PREFIX = "/v1"

@@ -11,6 +11,7 @@ sequence. One request, one choice (`n` = 1); `usage` counts prompt and generated
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -19,8 +20,9 @@ from flask import Blueprint, Response, request
 
 from binary_protocol import dict_to_json
 from binserve.api.failures import failure_of
+from binserve.api.hooks import inference_view
 from binserve.api.openai_compat import error_body
-from binserve.api.pipeline import Pipeline, client_gone_check, inference_view
+from binserve.api.pipeline import Pipeline, client_gone_check
 from binserve.errors import BadRequest, ServingError
 from binserve.scheduling.sequences import Sequence
 
@@ -72,6 +74,24 @@ def _chunk(rid: str, kind: str, model: str, created: int, text: str | None, fini
     )
 
 
+def _reply(rid: str, kind: str, model: str, created: int, done: dict, prompt_tokens: int) -> Response:
+    """A whole (not streamed) completion from what generation made (or the cache kept)."""
+    text, finish = done["text"], done["finish_reason"]
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    completion = int(done["completion_tokens"])
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+    reply = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
+             "model": model, "choices": [choice], "usage": usage}  # fmt: skip
+    return Response(dict_to_json(reply), content_type="application/json", headers={"X-Model": model})
+
+
 def blueprint(pipeline: Pipeline) -> Blueprint:
     """The generation routes under /v1 on `pipeline`."""
     bp = Blueprint("openai_generate", __name__, url_prefix="/v1")
@@ -95,9 +115,16 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         pipeline.admit_tokens(len(ids))  # the prompt; generated tokens are charged as they come
         charge = pipeline.charger()
         deadline = pipeline.deadline()
-        seq = loaded.scheduler.submit_sequence(Sequence(ids, params, deadline, client_gone_check(request.environ)))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())  # a timestamp for the client, as OpenAI's
+        key, version = None, adapter.version
+        if not body.get("stream") and (params.temperature == 0 or params.seed is not None):
+            # greedy or seeded: the same request makes the same text (streams are always generated)
+            key, cached = pipeline.cache_lookup(loaded, [ids], dataclasses.asdict(params), kind)
+            if cached is not None:
+                charge(cached["completion_tokens"])
+                return _reply(rid, kind, name, created, cached, len(ids))
+        seq = loaded.scheduler.submit_sequence(Sequence(ids, params, deadline, client_gone_check(request.environ)))
 
         def usage() -> dict:
             return {"prompt_tokens": len(ids), "completion_tokens": len(seq.output),
@@ -112,7 +139,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
                     if kind == "chat":
                         yield _chunk(rid, kind, name, created, None, None, first=True)
                     for events in seq.stream_batches(max(0.1, deadline - time.monotonic())):
-                        charge(len(events))
+                        charge(len(seq.output))
                         # every token that arrived while the last write went out, in one write
                         chunks = [_chunk(rid, kind, name, created, d, None) for _, _, d in events if d]
                         if chunks:
@@ -127,24 +154,20 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
                     yield "data: " + json.dumps(error_body(failure_of(err))) + "\n\n"
                 finally:
                     seq.cancel()  # a closed stream (the client left) stops the sequence at the next step
+                    charge(len(seq.output))  # what it made before it stopped
 
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Model": name}
             return Response(events(), mimetype="text/event-stream", headers=headers)
         try:
-            for produced, _ in enumerate(seq.stream(max(0.1, deadline - time.monotonic())), 1):
-                if produced % _CHARGE_EVERY == 0:
-                    charge(_CHARGE_EVERY)
+            for _ in seq.stream(max(0.1, deadline - time.monotonic())):
+                if len(seq.output) % _CHARGE_EVERY == 0:
+                    charge(len(seq.output))
         finally:
             seq.cancel()
-            charge(len(seq.output) % _CHARGE_EVERY)
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": seq.text},
-                      "finish_reason": seq.finish_reason}  # fmt: skip
-        else:
-            choice = {"index": 0, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason}
-        reply = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-                 "model": name, "choices": [choice], "usage": usage()}  # fmt: skip
-        return Response(dict_to_json(reply), content_type="application/json", headers={"X-Model": name})
+            charge(len(seq.output))
+        done = {"text": seq.text, "finish_reason": seq.finish_reason, "completion_tokens": len(seq.output)}
+        pipeline.cache_store(key, loaded, version, loaded.adapter.version, done)  # no reload meanwhile
+        return _reply(rid, kind, name, created, done, len(ids))
 
     @bp.post("/completions")
     @inference_view("openai")

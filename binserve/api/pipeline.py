@@ -3,9 +3,9 @@
 design: a blueprint translates its wire shape into an adapter payload, hands it to
 `Pipeline.infer`, and translates the adapter's reply back; limits, deadlines, the batcher,
 `Server-Timing` and the request metrics are the same whichever protocol a request came in by, so a
-V2 or OpenAI request is batched with native requests for the same model. `install_hooks` adds the
-per-request bookkeeping (request id, socket timeout, in-flight and request metrics) for views marked
-with `inference_view`.
+V2 or OpenAI request is batched with native requests for the same model; the policy layer's steps
+(key, scopes, quotas, cache) are taken here in request order. `hooks.py` adds the per-request
+bookkeeping around it.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import hmac
 import select
 import socket
 import time
-import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from flask import Flask, Response, current_app, g, request
+from flask import g, request
 
 from binary_protocol import Limits, decode_body, json_to_dict
 from binserve.config import ServerConfig
@@ -35,9 +34,8 @@ from binserve.errors import (
 )
 from binserve.observability import metrics
 from binserve.policy.cache import request_key
-from binserve.policy.gate import Admission, Policy
+from binserve.policy.gate import Policy
 from binserve.process import stamps
-from binserve.process.memory import trim_heap
 from binserve.scheduling.contract import BatchResult
 from binserve.serving.contract import ModelHost, ServedModel
 from binserve.wire.media import is_json, media_type
@@ -45,34 +43,8 @@ from models.contract import Validated
 
 # How long a request thread waits past its deadline for a batch that already started.
 _DEADLINE_GRACE_S = 5.0
-# After a request this large, glibc is asked to hand freed pages back (a few ms, off the reply path).
-_TRIM_AFTER_BYTES = 4 * 1024 * 1024
 # The longest deadline a caller may ask for.
 _MAX_TIMEOUT_MS = 3_600_000
-
-
-def inference_view(protocol: str):
-    """Mark a view as an inference request of `protocol`: counted in the request metrics, open to
-    the CORS origins."""
-
-    def mark(view):
-        view.binserve_protocol = protocol
-        view.binserve_cors = True
-        return view
-
-    return mark
-
-
-def cors_view(view):
-    """Mark a read-only view that pages of the CORS origins may call (model listings)."""
-    view.binserve_cors = True
-    return view
-
-
-def _view_marks() -> tuple[str | None, bool]:
-    """The request's view's protocol (None: not an inference route) and whether CORS applies."""
-    view = current_app.view_functions.get(request.endpoint or "")
-    return getattr(view, "binserve_protocol", None), getattr(view, "binserve_cors", False)
 
 
 def no_cache_requested() -> tuple[bool, bool]:
@@ -130,14 +102,6 @@ def client_gone_check(environ: dict):
             return True
 
     return gone
-
-
-def _request_id() -> str:
-    """The caller's X-Request-Id when it is a sane token, else a new one (it goes into logs)."""
-    given = request.headers.get("X-Request-Id", "")
-    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
-        return given
-    return uuid.uuid4().hex
 
 
 def arrival_timing() -> str:
@@ -206,10 +170,17 @@ class Pipeline:
         self.policy.admit_tokens(g.admission, tokens)
 
     def charger(self):
-        """A function that charges tokens produced later (generation) to this request's key; it
-        holds the request's admission, so a streamed reply can call it after the view returned."""
-        admission, policy = g.admission, self.policy
-        return lambda tokens: policy.charge(admission, tokens)
+        """`charge_upto(total)`: charges the tokens produced so far (generation) that were not
+        charged yet to this request's key. It holds the request's admission, so a streamed reply
+        can call it after the view returned."""
+        admission, policy, charged = g.admission, self.policy, [0]
+
+        def charge_upto(total: int) -> None:
+            if total > charged[0]:
+                policy.charge(admission, total - charged[0])
+                charged[0] = total
+
+        return charge_upto
 
     def body(self) -> bytes:
         """The request body within its limit (see `read_body`)."""
@@ -277,32 +248,40 @@ class Pipeline:
         validated = adapter.validate(payload)
         self.admit_tokens(input_tokens(adapter, validated))
         decoded = time.monotonic()
-        key = self._cache_key(loaded, adapter, validated)
-        skip_read, skip_write = no_cache_requested()
-        if key is not None:
-            cached = None if skip_read else self.policy.cache.get(key)
-            metrics.CACHE_REQUESTS.labels(
-                loaded.name, "bypass" if skip_read else ("hit" if cached is not None else "miss")
-            ).inc()
-            g.cache_result = "hit" if cached is not None else "miss"
-            if cached is not None:  # answered without a batch: batch size 0, no queue, no inference
-                result = BatchResult([], 0, 0.0, 0.0, adapter.version)
-                return Outcome(loaded, validated, cached, result, g.started, decoded)
+        variant = "batched" if validated.batched else "single"
+        key, cached = self.cache_lookup(loaded, validated.samples, validated.options, variant)
+        if cached is not None:  # answered without a batch: batch size 0, no queue, no inference
+            result = BatchResult([], 0, 0.0, 0.0, adapter.version)
+            return Outcome(loaded, validated, cached, result, g.started, decoded)
         result = self.wait(loaded, self.submit(loaded, validated, deadline), deadline)
         if version is not None and str(result.tag) != version:  # a reload landed while it waited
             raise ModelNotFound(self._version_message(loaded, version))
         reply = adapter.join(result.outputs, validated.batched, validated.options)
-        if key is not None and not skip_write and str(result.tag) == adapter.version:
-            # stored only under the version it was looked up for: a batch that ran on a version
-            # reloaded meanwhile leaves no entry behind that either version could be answered from
-            self.policy.cache.put(key, loaded.name, reply)
+        self.cache_store(key, loaded, adapter.version, str(result.tag), reply)
         return Outcome(loaded, validated, reply, result, g.started, decoded)
 
-    def _cache_key(self, loaded: ServedModel, adapter, validated: Validated) -> bytes | None:
+    def cache_lookup(self, loaded: ServedModel, samples: list, options: dict, variant: str):
+        """(key, cached reply or None) for a request to the served version; key None when the
+        request is not cached (no cache, the model's cache off, or a sample the key cannot describe).
+        Sets `X-Cache` and counts the lookup."""
         if not (self.policy.cache.enabled and loaded.cacheable):
-            return None
-        variant = "batched" if validated.batched else "single"
-        return request_key(loaded.name, adapter.version, validated.samples, validated.options, variant)
+            return None, None
+        key = request_key(loaded.name, loaded.adapter.version, samples, options, variant)
+        if key is None:
+            return None, None
+        skip_read, _ = no_cache_requested()
+        cached = None if skip_read else self.policy.cache.get(key)
+        result = "bypass" if skip_read else ("hit" if cached is not None else "miss")
+        metrics.CACHE_REQUESTS.labels(loaded.name, result).inc()
+        g.cache_result = "hit" if cached is not None else "miss"
+        return key, cached
+
+    def cache_store(self, key: bytes | None, loaded: ServedModel, looked_up: str, ran_on: str, reply: dict) -> None:
+        """Keep a computed reply, only under the version it was looked up for and ran on: a request
+        that a reload overtook leaves no entry that either version could be answered from."""
+        _, skip_write = no_cache_requested()
+        if key is not None and not skip_write and looked_up == ran_on:
+            self.policy.cache.put(key, loaded.name, reply)
 
 
 def input_tokens(adapter, validated: Validated) -> int:
@@ -310,82 +289,3 @@ def input_tokens(adapter, validated: Validated) -> int:
     if not adapter.token_inputs:
         return 0
     return sum(len(s) for s in validated.samples)
-
-
-def install_hooks(app: Flask, config: ServerConfig, policy: Policy) -> None:
-    """Per-request bookkeeping: request ids, socket timeouts, heap trims, the request metrics, and
-    the policy's headers (rate limits, cache, CORS) and per-key counts."""
-
-    @app.before_request
-    def _count_in():
-        g.request_id = _request_id()
-        g.admission = Admission()
-        sock = request.environ.get("gunicorn.socket")
-        if sock is not None:
-            # Whatever of the body the worker did not buffer, and the reply, must not wait on a stalled client.
-            sock.settimeout(config.client_timeout_s)
-        g.started = time.monotonic()
-        protocol, cors = _view_marks()
-        if request.method == "OPTIONS":
-            return _preflight(policy, cors)
-        if protocol is not None:
-            g.protocol = protocol
-            metrics.IN_FLIGHT.inc()
-
-    @app.after_request
-    def _count_out(response: Response) -> Response:
-        response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
-        _policy_headers(policy, response)
-        if response.status_code == 413:
-            response.headers["Connection"] = "close"  # do not read the rest of a body we refused
-        if (request.content_length or 0) >= _TRIM_AFTER_BYTES or response.status_code == 413:
-            response.call_on_close(trim_heap)  # after the reply is sent
-        protocol = g.get("protocol")
-        if protocol is not None:
-            # Only served names become labels: a URL naming anything else must not grow the series.
-            label = g.get("model_label", metrics.UNKNOWN_MODEL)
-            elapsed = time.monotonic() - g.started
-            for model in g.get("fanout_models") or [label]:  # a fan-out is answered by each of its models
-                metrics.REQUESTS.labels(model, str(response.status_code), protocol).inc()
-                metrics.REQUEST_DURATION.labels(model).observe(elapsed)
-            metrics.REQUEST_BYTES.labels(label).inc(request.content_length or 0)
-            if not response.is_streamed:
-                metrics.RESPONSE_BYTES.labels(label).inc(response.calculate_content_length() or 0)
-            # refusals at the HTTP layer; the batcher counts overloaded, deadline and client_gone
-            reason = "protocol" if g.get("protocol_error") else metrics.REASON_BY_STATUS.get(response.status_code)
-            if reason:
-                metrics.REJECTED.labels(label, reason).inc()
-        return response
-
-    @app.teardown_request
-    def _in_flight_done(exc):
-        if g.get("protocol") is not None:
-            metrics.IN_FLIGHT.dec()
-
-
-def _preflight(policy: Policy, cors: bool) -> Response | None:
-    """A CORS preflight of an inference route: 204 with what the route allows, 403 for an origin
-    not on the list; None (Flask's own OPTIONS reply, no CORS headers) for any other route."""
-    if not (cors and policy.cors.enabled and request.headers.get("Access-Control-Request-Method")):
-        return None
-    origin = request.headers.get("Origin")
-    methods = ", ".join(sorted(m for m in request.url_rule.methods if m not in ("HEAD", "OPTIONS")))
-    headers = policy.cors.preflight(origin, methods)
-    if headers is None:
-        return Response(f"origin {origin!r} may not call this server\n", status=403, mimetype="text/plain")
-    return Response(status=204, headers=headers)
-
-
-def _policy_headers(policy: Policy, response: Response) -> None:
-    admission = g.get("admission")
-    if admission is None:
-        return
-    if g.get("protocol") is not None or admission.key is not None:
-        admission.count()
-    response.headers.update(admission.headers())
-    cached = g.get("cache_result")
-    if cached is not None:
-        response.headers["X-Cache"] = cached
-    _, cors = _view_marks()
-    if cors and policy.cors.enabled and request.method != "OPTIONS":
-        response.headers.update(policy.cors.headers(request.headers.get("Origin")))

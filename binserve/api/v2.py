@@ -18,7 +18,8 @@ from flask import Blueprint, Response, jsonify, request
 
 from binserve.api import v2_tensors
 from binserve.api.failures import Failure
-from binserve.api.pipeline import Pipeline, inference_view
+from binserve.api.hooks import inference_view
+from binserve.api.pipeline import Pipeline
 from binserve.config import VERSION
 from binserve.errors import BadRequest, InvalidInput, NotReady
 from models.contract import TensorSpec

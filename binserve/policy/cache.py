@@ -1,5 +1,6 @@
-"""The response cache: a reply of a deterministic model is computed once per (model, served
-version, canonical request, options) and then answered without entering a batch.
+"""The response cache: a reply of deterministic work (an encoder's, a greedy or seeded completion)
+is computed once per (model, served version, canonical request, options) and then answered
+without entering a batch.
 
 design: the key is a BLAKE2b digest of the model's name, the version that computed the reply,
 the reply options and the request's samples as the adapter validated them (token ids, arrays):

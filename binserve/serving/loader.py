@@ -53,8 +53,7 @@ class VersionLoader:
             "model %s version %s: loaded in %.1fs, engines %s", name, version, time.monotonic() - started,
             adapter.describe()["engines"],
         )  # fmt: skip
-        # sampled generation is not deterministic; the cache keys only exact, repeatable work
-        cacheable = bool(self.repo.spec(name, version).settings.get("cache", True)) and not adapter.generates
+        cacheable = bool(self.repo.spec(name, version).settings.get("cache", True))
         return ServedVersion(adapter, signature, cacheable)
 
     def batch_settings(self, name: str, version: str, adapter: ModelAdapter) -> BatchSettings:

@@ -39,7 +39,7 @@ class ServedVersion:
 
     adapter: ModelAdapter
     signature: dict
-    #: deterministic replies the response cache may keep (its `cache` setting; never generation)
+    #: whether the response cache may keep its deterministic replies (its `cache` setting)
     cacheable: bool = True
 
 

@@ -64,3 +64,16 @@ def test_network_policy_keeps_the_admin_port_to_admin_clients():
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"} and policy["egress"] == []
     admin_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 9000)
     assert admin_rule["from"], "the admin port must not be open to every pod"
+
+
+def test_api_keys_come_from_a_secret_mounted_read_only():
+    pod = BY_NAME[("Deployment", "binserve")]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = env_of(c)
+    assert env["BINSERVE_API_KEYS_FILE"]["value"] == "/etc/binserve/keys/keys.json"
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/binserve/keys")
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "binserve-api-keys"
+    assert not volume["secret"].get("optional")  # a pod without its keys must not serve open
+    assert env["BINSERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True

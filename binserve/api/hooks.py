@@ -1,0 +1,133 @@
+"""Per-request bookkeeping around every route: request ids, socket timeouts, heap trims, the request
+metrics, and the policy layer's headers (rate limits, `X-Cache`, CORS, preflight) and per-key counts.
+
+design: a view is marked with `inference_view(protocol)` (an inference request: counted in the
+request metrics, open to the CORS origins) or `cors_view` (a listing pages may read); the hooks
+read the marks, so the blueprints carry no bookkeeping of their own.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from flask import Flask, Response, current_app, g, request
+
+from binserve.config import ServerConfig
+from binserve.observability import metrics
+from binserve.policy.gate import Admission, Policy
+from binserve.process.memory import trim_heap
+
+# After a request this large, glibc is asked to hand freed pages back (a few ms, off the reply path).
+_TRIM_AFTER_BYTES = 4 * 1024 * 1024
+
+
+def inference_view(protocol: str):
+    """Mark a view as an inference request of `protocol`: counted in the request metrics, open to
+    the CORS origins."""
+
+    def mark(view):
+        view.binserve_protocol = protocol
+        view.binserve_cors = True
+        return view
+
+    return mark
+
+
+def cors_view(view):
+    """Mark a read-only view that pages of the CORS origins may call (model listings)."""
+    view.binserve_cors = True
+    return view
+
+
+def _view_marks() -> tuple[str | None, bool]:
+    """The request's view's protocol (None: not an inference route) and whether CORS applies."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    return getattr(view, "binserve_protocol", None), getattr(view, "binserve_cors", False)
+
+
+def _request_id() -> str:
+    """The caller's X-Request-Id when it is a sane token, else a new one (it goes into logs)."""
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def install_hooks(app: Flask, config: ServerConfig, policy: Policy) -> None:
+    """Per-request bookkeeping: request ids, socket timeouts, heap trims, the request metrics, and
+    the policy's headers (rate limits, cache, CORS) and per-key counts."""
+
+    @app.before_request
+    def _count_in():
+        g.request_id = _request_id()
+        g.admission = Admission()
+        sock = request.environ.get("gunicorn.socket")
+        if sock is not None:
+            # Whatever of the body the worker did not buffer, and the reply, must not wait on a stalled client.
+            sock.settimeout(config.client_timeout_s)
+        g.started = time.monotonic()
+        protocol, cors = _view_marks()
+        if request.method == "OPTIONS":
+            return _preflight(policy, cors)
+        if protocol is not None:
+            g.protocol = protocol
+            metrics.IN_FLIGHT.inc()
+
+    @app.after_request
+    def _count_out(response: Response) -> Response:
+        response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        _policy_headers(policy, response)
+        if response.status_code == 413:
+            response.headers["Connection"] = "close"  # do not read the rest of a body we refused
+        if (request.content_length or 0) >= _TRIM_AFTER_BYTES or response.status_code == 413:
+            response.call_on_close(trim_heap)  # after the reply is sent
+        protocol = g.get("protocol")
+        if protocol is not None:
+            # Only served names become labels: a URL naming anything else must not grow the series.
+            label = g.get("model_label", metrics.UNKNOWN_MODEL)
+            elapsed = time.monotonic() - g.started
+            for model in g.get("fanout_models") or [label]:  # a fan-out is answered by each of its models
+                metrics.REQUESTS.labels(model, str(response.status_code), protocol).inc()
+                metrics.REQUEST_DURATION.labels(model).observe(elapsed)
+            metrics.REQUEST_BYTES.labels(label).inc(request.content_length or 0)
+            if not response.is_streamed:
+                metrics.RESPONSE_BYTES.labels(label).inc(response.calculate_content_length() or 0)
+            # refusals at the HTTP layer; the batcher counts overloaded, deadline and client_gone
+            reason = "protocol" if g.get("protocol_error") else metrics.REASON_BY_STATUS.get(response.status_code)
+            if reason:
+                metrics.REJECTED.labels(label, reason).inc()
+        return response
+
+    @app.teardown_request
+    def _in_flight_done(exc):
+        if g.get("protocol") is not None:
+            metrics.IN_FLIGHT.dec()
+
+
+def _preflight(policy: Policy, cors: bool) -> Response | None:
+    """A CORS preflight of an inference route: 204 with what the route allows, 403 for an origin
+    not on the list; None (Flask's own OPTIONS reply, no CORS headers) for any other route."""
+    if not (cors and policy.cors.enabled and request.headers.get("Access-Control-Request-Method")):
+        return None
+    origin = request.headers.get("Origin")
+    methods = ", ".join(sorted(m for m in request.url_rule.methods if m not in ("HEAD", "OPTIONS")))
+    headers = policy.cors.preflight(origin, methods)
+    if headers is None:
+        return Response(f"origin {origin!r} may not call this server\n", status=403, mimetype="text/plain")
+    return Response(status=204, headers=headers)
+
+
+def _policy_headers(policy: Policy, response: Response) -> None:
+    admission = g.get("admission")
+    if admission is None:
+        return
+    if g.get("protocol") is not None or admission.key is not None:
+        admission.count()
+    response.headers.update(admission.headers())
+    cached = g.get("cache_result")
+    if cached is not None:
+        response.headers["X-Cache"] = cached
+    _, cors = _view_marks()
+    if cors and policy.cors.enabled and request.method != "OPTIONS":
+        response.headers.update(policy.cors.headers(request.headers.get("Origin")))
