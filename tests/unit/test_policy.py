@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -133,6 +134,23 @@ def test_the_shared_table_admits_exactly_the_capacity_across_processes():
         p.join(10)
     assert sum(totals) == 3000, totals
     assert min(totals) > 0  # every process got some: they ran side by side
+
+
+def _die_holding(table) -> None:
+    table._lock.acquire()
+    buckets._HOLDER.pack_into(table._map, 0, os.getpid())
+    os._exit(0)  # as a SIGKILLed worker: mid-step, the lock never released
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_died_holding_the_lock_does_not_stop_the_others():
+    table = SharedTable()
+    child = multiprocessing.get_context("fork").Process(target=_die_holding, args=(table,))
+    child.start()
+    child.join(10)
+    assert not table._lock.acquire(block=False)  # the dead worker's lock is held
+    lim = Limits(5, 1e-9, 0, 0)
+    assert [table.take(1, "k", lim, 1, 0, 0).admitted for _ in range(6)] == [True] * 5 + [False]
 
 
 def test_a_row_taken_over_by_another_key_starts_full():
