@@ -55,12 +55,19 @@ class Levels:
     requests: float
     tokens: float
     retry_after_s: float
+    #: units granted beyond the costs, for the taker to spend later (`extra` of `take`)
+    granted_requests: float = 0.0
+    granted_tokens: float = 0.0
 
 
-def settle(levels: tuple[float, float, float], now: float, lim: Limits, requests: float, tokens: float, need: float):
+def settle(
+    levels: tuple[float, float, float], now: float, lim: Limits, requests: float, tokens: float, need: float,
+    extra: tuple[float, float] = (0.0, 0.0),
+):  # fmt: skip
     """The arithmetic both stores run: the outcome from the stored (request level, token level,
     stamp), and the state to store. A stamp <= 0 is a bucket never used: it starts full (times are
-    `time.monotonic()`, which counts from boot)."""
+    `time.monotonic()`, which counts from boot). Admitted, it also grants up to `extra` (requests,
+    tokens) more of what the buckets still hold, whole units, for a worker's lease."""
     req, tok, stamp = levels
     if stamp <= 0:
         req, tok, stamp = lim.req_capacity, lim.tok_capacity, now
@@ -76,7 +83,10 @@ def settle(levels: tuple[float, float, float], now: float, lim: Limits, requests
         return Levels(False, req, tok, wait), (req, tok, now)
     req = min(lim.req_capacity, req - requests) if lim.req_capacity else 0.0
     tok = min(lim.tok_capacity, tok - tokens) if lim.tok_capacity else 0.0
-    return Levels(True, req, tok, 0.0), (req, tok, now)
+    grant_r = min(extra[0], math.floor(max(0.0, req))) if lim.req_capacity else 0.0
+    grant_t = min(extra[1], math.floor(max(0.0, tok))) if lim.tok_capacity else 0.0
+    req, tok = req - grant_r, tok - grant_t
+    return Levels(True, req, tok, 0.0, grant_r, grant_t), (req, tok, now)
 
 
 def _name_check(name: str) -> int:
@@ -103,7 +113,9 @@ class SharedTable:
         os.unlink(path)  # only its record lock is used; nothing is left on disk
         self._recovery_fd = fd
 
-    def take(self, row: int, name: str, lim: Limits, requests: float, tokens: float, need: float) -> Levels:
+    def take(
+        self, row: int, name: str, lim: Limits, requests: float, tokens: float, need: float, extra=(0.0, 0.0)
+    ) -> Levels:
         offset = _HOLDER.size + (row % ROWS) * _ROW.size
         check = _name_check(name)
         self._acquire()
@@ -112,7 +124,7 @@ class SharedTable:
             req, tok, stamp, owner = _ROW.unpack_from(self._map, offset)
             if owner != check:  # another key had this row (the keys file changed): start full
                 stamp = 0.0
-            result, state = settle((req, tok, stamp), time.monotonic(), lim, requests, tokens, need)
+            result, state = settle((req, tok, stamp), time.monotonic(), lim, requests, tokens, need, extra)
             _ROW.pack_into(self._map, offset, *state, check)
             _HOLDER.pack_into(self._map, 0, 0)
         finally:
@@ -193,15 +205,18 @@ tok = math.min(tc, tok + dt * tr)
 local wait = 0
 if rc > 0 and cost_r > 0 and req < cost_r then wait = (cost_r - req) / rr end
 if tc > 0 and tok < need then wait = math.max(wait, (need - tok) / tr) end
-local ok = 0
+local ok, grant_r, grant_t = 0, 0, 0
 if wait <= 0 then
   ok = 1
   if rc > 0 then req = math.min(rc, req - cost_r) else req = 0 end
   if tc > 0 then tok = math.min(tc, tok - cost_t) else tok = 0 end
+  if rc > 0 then grant_r = math.min(tonumber(ARGV[9]), math.floor(math.max(0, req))) end
+  if tc > 0 then grant_t = math.min(tonumber(ARGV[10]), math.floor(math.max(0, tok))) end
+  req, tok = req - grant_r, tok - grant_t
 end
 redis.call('HSET', KEYS[1], 'r', tostring(req), 't', tostring(tok), 's', tostring(now))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[8]))
-return {ok, tostring(req), tostring(tok), tostring(wait)}
+return {ok, tostring(req), tostring(tok), tostring(wait), tostring(grant_r), tostring(grant_t)}
 """
 
 
@@ -211,7 +226,9 @@ class RedisBuckets:
     def __init__(self, client) -> None:
         self._script = client.register_script(_LUA)
 
-    def take(self, row: int, name: str, lim: Limits, requests: float, tokens: float, need: float) -> Levels:
+    def take(
+        self, row: int, name: str, lim: Limits, requests: float, tokens: float, need: float, extra=(0.0, 0.0)
+    ) -> Levels:
         # a bucket left alone refills completely: Redis may forget it a minute after that
         full_s = max(
             lim.req_capacity / lim.req_rate if lim.req_rate else 0.0,
@@ -219,8 +236,6 @@ class RedisBuckets:
         )
         ttl_ms = int((full_s + 60) * 1000)
         need_arg = -1e300 if need == NEVER else need  # Lua's tonumber may not read "-inf"
-        ok, req, tok, wait = self._script(
-            keys=[f"binserve:quota:{name}"],
-            args=[lim.req_capacity, lim.req_rate, lim.tok_capacity, lim.tok_rate, requests, tokens, need_arg, ttl_ms],
-        )
-        return Levels(bool(int(ok)), float(req), float(tok), float(wait))
+        args = [lim.req_capacity, lim.req_rate, lim.tok_capacity, lim.tok_rate, requests, tokens, need_arg, ttl_ms]
+        ok, req, tok, wait, grant_r, grant_t = self._script(keys=[f"binserve:quota:{name}"], args=[*args, *extra])
+        return Levels(bool(int(ok)), float(req), float(tok), float(wait), float(grant_r), float(grant_t))

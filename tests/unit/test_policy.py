@@ -161,6 +161,38 @@ def test_a_row_taken_over_by_another_key_starts_full():
     assert table.take(3, "b", lim, 1, 0, 0).admitted  # the keys file changed: a new key in that row
 
 
+def _admit_for(seconds, start, out):
+    key = ApiKey("busy", digest(SECRET), requests_per_minute=60_000, burst=1000)  # 1000/s: leased
+    q = Quotas(KeyRing([key]))
+    start.wait()
+    stop, admitted = time.monotonic() + seconds, 0
+    while time.monotonic() < stop:
+        admitted += q.admit_request(key).admitted
+    out.put(admitted)
+
+
+def test_leases_never_admit_beyond_the_quota_across_processes():
+    """Four forked workers lease a busy key's requests in units of 25 and admit from their leases:
+    together they admit what the bucket gives (its 1000 and 1000 a second), less at most their
+    leases still unspent when the time ran out."""
+    buckets._table = None
+    buckets.create()  # as the master does, before the workers fork
+    ctx = multiprocessing.get_context("fork")
+    out, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_admit_for, args=(1.0, start, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    t0 = time.monotonic()
+    start.set()
+    totals = [out.get(timeout=60) for _ in procs]
+    elapsed = time.monotonic() - t0
+    for p in procs:
+        p.join(10)
+    given = 1000 + 1000 * elapsed  # an upper bound: each worker stopped before `elapsed` ended
+    assert 1000 + 1000 * 1.0 - 4 * 25 - 2 <= sum(totals) <= given + 1, (totals, elapsed)
+    assert min(totals) > 0
+
+
 def test_refused_tokens_give_the_request_back():
     key = ApiKey("k", digest(SECRET), requests_per_minute=60, tokens_per_minute=600, burst=3)
     buckets._table = None  # a fresh table for this test's process
@@ -197,6 +229,10 @@ def test_the_redis_store_runs_the_same_arithmetic(redis_server):
     r = store.take(0, "redis-b", lim, 0, 1, NEVER)
     assert r.admitted and r.tokens == pytest.approx(-151)
     assert 0 < redis_server.client.pttl("binserve:quota:redis-a")
+    leased = store.take(0, "redis-c", lim, 1, 0, 1, extra=(5, 0))  # a lease: 5 more, of 3 - 1 left, 2
+    assert leased.admitted and leased.granted_requests == 2 and leased.requests == pytest.approx(0.0, abs=1e-3)
+    local = settle((0, 0, 0), 100.0, Limits(3, 1e-6, 100, 1e-6), 1, 10, 10, extra=(5, 50))
+    assert (local[0].granted_requests, local[0].granted_tokens) == (2, 50)
 
 
 def _take_redis(url, n, out):
