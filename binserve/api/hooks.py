@@ -123,11 +123,14 @@ def _policy_headers(policy: Policy, response: Response) -> None:
     if admission is None:
         return
     if g.get("protocol") is not None or admission.key is not None:
-        admission.count()
-    response.headers.update(admission.headers())
+        policy.count(admission)
+    extra = admission.headers()
+    if "Retry-After" in extra:
+        response.headers.update(extra)  # replaces the error handler's rounded Retry-After
+    elif extra:
+        response.headers.extend(extra.items())  # new names: no scan for ones to replace
     cached = g.get("cache_result")
     if cached is not None:
         response.headers["X-Cache"] = cached
-    _, cors = _view_marks()
-    if cors and policy.cors.enabled and request.method != "OPTIONS":
+    if policy.cors.enabled and request.method != "OPTIONS" and _view_marks()[1]:
         response.headers.update(policy.cors.headers(request.headers.get("Origin")))

@@ -22,6 +22,7 @@ from binserve.policy.quotas import Quotas, Standing
 
 #: how long a request waits on Redis before the store counts as down
 REDIS_TIMEOUT_S = 0.25
+OUTCOMES = ("admitted", "unauthorized", "forbidden", "rate_limited")
 FAMILY_WORDS = {"native": "native /infer", "v2": "KServe V2", "openai": "OpenAI", "generate": "text generation"}
 
 
@@ -40,6 +41,10 @@ class Policy:
         self.cache = cache
         self.cors = cors
         self.quotas = Quotas(ring, redis, lambda: metrics.POLICY_STORE_ERRORS.labels("quota").inc())
+        # every series bound once: `labels()` takes a lock per call, and these run on every request
+        names = [*ring.names, metrics.NO_KEY]
+        self._requests = {(n, o): metrics.KEY_REQUESTS.labels(n, o) for n in names for o in OUTCOMES}
+        self._tokens = {n: metrics.KEY_TOKENS.labels(n) for n in ring.names}
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Policy:
@@ -102,7 +107,7 @@ class Policy:
             return
         if key.tokens_per_minute:
             self._settle(admission, self.quotas.admit_tokens(key, tokens))
-        metrics.KEY_TOKENS.labels(key.name).inc(tokens)
+        self._tokens[key.name].inc(tokens)
 
     def charge(self, admission: Admission, tokens: int) -> None:
         """Tokens produced (generation), charged as they come."""
@@ -111,7 +116,12 @@ class Policy:
             return
         if key.tokens_per_minute:
             admission.standing = self.quotas.charge(key, tokens)
-        metrics.KEY_TOKENS.labels(key.name).inc(tokens)
+        self._tokens[key.name].inc(tokens)
+
+    def count(self, admission: Admission) -> None:
+        """A request into the per-key metrics, once, when it ends."""
+        name = admission.key.name if admission.key is not None else metrics.NO_KEY
+        self._requests[name, admission.outcome].inc()
 
     def _settle(self, admission: Admission, standing: Standing) -> None:
         admission.standing = standing
@@ -133,11 +143,6 @@ class Admission:
 
     def headers(self) -> dict[str, str]:
         return self.standing.headers() if self.standing is not None else {}
-
-    def count(self) -> None:
-        """Into the per-key metrics, once, when the request ends."""
-        name = self.key.name if self.key is not None else metrics.NO_KEY
-        metrics.KEY_REQUESTS.labels(name, self.outcome).inc()
 
 
 def _cache_size(size: int, entries: int) -> None:

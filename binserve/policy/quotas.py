@@ -63,7 +63,7 @@ class Standing:
 
 def duration(seconds: float) -> str:
     """A reset time as OpenAI writes it: `20ms`, `1.5s`, `6m0s`."""
-    if seconds < 1:
+    if seconds < 0.9995:
         return f"{math.ceil(seconds * 1000)}ms"
     if seconds < 60:
         return f"{math.ceil(seconds * 10) / 10:g}s"
