@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flask import g
 
-from binserve.api.pipeline import Pipeline, arrival_timing
+from binserve.api.pipeline import Pipeline, arrival_timing, input_tokens
 from binserve.errors import BadRequest, ServingError
 from binserve.observability import metrics
 from binserve.scheduling.contract import BatchResult
@@ -89,6 +89,8 @@ def fan_out(pipeline: Pipeline, payload: dict, deadline: float) -> FanOutcome:
     for m in loaded:
         with _naming(m.name):
             validated[m.name] = m.adapter.validate({**payload, **params.get(m.name, {})}, shared)
+    # each model reads the input: its tokens are charged once per model that runs them
+    pipeline.admit_tokens(sum(input_tokens(m.adapter, validated[m.name]) for m in loaded))
     decoded = time.monotonic()
     futures, results = {}, {}
     try:

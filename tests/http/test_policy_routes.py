@@ -184,3 +184,13 @@ def test_a_bad_keys_file_or_origin_stops_the_app(manager, tmp_path):
         create_app(ServerConfig(api_keys_file=str(tmp_path / "k.json")), manager=manager)
     with pytest.raises(ValueError, match="not an origin"):
         create_app(ServerConfig(cors_allow_origins="javascript:alert(1)"), manager=manager)
+
+
+def test_a_fan_out_is_scoped_per_model_and_charged_per_model(policy_client):
+    c = policy_client()
+    r = c.post("/infer", json={"texts": ["abc"], "models": ["embed", "shout"]}, headers=_auth(APP_KEY))
+    assert r.status_code == 403 and "may not use model 'shout'" in r.json["error"]["message"]
+    before = _count("binserve_key_tokens_total", {"key": "limited"})
+    r = c.post("/infer", json={"texts": ["abc"], "models": ["embed", "shout"]}, headers=_auth(LIMITED_KEY))
+    assert r.status_code == 200
+    assert _count("binserve_key_tokens_total", {"key": "limited"}) - before == 6  # 3 tokens, read by 2 models
