@@ -28,7 +28,8 @@ from models.contract import TensorSpec, Validated
 from models.engines import native
 
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty")  # fmt: skip
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 
@@ -110,7 +111,14 @@ class HFCausalLM(ModelAdapter):
         seed = values.get("seed")
         if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
             raise InvalidInput(f"'seed' must be a non-negative int, got {seed!r}")
-        return SamplingParams(n, float(t), float(p), k, tuple(stop), seed)
+        rep = values.get("repetition_penalty", 1.0)
+        if type(rep) not in (int, float) or not 0 < rep <= 10:
+            raise InvalidInput(f"'repetition_penalty' must be a number in (0, 10] (1: off), got {rep!r}")
+        pres, freq = values.get("presence_penalty", 0.0), values.get("frequency_penalty", 0.0)
+        for name, v in (("presence_penalty", pres), ("frequency_penalty", freq)):
+            if type(v) not in (int, float) or not -2 <= v <= 2:
+                raise InvalidInput(f"'{name}' must be a number in [-2, 2] (OpenAI's range; 0: off), got {v!r}")
+        return SamplingParams(n, float(t), float(p), k, tuple(stop), seed, float(rep), float(pres), float(freq))
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
         """A prompt within the vocabulary and, with its new tokens, within the model's context."""

@@ -27,12 +27,12 @@ from binserve.errors import BadRequest, ServingError
 from binserve.scheduling.sequences import Sequence
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options"}
-_COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty"}
+_COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty"}
 _FIELDS = {"completions": _COMMON | {"prompt", "echo"}, "chat": _COMMON | {"messages", "max_completion_tokens"}}
 # generated tokens are charged to the key's quota in steps of this many (and the rest at the end)
 _CHARGE_EVERY = 16
 # accepted only at their neutral value: binserve does not implement them
-_NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,), "presence_penalty": (0,), "frequency_penalty": (0,)}
+_NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,)}
 
 
 def _body(pipeline: Pipeline, kind: str) -> dict:
@@ -106,7 +106,17 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         adapter = loaded.adapter
         if not adapter.generates:
             raise BadRequest(f"model {name!r} does not generate text (it is a {adapter.adapter_name} model)")
-        values = {k: body[k] for k in ("temperature", "top_p", "top_k", "stop", "seed") if body.get(k) is not None}
+        named = (
+            "temperature",
+            "top_p",
+            "top_k",
+            "stop",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        )  # the last as vLLM takes it (extra_body in the openai package)
+        values = {k: body[k] for k in named if body.get(k) is not None}
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None:
             values["max_new_tokens"] = max_tokens

@@ -278,7 +278,10 @@ class ContinuousBatcher(SchedulerThread):
         greedy = logits.argmax(-1).tolist()  # one op for every greedy row, rather than one per row
         for i, seq in enumerate(self._running):
             seq.cache_len += 1
-            self._emit(seq, greedy[i] if seq.params.temperature == 0 else self._sample(logits[i], seq))
+            if seq.params.penalized:  # its own row, penalized (a copy: the batch's logits are inference tensors)
+                self._emit(seq, self._sample(penalize(logits[i], seq), seq))
+            else:
+                self._emit(seq, greedy[i] if seq.params.temperature == 0 else self._sample(logits[i], seq))
         self._drop_finished()
 
     def _wrap(self, kv: list[list[torch.Tensor]]) -> DynamicCache:
@@ -299,7 +302,8 @@ class ContinuousBatcher(SchedulerThread):
         kv = [[layer.keys, layer.values] for layer in cache.layers]
         seq.cache_len = len(seq.prompt)
         self._merge(seq, kv)
-        self._emit(seq, self._sample(out.logits[0, -1].float(), seq))
+        logits = out.logits[0, -1].float()
+        self._emit(seq, self._sample(penalize(logits, seq) if seq.params.penalized else logits, seq))
 
     def _merge(self, seq: Sequence, kv: list[list[torch.Tensor]]) -> None:
         """Add a prefilled sequence's cache as a new row, left-padding whichever is shorter."""
@@ -431,6 +435,22 @@ class ContinuousBatcher(SchedulerThread):
 
     def _observe_counts(self) -> None:
         notify(self.observer.counts, len(self._running), len(self._waiting))
+
+
+def penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """One row's logits with the sequence's penalties, in the order Hugging Face and OpenAI apply
+    them: the repetition penalty over prompt and output (HF's RepetitionPenaltyLogitsProcessor),
+    then presence and frequency over the output (OpenAI's definition)."""
+    p = seq.params
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(seq.prompt + seq.output, device=logits.device).unique()
+        picked = logits[seen]
+        logits[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+    if seq.output and (p.presence_penalty or p.frequency_penalty):
+        ids, counts = torch.tensor(seq.output, device=logits.device).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    return logits
 
 
 def _checked(settings: BatchSettings) -> BatchSettings:

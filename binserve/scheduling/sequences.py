@@ -28,6 +28,16 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: Hugging Face's: every token of the prompt and output so far has its logit divided by this
+    #: (multiplied when negative); 1: off
+    repetition_penalty: float = 1.0
+    #: OpenAI's: each token generated so far loses presence (once) + frequency x its count; 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass

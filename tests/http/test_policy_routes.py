@@ -118,6 +118,9 @@ def test_identical_requests_are_answered_from_the_cache_across_protocols(make_cl
     assert single.headers["X-Cache"] == "miss"  # a reply without the batch axis is another entry
     bypass = c.post("/infer/embed", json={"texts": ["cache me"]}, headers={"Cache-Control": "no-cache"})
     assert bypass.headers["X-Cache"] == "miss" and bypass.headers["X-Batch-Size"] != "0"
+    unstored = c.post("/infer/embed", json={"texts": ["never kept"]}, headers={"Cache-Control": "no-store"})
+    assert unstored.headers["X-Cache"] == "miss"
+    assert c.post("/infer/embed", json={"texts": ["never kept"]}).headers["X-Cache"] == "miss"  # not stored
 
 
 def test_a_new_version_is_never_answered_from_the_old_ones_entries(make_client, manager):

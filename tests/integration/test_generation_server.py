@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 import requests
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,3 +167,21 @@ def test_generation_metrics(srv):
     assert sum(s.value for s in families["binserve_generated_tokens"].samples) > 0
     assert "binserve_inter_token_latency_seconds" in families and "binserve_running_sequences" in families
     np.testing.assert_equal(sum(s.value for s in families["binserve_waiting_sequences"].samples), 0)
+
+
+def test_penalties_through_the_openai_package(oai, lm_dir):
+    model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+    ids = tok(PROMPTS[4]).input_ids
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        ref = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=20, do_sample=False,
+                             repetition_penalty=1.5)[0, len(ids):].tolist()  # fmt: skip
+    got = oai.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0,
+                                 extra_body={"repetition_penalty": 1.5})  # fmt: skip
+    assert got.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+    plain = oai.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0)
+    penal = oai.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0, presence_penalty=1.5,
+                                   frequency_penalty=1.0)  # fmt: skip
+    assert penal.choices[0].text != plain.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        oai.completions.create(model="tiny", prompt=ids, max_tokens=5, presence_penalty=3)

@@ -205,3 +205,55 @@ def test_settings_swap_between_steps_and_a_waiting_sequence_that_no_longer_fits_
     assert stats["sequences"] == 1 and stats["running"] == stats["waiting"] == stats["reserved_cache_tokens"] == 0
     with pytest.raises(ValueError, match="max_batch_tokens"):
         b.configure(BatchSettings(4, None))
+
+
+def _penalized_reference(lm, ids: list[int], n: int, presence: float, frequency: float) -> list[int]:
+    """Greedy with OpenAI's presence/frequency penalties, by a full forward per token (no cache)."""
+    model, _ = lm
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            for token in set(out):
+                logits[token] -= presence + frequency * out.count(token)
+            out.append(int(logits.argmax()))
+    return out
+
+
+def test_the_repetition_penalty_is_hugging_faces(lm, batcher):
+    model, tok = lm
+    seqs = [submit(batcher, tok, p, 24, repetition_penalty=1.5) for p in PROMPTS[:4]]
+    for seq in seqs:
+        collect(seq)
+    for seq, p in zip(seqs, PROMPTS[:4], strict=False):
+        t = torch.tensor([tok(p).input_ids])
+        with torch.no_grad():
+            ref = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=24, do_sample=False,
+                                 repetition_penalty=1.5, eos_token_id=None)  # fmt: skip
+        assert seq.output == ref[0, t.shape[1] :].tolist(), p
+    assert seqs[0].output != reference(lm, PROMPTS[0], 24)  # the penalty changed what greedy makes
+
+
+def test_presence_and_frequency_penalties_are_openais(lm, batcher):
+    _, tok = lm
+    plain = submit(batcher, tok, PROMPTS[1], 24)
+    penalized = submit(batcher, tok, PROMPTS[1], 24, presence_penalty=0.8, frequency_penalty=1.2)
+    collect(plain), collect(penalized)
+    assert penalized.output == _penalized_reference(lm, tok(PROMPTS[1]).input_ids, 24, 0.8, 1.2)
+    assert penalized.output != plain.output
+    assert len(set(penalized.output)) > len(set(plain.output))  # fewer repeats
+
+
+def test_penalize_matches_hugging_faces_processor_value_for_value():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from binserve.scheduling.continuous import penalize
+
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0, 4.0, 0.0])
+    seq = Sequence([1, 3], SamplingParams(repetition_penalty=1.7), time.monotonic() + 60)
+    seq.output = [3, 4, 4]
+    ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([[1, 3, 3, 4, 4]]), logits[None].clone())[0]
+    torch.testing.assert_close(penalize(logits, seq), ref)
+    seq = Sequence([1], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), time.monotonic() + 60)
+    seq.output = [4, 4, 2]
+    torch.testing.assert_close(penalize(logits, seq), torch.tensor([2.0, -1.0, -0.25, -3.0, 3.0, 0.0]))
