@@ -10,6 +10,7 @@ the master.
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 from binserve.config import ServerConfig
@@ -27,6 +28,8 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="binse
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # e.g. /tmp/metrics on an emptyDir
 
 _config = ServerConfig.from_env()
+# when the server started, for the seed API's /stats uptime (every worker inherits it)
+os.environ["BINSERVE_SERVER_STARTED"] = str(time.time())
 
 # The cores' share between workers' running batches lives in shared memory made here, in the
 # master, so that every worker forked from it sees the same slots (coreshare.py).

@@ -18,7 +18,7 @@ import sys
 
 from flask import Flask
 
-from binserve.api import admin, failures, health, native, openai_compat, openai_generate, v2
+from binserve.api import admin, failures, health, native, openai_compat, openai_generate, seed, v2
 from binserve.api.hooks import install_hooks
 from binserve.api.pipeline import Pipeline
 from binserve.config import ServerConfig
@@ -48,6 +48,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
         v2.blueprint(pipeline),
         openai_compat.blueprint(pipeline),
         openai_generate.blueprint(pipeline),
+        seed.blueprint(pipeline),
         admin.blueprint(pipeline),
         health.blueprint(manager),
     ):

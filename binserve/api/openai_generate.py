@@ -11,26 +11,23 @@ sequence. One request, one choice (`n` = 1); `usage` counts prompt and generated
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 
 from binary_protocol import dict_to_json
 from binserve.api.failures import failure_of
+from binserve.api.generation import SSE_HEADERS, Generation
 from binserve.api.hooks import inference_view
 from binserve.api.openai_compat import error_body
-from binserve.api.pipeline import Pipeline, client_gone_check
+from binserve.api.pipeline import Pipeline
 from binserve.errors import BadRequest, ServingError
-from binserve.scheduling.sequences import Sequence
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options"}
 _COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty"}
 _FIELDS = {"completions": _COMMON | {"prompt", "echo"}, "chat": _COMMON | {"messages", "max_completion_tokens"}}
-# generated tokens are charged to the key's quota in steps of this many (and the rest at the end)
-_CHARGE_EVERY = 16
 # accepted only at their neutral value: binserve does not implement them
 _NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,)}
 
@@ -121,63 +118,39 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         if max_tokens is not None:
             values["max_new_tokens"] = max_tokens
         params = adapter.sampling(values)
-        ids = adapter.check_prompt(_prompt(adapter, body, kind), params)
-        pipeline.admit_tokens(len(ids))  # the prompt; generated tokens are charged as they come
-        charge = pipeline.charger()
-        deadline = pipeline.deadline()
+        gen = Generation(pipeline, loaded, adapter.check_prompt(_prompt(adapter, body, kind), params), params)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())  # a timestamp for the client, as OpenAI's
-        key, version = None, adapter.version
-        if not body.get("stream") and (params.temperature == 0 or params.seed is not None):
-            # greedy or seeded: the same request makes the same text (streams are always generated)
-            key, cached = pipeline.cache_lookup(loaded, [ids], dataclasses.asdict(params), kind)
-            if cached is not None:
-                charge(cached["completion_tokens"])
-                return _reply(rid, kind, name, created, cached, len(ids))
-        seq = loaded.scheduler.submit_sequence(Sequence(ids, params, deadline, client_gone_check(request.environ)))
+        stream = bool(body.get("stream"))
+        done = gen.cached(kind, stream)
+        if done is not None:
+            return _reply(rid, kind, name, created, done, len(gen.ids))
+        if not stream:
+            return _reply(rid, kind, name, created, gen.wait(), len(gen.ids))
+        options = body.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        gen.start()  # queued now, so that a full queue is a 429 before the 200 goes out
 
-        def usage() -> dict:
-            return {"prompt_tokens": len(ids), "completion_tokens": len(seq.output),
-                    "total_tokens": len(ids) + len(seq.output)}  # fmt: skip
+        def events():
+            try:
+                if kind == "chat":
+                    yield _chunk(rid, kind, name, created, None, None, first=True)
+                for deltas in gen.batches():
+                    if deltas:  # every token that arrived while the last write went out, in one write
+                        yield "".join(_chunk(rid, kind, name, created, d, None) for d in deltas)
+                yield _chunk(rid, kind, name, created, None, gen.seq.finish_reason)
+                if include_usage:
+                    n = len(gen.seq.output)
+                    usage = {"prompt_tokens": len(gen.ids), "completion_tokens": n, "total_tokens": len(gen.ids) + n}
+                    final = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                             "created": created, "model": name, "choices": [], "usage": usage}  # fmt: skip
+                    yield "data: " + json.dumps(final) + "\n\n"
+                yield "data: [DONE]\n\n"
+            except ServingError as err:  # after the 200 went out: the error travels in the stream
+                yield "data: " + json.dumps(error_body(failure_of(err))) + "\n\n"
 
-        if body.get("stream"):
-            options = body.get("stream_options") or {}
-            include_usage = isinstance(options, dict) and options.get("include_usage") is True
-
-            def events():
-                try:
-                    if kind == "chat":
-                        yield _chunk(rid, kind, name, created, None, None, first=True)
-                    for events in seq.stream_batches(max(0.1, deadline - time.monotonic())):
-                        charge(len(seq.output))
-                        # every token that arrived while the last write went out, in one write
-                        chunks = [_chunk(rid, kind, name, created, d, None) for _, _, d in events if d]
-                        if chunks:
-                            yield "".join(chunks)
-                    yield _chunk(rid, kind, name, created, None, seq.finish_reason)
-                    if include_usage:
-                        final = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                                 "created": created, "model": name, "choices": [], "usage": usage()}  # fmt: skip
-                        yield "data: " + json.dumps(final) + "\n\n"
-                    yield "data: [DONE]\n\n"
-                except ServingError as err:  # after the 200 went out: the error travels in the stream
-                    yield "data: " + json.dumps(error_body(failure_of(err))) + "\n\n"
-                finally:
-                    seq.cancel()  # a closed stream (the client left) stops the sequence at the next step
-                    charge(len(seq.output))  # what it made before it stopped
-
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Model": name}
-            return Response(events(), mimetype="text/event-stream", headers=headers)
-        try:
-            for _ in seq.stream(max(0.1, deadline - time.monotonic())):
-                if len(seq.output) % _CHARGE_EVERY == 0:
-                    charge(len(seq.output))
-        finally:
-            seq.cancel()
-            charge(len(seq.output))
-        done = {"text": seq.text, "finish_reason": seq.finish_reason, "completion_tokens": len(seq.output)}
-        pipeline.cache_store(key, loaded, version, loaded.adapter.version, done)  # no reload meanwhile
-        return _reply(rid, kind, name, created, done, len(ids))
+        headers = {**SSE_HEADERS, "X-Model": name}
+        return Response(events(), mimetype="text/event-stream", headers=headers)
 
     @bp.post("/completions")
     @inference_view("openai")

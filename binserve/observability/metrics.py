@@ -41,7 +41,7 @@ FANOUT_MODEL = "_fanout"  # bytes of requests to several models, and fan-outs na
 
 REQUESTS = Counter(
     "binserve_requests_total",
-    "Inference requests answered, by model, HTTP status and protocol (native, v2, openai).",
+    "Inference requests answered, by model, HTTP status and protocol (native, v2, openai, seed).",
     ["model", "code", "protocol"],
 )
 REQUEST_DURATION = Histogram(
@@ -159,6 +159,10 @@ INTER_TOKEN_LATENCY = Histogram(
     buckets=TOKEN_BUCKETS,
 )
 GENERATED_TOKENS = Counter("binserve_generated_tokens_total", "Tokens generated.", ["model"])
+GENERATION_REQUESTS = Counter("binserve_generation_requests_total", "Generation requests that ran.", ["model"])
+GENERATION_SECONDS = Counter(
+    "binserve_generation_seconds_total", "Time generation requests ran, from queueing to their last token.", ["model"]
+)
 RUNNING_SEQUENCES = Gauge(
     "binserve_running_sequences", "Sequences being generated.", ["model"], multiprocess_mode="livesum"
 )
@@ -206,10 +210,26 @@ def clear_model_info(model: str, version: str, device: str, dtype: str) -> None:
     MODEL_INFO.labels(model, version, device, dtype).set(0)
 
 
-def exposition() -> tuple[bytes, str]:
-    """The /metrics body (all workers' values under Gunicorn) and its Content-Type."""
+def _registry():
+    """What a scrape reads: every worker's files under Gunicorn, else this process's registry."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        return registry
+    return REGISTRY
+
+
+def exposition() -> tuple[bytes, str]:
+    """The /metrics body (all workers' values under Gunicorn) and its Content-Type."""
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+def totals(sample_names: set[str], **labels: str) -> dict[str, float]:
+    """The named samples summed over every worker (and label set matching `labels`): the server's
+    totals, whichever worker is asked."""
+    out = dict.fromkeys(sample_names, 0.0)
+    for family in _registry().collect():
+        for sample in family.samples:
+            if sample.name in out and all(sample.labels.get(k) == v for k, v in labels.items()):
+                out[sample.name] += sample.value
+    return out

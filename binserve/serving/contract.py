@@ -39,6 +39,9 @@ class AdapterView(Protocol):
 class GenerativeView(AdapterView, Protocol):
     """A generative model's adapter, as the generation routes use it."""
 
+    #: the most new tokens one request may ask for
+    max_new_tokens: int
+
     def sampling(self, values: dict) -> SamplingParams:
         """Sampling settings from request values, each checked."""
 

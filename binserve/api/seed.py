@@ -1,0 +1,152 @@
+"""The seed LLM server's API: `POST /generate`, `POST /chat`, `GET /stats`, `GET /health`, on the
+same continuous batcher, limits, keys, deadlines and metrics as the OpenAI routes.
+
+design: the shapes are the seed's. /generate takes `prompt`, `max_tokens`, `temperature`, `top_p`,
+`top_k`, `repetition_penalty`, `stop_sequences`, `stream`, `metadata` (echoed) and answers `{text,
+request_id, tokens_generated, generation_time, tokens_per_second, finish_reason, metadata}`; /chat
+takes `messages` and answers `{message: {role, content}, ...}`. Streams are server-sent events
+`{"text", "request_id", "tokens_generated"}` ending with `{"text": "", "finish_reason", "final":
+true}`. `model` (binserve's addition) names the model; without it, the default model when it
+generates, else the first served model that does. /stats counts over every worker (from the
+metrics), so any worker answers for the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from flask import Blueprint, Response, g, jsonify
+
+from binserve.api.failures import failure_of
+from binserve.api.generation import SSE_HEADERS, Generation
+from binserve.api.hooks import inference_view
+from binserve.api.pipeline import Pipeline
+from binserve.errors import BadRequest, ModelNotFound, ServingError
+from binserve.observability import metrics
+
+_SAMPLING = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+             "repetition_penalty": "repetition_penalty", "stop_sequences": "stop", "seed": "seed"}  # fmt: skip
+_FIELDS = {"generate": {"prompt", *_SAMPLING, "stream", "metadata", "model"},
+           "chat": {"messages", *_SAMPLING, "stream", "metadata", "model"}}  # fmt: skip
+#: the seed's default length of an answer (capped by the model's own limit)
+DEFAULT_MAX_TOKENS = 256
+#: when the server started (set by gunicorn.conf.py in the master; else this worker's start)
+STARTED_AT = float(os.environ.get("BINSERVE_SERVER_STARTED", time.time()))
+
+
+_REQUESTS, _TOKENS, _SECONDS = (
+    "binserve_generation_requests_total", "binserve_generated_tokens_total", "binserve_generation_seconds_total"
+)  # fmt: skip
+
+
+def _event(obj: dict) -> str:
+    return "data: " + json.dumps(obj) + "\n\n"
+
+
+def blueprint(pipeline: Pipeline) -> Blueprint:
+    """The seed's routes on `pipeline`."""
+    bp = Blueprint("seed", __name__)
+    manager = pipeline.manager
+
+    def generative(name) -> str:
+        if name is not None:
+            if not isinstance(name, str):
+                raise BadRequest("'model' must be a model name")
+            return name
+        if pipeline.model(None).adapter.generates:
+            return manager.default_name
+        for m in manager.served():
+            if m.adapter.generates:
+                return m.name
+        raise ModelNotFound("no served model generates text")
+
+    def run(kind: str):
+        pipeline.admit("generate")
+        body = pipeline.json_object()
+        unknown = sorted(set(body) - _FIELDS[kind])
+        if unknown:
+            raise BadRequest(f"unknown fields {unknown}; /{kind} takes {sorted(_FIELDS[kind])}")
+        loaded = pipeline.model(generative(body.get("model")))
+        adapter = loaded.adapter
+        if not adapter.generates:
+            raise BadRequest(f"model {loaded.name!r} does not generate text (it is a {adapter.adapter_name} model)")
+        values = {ours: body[theirs] for theirs, ours in _SAMPLING.items() if body.get(theirs) is not None}
+        values.setdefault("max_new_tokens", min(DEFAULT_MAX_TOKENS, adapter.max_new_tokens))
+        params = adapter.sampling(values)
+        if kind == "chat":
+            ids = adapter.chat_prompt(body.get("messages"))
+        elif isinstance(body.get("prompt"), str):
+            ids = adapter.text_prompt(body["prompt"])
+        else:
+            raise BadRequest("'prompt' must be a string")
+        gen = Generation(pipeline, loaded, adapter.check_prompt(ids, params), params)
+        rid, meta = g.request_id, body.get("metadata")
+        if body.get("stream"):
+            gen.start()  # queued now, so that a full queue is a 429 before the 200 goes out
+            headers = {**SSE_HEADERS, "X-Model": loaded.name}
+            return Response(_stream(gen, rid), mimetype="text/event-stream", headers=headers)
+        done = gen.cached(kind, stream=False) or gen.wait()
+        seconds, n = gen.elapsed_s, int(done["completion_tokens"])
+        reply = {"request_id": rid, "tokens_generated": n, "generation_time": round(seconds, 4),
+                 "finish_reason": done["finish_reason"], "metadata": meta}  # fmt: skip
+        if kind == "chat":
+            reply["message"] = {"role": "assistant", "content": done["text"]}
+        else:
+            reply["text"] = done["text"]
+            reply["tokens_per_second"] = round(n / seconds, 2) if seconds > 0 else 0.0
+        return jsonify(reply)
+
+    @bp.post("/generate")
+    @inference_view("seed")
+    def generate():
+        return run("generate")
+
+    @bp.post("/chat")
+    @inference_view("seed")
+    def chat():
+        return run("chat")
+
+    @bp.get("/stats")
+    def stats():
+        t = metrics.totals({_REQUESTS, _TOKENS, _SECONDS})
+        requests_, tokens, seconds = t[_REQUESTS], t[_TOKENS], t[_SECONDS]
+        return jsonify(
+            total_requests=int(requests_),
+            total_tokens_generated=int(tokens),
+            total_inference_time=round(seconds, 4),
+            average_tokens_per_request=round(tokens / requests_, 2) if requests_ else 0.0,
+            average_tokens_per_second=round(tokens / seconds, 2) if seconds else 0.0,
+            uptime_seconds=round(time.time() - STARTED_AT, 1),
+        )
+
+    @bp.get("/health")
+    def health():
+        lms = [m for m in manager.served() if m.adapter.generates]
+        memory = metrics.totals({"binserve_device_memory_bytes"})["binserve_device_memory_bytes"]
+        ready = manager.ready and not manager.draining and bool(lms)
+        body = {
+            "status": "healthy" if ready else ("draining" if manager.draining else "loading"),
+            "model_loaded": bool(lms),
+            "tokenizer_loaded": bool(lms),  # a causal LM is served only with its tokenizer
+            "models": [m.name for m in lms],
+            "gpu_memory_bytes": memory if memory else None,
+        }
+        return jsonify(body), 200 if ready else 503
+
+    return bp
+
+
+def _stream(gen: Generation, rid: str):
+    """The seed's events: one per batch of tokens, then the final one (an error, if one came)."""
+    try:
+        for deltas in gen.batches():
+            if deltas:
+                yield _event({"text": "".join(deltas), "request_id": rid, "tokens_generated": len(gen.seq.output)})
+        yield _event({"text": "", "request_id": rid, "tokens_generated": len(gen.seq.output),
+                      "finish_reason": gen.seq.finish_reason, "final": True})  # fmt: skip
+    except ServingError as err:  # after the 200 went out: the error travels in the stream
+        failure = failure_of(err)
+        yield _event({"text": "", "request_id": rid, "finish_reason": "error", "final": True,
+                      "error": {"type": failure.type, "message": failure.message}})  # fmt: skip
