@@ -29,7 +29,9 @@ from models.engines import native
 
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty")  # fmt: skip
+                 "presence_penalty", "frequency_penalty", "logprobs")  # fmt: skip
+#: the most alternatives per token a request may ask logprobs of (OpenAI's chat limit)
+MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 
@@ -118,7 +120,10 @@ class HFCausalLM(ModelAdapter):
         for name, v in (("presence_penalty", pres), ("frequency_penalty", freq)):
             if type(v) not in (int, float) or not -2 <= v <= 2:
                 raise InvalidInput(f"'{name}' must be a number in [-2, 2] (OpenAI's range; 0: off), got {v!r}")
-        return SamplingParams(n, float(t), float(p), k, tuple(stop), seed, float(rep), float(pres), float(freq))
+        lp = values.get("logprobs")
+        if lp is not None and (type(lp) is not int or not 0 <= lp <= MAX_TOP_LOGPROBS):
+            raise InvalidInput(f"'logprobs' must be an int in [0, {MAX_TOP_LOGPROBS}] (alternatives), got {lp!r}")
+        return SamplingParams(n, float(t), float(p), k, tuple(stop), seed, float(rep), float(pres), float(freq), lp)
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
         """A prompt within the vocabulary and, with its new tokens, within the model's context."""
@@ -137,6 +142,8 @@ class HFCausalLM(ModelAdapter):
         extra = set(payload) - {"input_ids", *SAMPLING_KEYS}
         if extra or "input_ids" not in payload:
             raise InvalidInput(f"expected 'input_ids' and sampling keys {list(SAMPLING_KEYS)}; got {sorted(payload)}")
+        if "logprobs" in payload:
+            raise InvalidInput("'logprobs' are answered by /v1/completions and /v1/chat/completions, not /infer")
         params = self.sampling(payload)
         value = payload["input_ids"]
         rows = None
@@ -176,6 +183,11 @@ class HFCausalLM(ModelAdapter):
             [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True, tokenize=False
         )
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text, as logprobs show it: decoded as the reply's text is (special tokens
+        skipped, so the tokens join into the text); a token inside a character shows U+FFFD."""
+        return [self.tokenizer.decode([i], skip_special_tokens=True) for i in ids]
 
     def text_prompt(self, prompt: str) -> list[int]:
         """Token ids of a completion prompt."""

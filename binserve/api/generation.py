@@ -41,9 +41,11 @@ class Generation:
     def cached(self, kind: str, stream: bool) -> dict | None:
         """A whole greedy or seeded request's earlier answer ({text, finish_reason,
         completion_tokens}), charged as if generated; None: run it (streams always run)."""
-        if stream or not (self.params.temperature == 0 or self.params.seed is not None):
+        deterministic = self.params.temperature == 0 or self.params.seed is not None
+        if stream or not deterministic or self.params.logprobs is not None:  # the cache keeps no logprobs
             return None
-        self.key, done = self.pipeline.cache_lookup(self.loaded, [self.ids], dataclasses.asdict(self.params), kind)
+        options = dataclasses.asdict(self.params)
+        self.key, done = self.pipeline.cache_lookup(self.loaded, [self.ids], options, kind, self.version)
         if done is not None:
             self.charge(int(done["completion_tokens"]))
         return done
@@ -69,14 +71,16 @@ class Generation:
         return done
 
     def batches(self):
-        """The text deltas as they come, a list per batch of tokens that arrived together (one write
-        for all of them); closing it (the client left) stops the sequence at its next step. Raises
-        the sequence's ServingError, which a streaming route sends inside the stream."""
+        """(token id, text delta) as they come, a list per batch of tokens that arrived together
+        (one write for all of them); the id is None for text held back until the end (a possible
+        stop string), and the n-th event with an id is `seq.output[n]` (and `seq.logprobs[n]`).
+        Closing it (the client left) stops the sequence at its next step. Raises the sequence's
+        ServingError, which a streaming route sends inside the stream."""
         seq = self.start() if self.seq is None else self.seq
         try:
             for events in seq.stream_batches(self._left()):
                 self.charge(len(seq.output))
-                yield [d for _, _, d in events if d]
+                yield [(token, delta) for _, token, delta in events]
         finally:
             seq.cancel()
             self._ended(seq)

@@ -18,6 +18,7 @@ import uuid
 from flask import Blueprint, Response
 
 from binary_protocol import dict_to_json
+from binserve.api import logprobs
 from binserve.api.failures import failure_of
 from binserve.api.generation import SSE_HEADERS, Generation
 from binserve.api.hooks import inference_view
@@ -27,9 +28,10 @@ from binserve.errors import BadRequest, ServingError
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options"}
 _COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty"}
-_FIELDS = {"completions": _COMMON | {"prompt", "echo"}, "chat": _COMMON | {"messages", "max_completion_tokens"}}
+_FIELDS = {"completions": _COMMON | {"prompt", "echo"},
+           "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}  # fmt: skip
 # accepted only at their neutral value: binserve does not implement them
-_NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,)}
+_NEUTRAL = {"n": (1,), "echo": (False,)}
 
 
 def _body(pipeline: Pipeline, kind: str) -> dict:
@@ -56,13 +58,31 @@ def _prompt(adapter, body: dict, kind: str) -> list[int]:
     raise BadRequest("'prompt' must be a string, or a list of token ids (one prompt per request)")
 
 
-def _chunk(rid: str, kind: str, model: str, created: int, text: str | None, finish: str | None, first=False) -> str:
+def _logprobs_asked(body: dict, kind: str) -> int | None:
+    """How many alternatives per token the request wants logprobs of; None: no logprobs. Completions
+    take `logprobs: N`; chat takes `logprobs: true` and `top_logprobs: N` (OpenAI's API)."""
+    if kind == "completions":
+        n = body.get("logprobs")
+        if n is not None and type(n) is not int:
+            raise BadRequest(f"'logprobs' must be an int (alternatives per token) on /v1/completions, got {n!r}")
+        return n
+    asked, top = body.get("logprobs"), body.get("top_logprobs")
+    if asked not in (None, True, False):
+        raise BadRequest(f"'logprobs' must be true or false on /v1/chat/completions, got {asked!r}")
+    if top is not None and not asked:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true")
+    if top is not None and type(top) is not int:
+        raise BadRequest(f"'top_logprobs' must be an int, got {top!r}")
+    return (top or 0) if asked else None
+
+
+def _chunk(rid, kind, model, created, text: str | None, finish: str | None, first=False, logprobs=None) -> str:
     if kind == "chat":
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return (
         "data: "
@@ -71,13 +91,14 @@ def _chunk(rid: str, kind: str, model: str, created: int, text: str | None, fini
     )
 
 
-def _reply(rid: str, kind: str, model: str, created: int, done: dict, prompt_tokens: int) -> Response:
+def _reply(rid, kind, model, created, done: dict, prompt_tokens: int, logprobs: dict | None = None) -> Response:
     """A whole (not streamed) completion from what generation made (or the cache kept)."""
     text, finish = done["text"], done["finish_reason"]
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
     completion = int(done["completion_tokens"])
     usage = {
         "prompt_tokens": prompt_tokens,
@@ -117,6 +138,9 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None:
             values["max_new_tokens"] = max_tokens
+        asked = _logprobs_asked(body, kind)
+        if asked is not None:
+            values["logprobs"] = asked
         params = adapter.sampling(values)
         gen = Generation(pipeline, loaded, adapter.check_prompt(_prompt(adapter, body, kind), params), params)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -126,7 +150,9 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         if done is not None:
             return _reply(rid, kind, name, created, done, len(gen.ids))
         if not stream:
-            return _reply(rid, kind, name, created, gen.wait(), len(gen.ids))
+            done = gen.wait()
+            lp = None if asked is None else logprobs.shaped(adapter, kind, gen.seq.output, gen.seq.logprobs)
+            return _reply(rid, kind, name, created, done, len(gen.ids), lp)
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         gen.start()  # queued now, so that a full queue is a 429 before the 200 goes out
@@ -135,9 +161,19 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             try:
                 if kind == "chat":
                     yield _chunk(rid, kind, name, created, None, None, first=True)
-                for deltas in gen.batches():
-                    if deltas:  # every token that arrived while the last write went out, in one write
-                        yield "".join(_chunk(rid, kind, name, created, d, None) for d in deltas)
+                n, offset = 0, 0  # tokens streamed so far, and their text's length
+                for batch in gen.batches():
+                    chunks = []  # every token that arrived while the last write went out, in one write
+                    for token, delta in batch:
+                        lp = None
+                        if asked is not None and token is not None:
+                            lp = logprobs.shaped(adapter, kind, [token], gen.seq.logprobs[n : n + 1], offset)
+                        n += token is not None
+                        offset += len(delta)
+                        if delta or lp is not None:
+                            chunks.append(_chunk(rid, kind, name, created, delta, None, logprobs=lp))
+                    if chunks:
+                        yield "".join(chunks)
                 yield _chunk(rid, kind, name, created, None, gen.seq.finish_reason)
                 if include_usage:
                     n = len(gen.seq.output)

@@ -249,7 +249,7 @@ class Pipeline:
         self.admit_tokens(input_tokens(adapter, validated))
         decoded = time.monotonic()
         variant = "batched" if validated.batched else "single"
-        key, cached = self.cache_lookup(loaded, validated.samples, validated.options, variant)
+        key, cached = self.cache_lookup(loaded, validated.samples, validated.options, variant, adapter.version)
         if cached is not None:  # answered without a batch: batch size 0, no queue, no inference
             result = BatchResult([], 0, 0.0, 0.0, adapter.version)
             return Outcome(loaded, validated, cached, result, g.started, decoded)
@@ -260,13 +260,14 @@ class Pipeline:
         self.cache_store(key, loaded, adapter.version, str(result.tag), reply)
         return Outcome(loaded, validated, reply, result, g.started, decoded)
 
-    def cache_lookup(self, loaded: ServedModel, samples: list, options: dict, variant: str):
-        """(key, cached reply or None) for a request to the served version; key None when the
-        request is not cached (no cache, the model's cache off, or a sample the key cannot describe).
-        Sets `X-Cache` and counts the lookup."""
+    def cache_lookup(self, loaded: ServedModel, samples: list, options: dict, variant: str, version: str):
+        """(key, cached reply or None) for a request that `version` validated (the version a hit
+        is labelled with: the same one the entry is keyed by, whatever reload lands meanwhile); key
+        None when the request is not cached (no cache, the model's cache off, or a sample the key
+        cannot describe). Sets `X-Cache` and counts the lookup."""
         if not (self.policy.cache.enabled and loaded.cacheable):
             return None, None
-        key = request_key(loaded.name, loaded.adapter.version, samples, options, variant)
+        key = request_key(loaded.name, version, samples, options, variant)
         if key is None:
             return None, None
         skip_read, _ = no_cache_requested()

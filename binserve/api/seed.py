@@ -141,9 +141,10 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
 def _stream(gen: Generation, rid: str):
     """The seed's events: one per batch of tokens, then the final one (an error, if one came)."""
     try:
-        for deltas in gen.batches():
-            if deltas:
-                yield _event({"text": "".join(deltas), "request_id": rid, "tokens_generated": len(gen.seq.output)})
+        for batch in gen.batches():
+            text = "".join(d for _, d in batch)
+            if text:
+                yield _event({"text": text, "request_id": rid, "tokens_generated": len(gen.seq.output)})
         yield _event({"text": "", "request_id": rid, "tokens_generated": len(gen.seq.output),
                       "finish_reason": gen.seq.finish_reason, "final": True})  # fmt: skip
     except ServingError as err:  # after the 200 went out: the error travels in the stream

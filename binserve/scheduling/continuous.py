@@ -279,9 +279,10 @@ class ContinuousBatcher(SchedulerThread):
         for i, seq in enumerate(self._running):
             seq.cache_len += 1
             if seq.params.penalized:  # its own row, penalized (a copy: the batch's logits are inference tensors)
-                self._emit(seq, self._sample(penalize(logits[i], seq), seq))
+                self._emit(seq, self._sample(penalize(logits[i], seq), seq), logits[i])
             else:
-                self._emit(seq, greedy[i] if seq.params.temperature == 0 else self._sample(logits[i], seq))
+                token = greedy[i] if seq.params.temperature == 0 else self._sample(logits[i], seq)
+                self._emit(seq, token, logits[i])
         self._drop_finished()
 
     def _wrap(self, kv: list[list[torch.Tensor]]) -> DynamicCache:
@@ -303,7 +304,7 @@ class ContinuousBatcher(SchedulerThread):
         seq.cache_len = len(seq.prompt)
         self._merge(seq, kv)
         logits = out.logits[0, -1].float()
-        self._emit(seq, self._sample(penalize(logits, seq) if seq.params.penalized else logits, seq))
+        self._emit(seq, self._sample(penalize(logits, seq) if seq.params.penalized else logits, seq), logits)
 
     def _merge(self, seq: Sequence, kv: list[list[torch.Tensor]]) -> None:
         """Add a prefilled sequence's cache as a new row, left-padding whichever is shorter."""
@@ -374,8 +375,9 @@ class ContinuousBatcher(SchedulerThread):
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
-    def _emit(self, seq: Sequence, token: int) -> None:
-        """Record a sampled token and stream its text; decide whether the sequence is finished."""
+    def _emit(self, seq: Sequence, token: int, logits: torch.Tensor | None = None) -> None:
+        """Record a sampled token (with its logprobs when asked, from the step's raw `logits`) and
+        stream its text; decide whether the sequence is finished."""
         now = time.monotonic()
         notify(
             self.observer.token,
@@ -392,6 +394,8 @@ class ContinuousBatcher(SchedulerThread):
             self._finish(seq, "stop")
             return
         seq.output.append(token)
+        if seq.params.logprobs is not None and logits is not None:  # before its event: readers find it
+            seq.logprobs.append(token_logprobs(logits, token, seq.params.logprobs))
         before = len(seq.decoded)
         full = self._detokenize(seq)
         # a stop string can only end in the new text: search from where it could start, not the whole text
@@ -435,6 +439,16 @@ class ContinuousBatcher(SchedulerThread):
 
     def _observe_counts(self) -> None:
         notify(self.observer.counts, len(self._running), len(self._waiting))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability and the `top` most likely tokens' (log-softmax of the
+    model's logits for that step)."""
+    lsm = torch.log_softmax(logits, dim=-1)
+    if not top:
+        return float(lsm[token]), []
+    values, ids = lsm.topk(min(top, lsm.numel()))
+    return float(lsm[token]), list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
 def penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:

@@ -34,6 +34,9 @@ class SamplingParams:
     #: OpenAI's: each token generated so far loses presence (once) + frequency x its count; 0: off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    #: the log-probability of each generated token and of this many most likely alternatives
+    #: (log-softmax of the model's own logits, before temperature and penalties); None: none
+    logprobs: int | None = None
 
     @property
     def penalized(self) -> bool:
@@ -66,6 +69,8 @@ class Sequence:
     on_end: object = None
     error: Exception | None = None
     cache_len: int = 0  # real tokens in the cache (the next token's position)
+    #: per token of `output` when `params.logprobs` is set: (its logprob, [(alternative, logprob)])
+    logprobs: list = field(default_factory=list)
     decoded: str = ""  # the whole text of `output` decoded so far (complete characters only)
     prefix_offset: int = 0  # incremental detokenizing: tokens before `read_offset` kept as context
     read_offset: int = 0

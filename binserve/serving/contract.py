@@ -54,6 +54,9 @@ class GenerativeView(AdapterView, Protocol):
     def text_prompt(self, prompt: str) -> list[int]:
         """Token ids of a completion prompt."""
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (for logprobs)."""
+
 
 class ServedModel(Protocol):
     """One served model: its current version's adapter and outputs, and its scheduler."""

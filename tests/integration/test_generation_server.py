@@ -185,3 +185,39 @@ def test_penalties_through_the_openai_package(oai, lm_dir):
     assert penal.choices[0].text != plain.choices[0].text
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
         oai.completions.create(model="tiny", prompt=ids, max_tokens=5, presence_penalty=3)
+
+
+def _step_logprobs(model, ids: list[int], out: list[int]) -> list[torch.Tensor]:
+    """Log-softmax of the model's logits at each generated position (one forward of the whole text)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + out])).logits[0].float()
+    return [torch.log_softmax(logits[len(ids) - 1 + i], -1) for i in range(len(out))]
+
+
+def test_logprobs_in_openais_shapes_whole_and_streamed(oai, lm_dir):
+    model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+    ids = tok(PROMPTS[5]).input_ids
+    got = oai.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    steps = _step_logprobs(model, ids, greedy_reference(model, ids, 12))  # the ids the server made (greedy)
+    assert "".join(lp.tokens) == got.choices[0].text and len(lp.tokens) == len(lp.token_logprobs)
+    ref = [float(s.max()) for s in steps[: len(lp.tokens)]]
+    assert lp.token_logprobs == pytest.approx(ref, abs=1e-3)  # greedy: the chosen one is the most likely
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(v, abs=1e-3)
+               for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))  # fmt: skip
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    chat = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[5]}],
+                                       max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-4)
+               and c.bytes == list(c.token.encode()) for c in content)  # fmt: skip
+    messages = [{"role": "user", "content": PROMPTS[5]}]
+    stream = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                         logprobs=True, top_logprobs=2, stream=True)  # fmt: skip
+    streamed = [c for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]  # fmt: skip
+    assert [(c.token, round(c.logprob, 4)) for c in streamed] == [(c.token, round(c.logprob, 4)) for c in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
