@@ -31,7 +31,9 @@ _COMMON |= {"n", "user", "logprobs", "presence_penalty", "frequency_penalty", "r
 _FIELDS = {"completions": _COMMON | {"prompt", "echo"},
            "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}  # fmt: skip
 # accepted only at their neutral value: binserve does not implement them
-_NEUTRAL = {"n": (1,), "echo": (False,)}
+_NEUTRAL = {"echo": (False,)}
+#: the most choices (`n`) one request may ask for: each is a sequence in the batch
+MAX_CHOICES = 16
 
 
 def _body(pipeline: Pipeline, kind: str) -> dict:
@@ -42,6 +44,7 @@ def _body(pipeline: Pipeline, kind: str) -> dict:
     for key, allowed in _NEUTRAL.items():
         if body.get(key) is not None and body[key] not in allowed:
             raise BadRequest(f"'{key}' is not supported here (only {allowed[0]!r})")
+    _choices(body)  # the request's own shape first, before the model is looked up
     return body
 
 
@@ -76,13 +79,13 @@ def _logprobs_asked(body: dict, kind: str) -> int | None:
     return (top or 0) if asked else None
 
 
-def _chunk(rid, kind, model, created, text: str | None, finish: str | None, first=False, logprobs=None) -> str:
+def _chunk(rid, kind, model, created, text: str | None, finish: str | None, first=False, logprobs=None, index=0):
     if kind == "chat":
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return (
         "data: "
@@ -91,23 +94,31 @@ def _chunk(rid, kind, model, created, text: str | None, finish: str | None, firs
     )
 
 
-def _reply(rid, kind, model, created, done: dict, prompt_tokens: int, logprobs: dict | None = None) -> Response:
-    """A whole (not streamed) completion from what generation made (or the cache kept)."""
-    text, finish = done["text"], done["finish_reason"]
-    if kind == "chat":
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    completion = int(done["completion_tokens"])
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-    }
+def _reply(rid, kind, model, created, dones: list[dict], prompt_tokens: int, lps: list | None = None) -> Response:
+    """A whole (not streamed) completion of every choice, from what generation made (or the cache kept)."""
+    choices = []
+    for i, done in enumerate(dones):
+        text, finish, lp = done["text"], done["finish_reason"], lps[i] if lps else None
+        if kind == "chat":
+            message = {"role": "assistant", "content": text}
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+        else:
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+    completion = sum(int(d["completion_tokens"]) for d in dones)
+    total = prompt_tokens + completion
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": total}
     reply = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-             "model": model, "choices": [choice], "usage": usage}  # fmt: skip
+             "model": model, "choices": choices, "usage": usage}  # fmt: skip
     return Response(dict_to_json(reply), content_type="application/json", headers={"X-Model": model})
+
+
+def _choices(body: dict) -> int:
+    n = body.get("n", 1)
+    if n is None:
+        return 1
+    if type(n) is not int or not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"'n' must be an int in [1, {MAX_CHOICES}], got {n!r}")
+    return n
 
 
 def blueprint(pipeline: Pipeline) -> Blueprint:
@@ -142,41 +153,50 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         if asked is not None:
             values["logprobs"] = asked
         params = adapter.sampling(values)
-        gen = Generation(pipeline, loaded, adapter.check_prompt(_prompt(adapter, body, kind), params), params)
+        n_choices = _choices(body)
+        ids = adapter.check_prompt(_prompt(adapter, body, kind), params)
+        gen = Generation(pipeline, loaded, ids, params, n_choices)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())  # a timestamp for the client, as OpenAI's
         stream = bool(body.get("stream"))
         done = gen.cached(kind, stream)
         if done is not None:
-            return _reply(rid, kind, name, created, done, len(gen.ids))
+            return _reply(rid, kind, name, created, [done], len(gen.ids))
         if not stream:
-            done = gen.wait()
-            lp = None if asked is None else logprobs.shaped(adapter, kind, gen.seq.output, gen.seq.logprobs)
-            return _reply(rid, kind, name, created, done, len(gen.ids), lp)
+            dones = gen.wait()
+            lps = None if asked is None else [logprobs.shaped(adapter, kind, s.output, s.logprobs) for s in gen.seqs]
+            return _reply(rid, kind, name, created, dones, len(gen.ids), lps)
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         gen.start()  # queued now, so that a full queue is a 429 before the 200 goes out
 
+        def choice_events(i: int):
+            """One choice's chunks (all choices run at once; their chunks are sent one choice after
+            another, each with its index)."""
+            seq = gen.seqs[i]
+            if kind == "chat":
+                yield _chunk(rid, kind, name, created, None, None, first=True, index=i)
+            n, offset = 0, 0  # tokens streamed so far, and their text's length
+            for batch in gen.batches(i):
+                chunks = []  # every token that arrived while the last write went out, in one write
+                for token, delta in batch:
+                    lp = None
+                    if asked is not None and token is not None:
+                        lp = logprobs.shaped(adapter, kind, [token], seq.logprobs[n : n + 1], offset)
+                    n += token is not None
+                    offset += len(delta)
+                    if delta or lp is not None:
+                        chunks.append(_chunk(rid, kind, name, created, delta, None, logprobs=lp, index=i))
+                if chunks:
+                    yield "".join(chunks)
+            yield _chunk(rid, kind, name, created, None, seq.finish_reason, index=i)
+
         def events():
             try:
-                if kind == "chat":
-                    yield _chunk(rid, kind, name, created, None, None, first=True)
-                n, offset = 0, 0  # tokens streamed so far, and their text's length
-                for batch in gen.batches():
-                    chunks = []  # every token that arrived while the last write went out, in one write
-                    for token, delta in batch:
-                        lp = None
-                        if asked is not None and token is not None:
-                            lp = logprobs.shaped(adapter, kind, [token], gen.seq.logprobs[n : n + 1], offset)
-                        n += token is not None
-                        offset += len(delta)
-                        if delta or lp is not None:
-                            chunks.append(_chunk(rid, kind, name, created, delta, None, logprobs=lp))
-                    if chunks:
-                        yield "".join(chunks)
-                yield _chunk(rid, kind, name, created, None, gen.seq.finish_reason)
+                for i in range(n_choices):
+                    yield from choice_events(i)
                 if include_usage:
-                    n = len(gen.seq.output)
+                    n = sum(len(s.output) for s in gen.seqs)
                     usage = {"prompt_tokens": len(gen.ids), "completion_tokens": n, "total_tokens": len(gen.ids) + n}
                     final = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                              "created": created, "model": name, "choices": [], "usage": usage}  # fmt: skip

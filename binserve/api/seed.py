@@ -87,7 +87,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             gen.start()  # queued now, so that a full queue is a 429 before the 200 goes out
             headers = {**SSE_HEADERS, "X-Model": loaded.name}
             return Response(_stream(gen, rid), mimetype="text/event-stream", headers=headers)
-        done = gen.cached(kind, stream=False) or gen.wait()
+        done = gen.cached(kind, stream=False) or gen.wait()[0]
         seconds, n = gen.elapsed_s, int(done["completion_tokens"])
         reply = {"request_id": rid, "tokens_generated": n, "generation_time": round(seconds, 4),
                  "finish_reason": done["finish_reason"], "metadata": meta}  # fmt: skip

@@ -251,11 +251,16 @@ class ContinuousBatcher(SchedulerThread):
 
     def _step(self) -> None:
         self._joining = self._admit()
+        prefilled: dict[tuple, tuple] = {}  # prompt -> its cache and last logits, this step
         for seq in self._joining:
             if self._gone(seq):
                 self._release(seq)
                 continue
-            self._prefill(seq)
+            # choices of one request (n > 1), or any requests with the same prompt, share one prefill
+            key = tuple(seq.prompt)
+            if key not in prefilled:
+                prefilled[key] = self._prefill(seq)
+            self._join(seq, *prefilled[key])
         self._joining = []
         if not self._running:
             return
@@ -296,14 +301,18 @@ class ContinuousBatcher(SchedulerThread):
             layer.keys, layer.values = k, v
         return cache
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, seq: Sequence) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+        """The prompt's cache and the logits of its last position."""
         ids = torch.tensor([seq.prompt], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self._forward(input_ids=ids, past_key_values=cache, use_cache=True)
-        kv = [[layer.keys, layer.values] for layer in cache.layers]
+        return [[layer.keys, layer.values] for layer in cache.layers], out.logits[0, -1].float()
+
+    def _join(self, seq: Sequence, kv: list[list[torch.Tensor]], logits: torch.Tensor) -> None:
+        """A prefilled sequence into the batch, and its first token (a shared prefill's tensors are
+        only ever read: merging concatenates into new ones)."""
         seq.cache_len = len(seq.prompt)
         self._merge(seq, kv)
-        logits = out.logits[0, -1].float()
         self._emit(seq, self._sample(penalize(logits, seq) if seq.params.penalized else logits, seq), logits)
 
     def _merge(self, seq: Sequence, kv: list[list[torch.Tensor]]) -> None:
@@ -311,7 +320,8 @@ class ContinuousBatcher(SchedulerThread):
         n = len(seq.prompt)
         row_mask = torch.ones(1, n, dtype=torch.long, device=self.device)
         if not self._running:
-            self._kv, self._mask, self._running = kv, row_mask, [seq]
+            # lists of its own: `kv` may be a shared prefill another sequence joins from
+            self._kv, self._mask, self._running = [[k, v] for k, v in kv], row_mask, [seq]
             return
         t = self._mask.shape[1]
         width = max(t, n)

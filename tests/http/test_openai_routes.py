@@ -72,7 +72,7 @@ def test_generation_routes_refuse_models_that_do_not_generate(client):
         resp = client.post(path, json={"model": "embed", **body})
         assert resp.status_code == 400
         assert "does not generate text" in resp.get_json()["error"]["message"]
-    resp = client.post("/v1/completions", json={"model": "embed", "prompt": "x", "n": 2})
+    resp = client.post("/v1/completions", json={"model": "embed", "prompt": "x", "n": 17})
     assert resp.status_code == 400 and "'n'" in resp.get_json()["error"]["message"]
 
 

@@ -145,7 +145,7 @@ def test_bad_generation_requests_are_4xx(srv, oai):
     with pytest.raises(openai.BadRequestError, match="max_new_tokens"):
         oai.completions.create(model="tiny", prompt="x", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="'n'"):
-        oai.completions.create(model="tiny", prompt="x", n=2)
+        oai.completions.create(model="tiny", prompt="x", n=17)
     with pytest.raises(openai.APIStatusError) as caught:
         oai.completions.create(model="tiny", prompt="x " * 10, max_tokens=2047)
     assert caught.value.status_code == 413
@@ -221,3 +221,28 @@ def test_logprobs_in_openais_shapes_whole_and_streamed(oai, lm_dir):
     assert [(c.token, round(c.logprob, 4)) for c in streamed] == [(c.token, round(c.logprob, 4)) for c in content]
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+
+
+def test_n_choices_share_the_prompt_and_seed_each_choice(oai, ref):
+    ids = ref.tok(PROMPTS[6]).input_ids
+    greedy = oai.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.text for c in greedy.choices}) == 1  # greedy: every choice the same text
+    assert greedy.choices[0].text == ref.tok.decode(ref(ids, 10), skip_special_tokens=True)
+    assert greedy.usage.prompt_tokens == len(ids)
+    assert greedy.usage.completion_tokens == 3 * 10 or greedy.choices[0].finish_reason == "stop"
+    seeded = [oai.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=1.0, seed=11, n=3)
+              for _ in range(2)]  # fmt: skip
+    texts = [[c.text for c in r.choices] for r in seeded]
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1  # reproducible, and each choice its own seed
+    one = oai.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=1.0, seed=12)
+    assert one.choices[0].text == texts[0][1]  # choice 1 of seed 11 samples with seed 12
+    stream = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[6]}],
+                                         max_tokens=8, temperature=1.0, seed=3, n=2, stream=True)  # fmt: skip
+    by_index = {0: "", 1: ""}
+    for chunk in stream:
+        for c in chunk.choices:
+            by_index[c.index] += c.delta.content or ""
+    whole = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[6]}],
+                                        max_tokens=8, temperature=1.0, seed=3, n=2)  # fmt: skip
+    assert [by_index[0], by_index[1]] == [c.message.content for c in whole.choices]

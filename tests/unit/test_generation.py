@@ -259,3 +259,22 @@ def test_penalize_matches_hugging_faces_processor_value_for_value():
     seq = Sequence([1], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), time.monotonic() + 60)
     seq.output = [4, 4, 2]
     torch.testing.assert_close(penalize(logits, seq), torch.tensor([2.0, -1.0, -0.25, -3.0, 3.0, 0.0]))
+
+
+def test_sequences_with_one_prompt_share_its_prefill_and_stay_exact(lm):
+    model, tok = lm
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(16, 32768), eos_ids=())
+    forwards = []
+    real = b._forward
+    b._forward = lambda **kw: forwards.append(kw["input_ids"].shape) or real(**kw)
+    ids = tok(PROMPTS[2]).input_ids
+    seqs = [b.submit_sequence(Sequence(ids, SamplingParams(9, temperature=0.0), time.monotonic() + 60))
+            for _ in range(3)]  # fmt: skip
+    b.start()  # all three are waiting when the loop starts: they join in one step
+    try:
+        for seq in seqs:
+            collect(seq)
+    finally:
+        b.close()
+    assert all(seq.output == reference(lm, PROMPTS[2], 9) for seq in seqs)
+    assert sum(1 for shape in forwards if shape[1] == len(ids)) == 1  # one prefill of the prompt
