@@ -251,16 +251,14 @@ class ContinuousBatcher(SchedulerThread):
 
     def _step(self) -> None:
         self._joining = self._admit()
-        prefilled: dict[tuple, tuple] = {}  # prompt -> its cache and last logits, this step
+        joining = []
         for seq in self._joining:
             if self._gone(seq):
                 self._release(seq)
-                continue
-            # choices of one request (n > 1), or any requests with the same prompt, share one prefill
-            key = tuple(seq.prompt)
-            if key not in prefilled:
-                prefilled[key] = self._prefill(seq)
-            self._join(seq, *prefilled[key])
+            else:
+                joining.append(seq)
+        if joining:
+            self._join(joining)
         self._joining = []
         if not self._running:
             return
@@ -301,35 +299,53 @@ class ContinuousBatcher(SchedulerThread):
             layer.keys, layer.values = k, v
         return cache
 
-    def _prefill(self, seq: Sequence) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
-        """The prompt's cache and the logits of its last position."""
-        ids = torch.tensor([seq.prompt], device=self.device)
+    def _join(self, seqs: list[Sequence]) -> None:
+        """Prefill the newcomers of a step in one forward and add them to the batch, each with its
+        first token. Sequences with the same prompt (a request's n choices, or any that ask the
+        same) share one row of that forward."""
+        rows: dict[tuple, int] = {}
+        for seq in seqs:
+            rows.setdefault(tuple(seq.prompt), len(rows))
+        kv, mask, logits = self._prefill([list(p) for p in rows])
+        index = [rows[tuple(seq.prompt)] for seq in seqs]
+        if index != list(range(len(rows))):  # a row per sequence (copies for the shared prompts)
+            pick = torch.tensor(index, device=self.device)
+            kv = [[k.index_select(0, pick), v.index_select(0, pick)] for k, v in kv]
+            mask = mask.index_select(0, pick)
+        self._merge(seqs, kv, mask)
+        for seq, r in zip(seqs, index, strict=True):
+            seq.cache_len = len(seq.prompt)
+            row = logits[r]
+            self._emit(seq, self._sample(penalize(row, seq) if seq.params.penalized else row, seq), row)
+
+    def _prefill(self, prompts: list[list[int]]):
+        """One forward over the prompts, left-padded to the longest: per layer [keys, values] of
+        [B, kv_heads, T, head_dim] (zero at the padding), the mask [B, T] and each prompt's last
+        logits [B, vocab]. Padding is masked and positions count real tokens only, so each row's
+        result is what the prompt alone gives (the greedy tests check it against generate)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self._forward(input_ids=ids, past_key_values=cache, use_cache=True)
-        return [[layer.keys, layer.values] for layer in cache.layers], out.logits[0, -1].float()
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True)  # fmt: skip
+        real = mask[:, None, :, None].bool()
+        kv = [[torch.where(real, layer.keys, 0), torch.where(real, layer.values, 0)] for layer in cache.layers]
+        return kv, mask, out.logits[:, -1].float()
 
-    def _join(self, seq: Sequence, kv: list[list[torch.Tensor]], logits: torch.Tensor) -> None:
-        """A prefilled sequence into the batch, and its first token (a shared prefill's tensors are
-        only ever read: merging concatenates into new ones)."""
-        seq.cache_len = len(seq.prompt)
-        self._merge(seq, kv)
-        self._emit(seq, self._sample(penalize(logits, seq) if seq.params.penalized else logits, seq), logits)
-
-    def _merge(self, seq: Sequence, kv: list[list[torch.Tensor]]) -> None:
-        """Add a prefilled sequence's cache as a new row, left-padding whichever is shorter."""
-        n = len(seq.prompt)
-        row_mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+    def _merge(self, seqs: list[Sequence], kv: list[list[torch.Tensor]], row_mask: torch.Tensor) -> None:
+        """Add prefilled rows to the batch, left-padding whichever is shorter."""
         if not self._running:
-            # lists of its own: `kv` may be a shared prefill another sequence joins from
-            self._kv, self._mask, self._running = [[k, v] for k, v in kv], row_mask, [seq]
+            self._kv, self._mask, self._running = kv, row_mask, list(seqs)
             return
-        t = self._mask.shape[1]
+        t, n = self._mask.shape[1], row_mask.shape[1]
         width = max(t, n)
         for layer, (k, v) in zip(self._kv, kv, strict=True):
             layer[0] = torch.cat([F.pad(layer[0], (0, 0, width - t, 0)), F.pad(k, (0, 0, width - n, 0))])
             layer[1] = torch.cat([F.pad(layer[1], (0, 0, width - t, 0)), F.pad(v, (0, 0, width - n, 0))])
         self._mask = torch.cat([F.pad(self._mask, (width - t, 0)), F.pad(row_mask, (width - n, 0))])
-        self._running.append(seq)
+        self._running.extend(seqs)
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]

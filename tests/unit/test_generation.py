@@ -278,3 +278,24 @@ def test_sequences_with_one_prompt_share_its_prefill_and_stay_exact(lm):
         b.close()
     assert all(seq.output == reference(lm, PROMPTS[2], 9) for seq in seqs)
     assert sum(1 for shape in forwards if shape[1] == len(ids)) == 1  # one prefill of the prompt
+
+
+def test_newcomers_of_a_step_prefill_in_one_padded_forward_and_stay_exact(lm):
+    model, tok = lm
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(16, 32768), eos_ids=())
+    shapes = []
+    real = b._forward
+    b._forward = lambda **kw: shapes.append(tuple(kw["input_ids"].shape)) or real(**kw)
+    lengths = [5, 17, 9, 30, 3, 12, 21, 8]
+    seqs = [b.submit_sequence(Sequence(tok(p).input_ids, SamplingParams(n, temperature=0.0), time.monotonic() + 60))
+            for p, n in zip(PROMPTS, lengths, strict=True)]  # fmt: skip
+    b.start()  # all eight wait when the loop starts: one step takes them all
+    try:
+        for seq in seqs:
+            collect(seq)
+    finally:
+        b.close()
+    for seq, p, n in zip(seqs, PROMPTS, lengths, strict=True):
+        assert seq.output == reference(lm, p, n), p
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills == [(8, max(len(tok(p).input_ids) for p in PROMPTS))]  # one forward, padded to the longest
