@@ -54,7 +54,9 @@ def test_tritonclient_policy_equals_native_infer(server, triton, n, binary):
         inputs.append(tensor)
     result = triton.infer("policy", inputs, outputs=[th.InferRequestedOutput("action", binary_data=binary)])
     native = send_inference_request(arrays, f"{server.base_url}/infer/policy")
-    np.testing.assert_array_equal(result.as_numpy("action"), native["action"])
+    # equal up to float rounding: the plan's online check runs a batch now and then on another
+    # engine that passed the accuracy gate (models/plans.py), which may differ in the last bit
+    np.testing.assert_allclose(result.as_numpy("action"), native["action"], rtol=1e-5, atol=1e-7)
 
 
 def test_tritonclient_minilm_on_bytes_matches_sentence_transformers(triton, reference):  # noqa: F811

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import openai
 import pytest
 import requests
@@ -104,5 +105,7 @@ def test_without_redis_each_worker_has_its_own_cache_and_every_hit_is_right(embe
     replies = [_infer(embedded.base_url, OPEN_KEY, "per-worker cache") for _ in range(12)]
     assert [r.status_code for r in replies] == [200] * 12
     assert {r.headers["X-Cache"] for r in replies} == {"miss", "hit"}
-    assert all(r.json() == replies[0].json() for r in replies)
+    first = np.asarray(replies[0].json()["embeddings"])
+    # each worker's miss ran its own batch (maybe on another gated engine): equal up to rounding
+    assert all(np.allclose(np.asarray(r.json()["embeddings"]), first, rtol=1e-4, atol=1e-6) for r in replies)
     assert sum(r.headers["X-Cache"] == "miss" for r in replies) <= 2  # at most one miss per worker
