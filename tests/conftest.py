@@ -26,3 +26,19 @@ def server():
     """binserve under Gunicorn with 2 gthread workers, MiniLM (default) and the policy model."""
     with ServerProcess(workers=2, models=MODELS, cache_dir="") as srv:  # the default cache, in the repository
         yield srv
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory):
+    """The tiny random Llama (models/example_causal_lm.py) the generation tests serve, written once."""
+    from models.example_causal_lm import write_causal_lm
+
+    return write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
+
+
+@pytest.fixture(scope="session")
+def hf_lm(lm_dir):
+    """That model and its tokenizer in this process, for the references."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)

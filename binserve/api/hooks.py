@@ -68,6 +68,7 @@ def install_hooks(app: Flask, config: ServerConfig, policy: Policy) -> None:
             sock.settimeout(config.client_timeout_s)
         g.started = time.monotonic()
         protocol, cors = _view_marks()
+        g.cors_view = cors
         if request.method == "OPTIONS":
             return _preflight(policy, cors)
         if protocol is not None:
@@ -132,5 +133,5 @@ def _policy_headers(policy: Policy, response: Response) -> None:
     cached = g.get("cache_result")
     if cached is not None:
         response.headers["X-Cache"] = cached
-    if policy.cors.enabled and request.method != "OPTIONS" and _view_marks()[1]:
+    if policy.cors.enabled and request.method != "OPTIONS" and g.get("cors_view"):
         response.headers.update(policy.cors.headers(request.headers.get("Origin")))

@@ -11,16 +11,16 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.example_causal_lm import EXAMPLE_PROMPTS, write_causal_lm
+from models.example_causal_lm import EXAMPLE_PROMPTS
 from tests.serverproc import ServerProcess
 
 KEY = "sk-generation-0123456789"
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
+def srv(tmp_path_factory, lm_dir):
     root = tmp_path_factory.mktemp("gen-policy")
-    lm = write_causal_lm(root / "tiny", layers=2, hidden=64)
+    lm = lm_dir
     keys = root / "keys.json"
     keys.write_text(json.dumps({"keys": [{"name": "gen", "key": KEY, "routes": ["generate"],
                                           "tokens_per_minute": 6_000_000}]}))  # fmt: skip

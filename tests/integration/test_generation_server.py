@@ -14,18 +14,12 @@ import pytest
 import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference, write_causal_lm
+from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference
 from request_tools import send_inference_request
 from tests.serverproc import ServerProcess
 
 PROMPTS = EXAMPLE_PROMPTS
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +29,8 @@ def srv(lm_dir):
 
 
 @pytest.fixture(scope="module")
-def ref(lm_dir):
-    model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+def ref(hf_lm):
+    model, tok = hf_lm
 
     def generate(ids: list[int], n: int) -> list[int]:
         return greedy_reference(model, ids, n)
@@ -169,8 +163,8 @@ def test_generation_metrics(srv):
     np.testing.assert_equal(sum(s.value for s in families["binserve_waiting_sequences"].samples), 0)
 
 
-def test_penalties_through_the_openai_package(oai, lm_dir):
-    model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+def test_penalties_through_the_openai_package(oai, hf_lm):
+    model, tok = hf_lm
     ids = tok(PROMPTS[4]).input_ids
     t = torch.tensor([ids])
     with torch.no_grad():
@@ -194,8 +188,8 @@ def _step_logprobs(model, ids: list[int], out: list[int]) -> list[torch.Tensor]:
     return [torch.log_softmax(logits[len(ids) - 1 + i], -1) for i in range(len(out))]
 
 
-def test_logprobs_in_openais_shapes_whole_and_streamed(oai, lm_dir):
-    model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+def test_logprobs_in_openais_shapes_whole_and_streamed(oai, hf_lm):
+    model, tok = hf_lm
     ids = tok(PROMPTS[5]).input_ids
     got = oai.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, logprobs=3)
     lp = got.choices[0].logprobs

@@ -9,15 +9,9 @@ import json
 import pytest
 import requests
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.example_causal_lm import EXAMPLE_PROMPTS, write_causal_lm
+from models.example_causal_lm import EXAMPLE_PROMPTS
 from tests.serverproc import ServerProcess, poll
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return write_causal_lm(tmp_path_factory.mktemp("seed-lm") / "tiny", layers=2, hidden=64)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +21,8 @@ def srv(lm_dir):
 
 
 @pytest.fixture(scope="module")
-def hf(lm_dir):
-    return AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+def hf(hf_lm):
+    return hf_lm
 
 
 def seed_generate(base_url: str, prompt: str, **params) -> dict:
