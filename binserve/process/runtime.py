@@ -76,6 +76,34 @@ def in_compute_thread() -> None:
         _apply(_compute_threads)
 
 
+def in_fresh_thread(fn, *args):
+    """Run `fn(*args)` on a new thread and wait for it; its result, or its exception raised here.
+
+    Why: libgomp (torch's OpenMP) keeps a team of worker threads for every thread that ever ran a
+    parallel region, until that thread exits, and once it manages more threads than there are
+    cores it stops spinning between regions (its "throttled" spin count): every parallel op of
+    every team then pays a futex wake-up. Measured on the 2-core dev machine: a 32 x 256 @ 256 x
+    1024 matmul takes 80-95 us on the only team and 180-200 us once a second, idle team exists.
+    Loading, planning and warming a model run many parallel ops; on the long-lived watcher thread
+    (or a request thread) they would leave such a team behind and slow every batch thread for
+    good. On a thread of their own, the team ends when the work does."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"{threading.current_thread().name}-compute")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
 @contextlib.contextmanager
 def batch_threads():
     """Run one batch with this worker's share of the cores; yields the thread count it got."""

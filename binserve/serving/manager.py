@@ -30,6 +30,7 @@ import torch
 from binserve.config import ServerConfig
 from binserve.errors import BadRequest, Conflict, Forbidden, ModelLoadFailed, ModelNotFound, NotReady
 from binserve.observability import metrics
+from binserve.process.runtime import in_fresh_thread
 from binserve.serving.loader import VersionLoader
 from binserve.serving.repository import ModelRepository
 from binserve.serving.served import LoadedModel, ModelSlot
@@ -121,7 +122,7 @@ class ModelManager:
     def start(self, background: bool = True) -> ModelManager:
         """Load and warm all models (on the watcher thread unless `background` is False), then watch."""
         if not background:
-            self._poll()
+            in_fresh_thread(self._poll)
         threading.Thread(target=self._watch, name="binserve-repository-watch", daemon=True).start()
         # Reports are refreshed by a thread of their own: a load can take seconds (engines are
         # exported, gated and timed), and a worker busy loading is alive, not gone.
@@ -159,7 +160,7 @@ class ModelManager:
     def refresh(self) -> None:
         """Follow the repository now rather than at the next poll (model control calls this)."""
         with self._poll_lock:
-            self._poll()
+            in_fresh_thread(self._poll)  # its torch work leaves no OpenMP team on this thread
 
     def _wanted(self) -> list[str]:
         """What to serve: configured models not unloaded, and repository models loaded by model control."""

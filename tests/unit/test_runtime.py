@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from binserve.config import ServerConfig
@@ -38,3 +39,15 @@ def test_select_device_and_threads():
     if not torch.cuda.is_available():
         assert select_device(ServerConfig(device="auto")) == CPU
     assert configure_threads(ServerConfig(torch_threads=1)) == 1 and torch.get_num_threads() == 1
+
+
+def test_in_fresh_thread_runs_on_a_thread_that_ends_and_hands_back_what_it_gave():
+    import threading
+
+    from binserve.process.runtime import in_fresh_thread
+
+    seen = []
+    assert in_fresh_thread(lambda a, b: seen.append(threading.current_thread()) or a + b, 2, 3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(KeyError, match="missing"):
+        in_fresh_thread(lambda: {}["missing"])
