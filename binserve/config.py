@@ -73,8 +73,19 @@ class ServerConfig:
     max_batch_size: int = setting(32, "samples per forward pass; running sequences for generation", ge=1, le=4096)
     max_batch_tokens: int = setting(
         4096, "padded tokens (rows x longest row) per batch of token rows, small enough that long rows make "
-        "small batches of similar length (raise it on a GPU); KV-cache tokens for generation",
+        "small batches of similar length (raise it on a GPU); for generation, the KV cache's size (running "
+        "sequences x the longest one's prompt + max_tokens, rounded up to a power of two)",
         unit="tokens", ge=1, le=1 << 22,
+    )  # fmt: skip
+    prefill_chunk_tokens: int = setting(
+        512, "prompt tokens one generation step feeds at most (oldest prompt first); a longer prompt goes on "
+        "in the next steps, so a running stream waits for at most one forward of this many tokens per token",
+        unit="tokens", ge=1, le=1 << 20,
+    )  # fmt: skip
+    prefix_cache_tokens: int = setting(
+        1024, "prompt-prefix KV a generative model keeps for reuse, in whole 16-token blocks (a shared system "
+        "prompt is computed once); least recently used goes first; 0: off",
+        unit="tokens", ge=0, le=1 << 22,
     )  # fmt: skip
     max_wait_ms: float = setting(
         0.0, "extra wait for a fuller batch once a request is queued; 0 adds no latency at low load",

@@ -203,9 +203,10 @@ class HFCausalLM(ModelAdapter):
 
     # --- serving ----------------------------------------------------------------------------------
     def continuous_batcher(
-        self, settings: BatchSettings, observer: GenerationObserver | None = None
+        self, settings: BatchSettings, observer: GenerationObserver | None = None, **loop
     ) -> ContinuousBatcher:
-        """This model's generation loop, bounded by the model's batching settings."""
+        """This model's generation loop, bounded by the model's batching settings (`loop`: the
+        loop's prefill chunk and prefix store, ContinuousBatcher's keywords)."""
         return ContinuousBatcher(
             self._model,
             self.tokenizer,
@@ -217,6 +218,7 @@ class HFCausalLM(ModelAdapter):
             autocast=self.autocast,
             step_threads=batch_threads,
             tag=self.version,
+            **loop,
         )
 
     def signature(self) -> dict:

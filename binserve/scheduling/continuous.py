@@ -2,29 +2,32 @@
 running sequence; new sequences join between steps, finished ones leave at once.
 
 design: one generation thread per model (its "batch thread"). Each step it (1) admits waiting
-sequences while the running set and the reserved KV-cache tokens stay under their bounds, running
-each new prompt's prefill alone (batch 1, unpadded: its first token is exactly what
-`model.generate` gives) and merging its cache into the batch; (2) runs one decode forward for all
-running sequences; (3) samples each row with its own settings and generator, streams the token to
-its consumer, and drops rows that finished, were cancelled or passed their deadline.
+sequences while a cache slot and the cache's token budget allow, each starting from the longest
+stored prefix of its prompt (`prefixes.PrefixStore`); (2) feeds prompts to the cache, all the
+newcomers of a step in one forward and at most `prefill_chunk` tokens per step, so a long prompt
+is spread over steps instead of stalling the running streams; a prompt that is complete samples
+its first token (exactly what `model.generate` gives alone: the tests compare every greedy
+token); (3) runs one decode forward for all running sequences; (4) samples each row with its own
+settings and generator, streams the token to its consumer, and drops rows that finished, were
+cancelled or passed their deadline, freeing their slots at once.
 
-The KV cache is binserve's own batched layout, not a cache class that grows per sequence: per
-layer one key and one value tensor of [running, kv_heads, T, head_dim], left-padded, with a [running,
-T] attention mask and per-row position ids. A decode step hands it to the model as a `DynamicCache`
-built around those tensors (no copy) and takes the grown tensors back; a joining sequence pads
-once; leaving rows are dropped with one `index_select` and all-padding leading columns trimmed. This
-keeps a decode step one batched matmul per layer, which per-sequence caches would not give
-without re-padding every step.
+The KV cache is `kvcache.SlotCache`: preallocated per-layer buffers with one row (slot) per
+running sequence, each written in place at its own column, handed to the model as a `Cache` of
+views with binserve's own attention mask and per-row positions: no per-step concatenation or
+re-padding, and a decode step is one batched matmul per layer. Sequences with the same prompt
+(a request's n choices) share one prefill: the followers copy the leader's row.
 
 Bounds, from its `BatchSettings` (read once per step; `configure` swaps them whole): at most
-`max_batch_size` sequences run, their prompt + max_new_tokens reservations stay under
-`max_batch_tokens` (the KV-cache tokens), and at most `max_waiting` wait; past that, `submit`
-answers 429 with Retry-After. A prompt whose reservation alone exceeds the cache is 413. It is a
-`contract.Scheduler`, as the request batcher is. No Flask here.
+`max_batch_size` sequences run, and the cache's rows x the longest reservation (prompt +
+max_new_tokens, rounded up to a power of two) stay within `max_batch_tokens`; at most
+`max_waiting` wait; past that, `submit` answers 429 with Retry-After. A prompt whose reservation
+alone exceeds the cache is 413. It is a `contract.Scheduler`, as the request batcher is. No Flask
+here.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -32,8 +35,6 @@ from collections import deque
 from concurrent.futures import Future, InvalidStateError
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 from binserve.errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded
 from binserve.scheduling.contract import (
@@ -44,6 +45,8 @@ from binserve.scheduling.contract import (
     SchedulerThread,
     notify,
 )
+from binserve.scheduling.kvcache import SlotCache
+from binserve.scheduling.prefixes import PrefixStore
 from binserve.scheduling.sequences import Sequence
 
 #: what a continuous batcher runs with unless told: 16 sequences, 32 Ki cache tokens
@@ -69,6 +72,8 @@ class ContinuousBatcher(SchedulerThread):
         autocast: torch.dtype | None = None,
         step_threads=None,
         tag: object = None,
+        prefill_chunk: int = 512,
+        prefix_tokens: int | None = None,
     ) -> None:
         super().__init__(f"binserve-generate-{name}")
         self.model = model
@@ -82,14 +87,17 @@ class ContinuousBatcher(SchedulerThread):
         self.autocast = autocast
         self.step_threads = step_threads  # context manager giving the step its cores (runtime.batch_threads)
         self.tag = tag  # what results are tagged with (the model version)
+        self.prefill_chunk = prefill_chunk  # prompt tokens fed per step, at most
         self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
-        self._joining: list[Sequence] = []  # admitted this step, not merged yet
+        self._rows: list[Sequence] = []  # the admitted sequences, each at its cache slot: row i is slot i
         self._reserved = 0
-        # the batched cache: per layer [keys, values] of [B, kv_heads, T, head_dim]; mask [B, T]
-        self._kv: list[list[torch.Tensor]] = []
-        self._mask: torch.Tensor | None = None
+        self.cache = SlotCache(self._settings.max_batch_tokens, self._settings.max_batch_size, device)
+        # stored prompt prefixes: a quarter of the cache's budget unless told
+        self.prefixes = PrefixStore(self._settings.max_batch_tokens // 4 if prefix_tokens is None else prefix_tokens)
+        self._attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.steps = 0
+        self.prefill_tokens = 0  # prompt tokens computed (not reused) so far
         self.sequences = 0  # admitted so far
         self.generated = 0  # tokens so far
 
@@ -118,11 +126,16 @@ class ContinuousBatcher(SchedulerThread):
             "running": running,
             "waiting": waiting,
             "reserved_cache_tokens": self._reserved,
+            "cache_tokens": self.cache.allocated_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "prefix_hits": self.prefixes.hits,
+            "prefix_reused_tokens": self.prefixes.reused_tokens,
+            "prefix_cache_tokens": self.prefixes.tokens,
         }
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) sequences now."""
-        return len(self._running), len(self._waiting)
+        return len(self._rows), len(self._waiting)
 
     def _reservation(self, seq: Sequence) -> int:
         return len(seq.prompt) + seq.params.max_new_tokens
@@ -193,7 +206,7 @@ class ContinuousBatcher(SchedulerThread):
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._running:
+                while not self._waiting and not self._rows:
                     if self._closed:
                         return
                     self._cond.wait()
@@ -206,12 +219,13 @@ class ContinuousBatcher(SchedulerThread):
             except Exception as exc:  # a failing step fails its sequences, never the thread
                 log.exception("model %s: generation step failed", self.name)
                 err = ModelFailure(f"model {self.name!r} failed while generating ({type(exc).__name__})")
-                for seq in {id(s): s for s in self._running + self._joining}.values():
+                for seq in self._rows:
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
                         seq.end(("error", err))
                 with self._cond:
-                    self._running, self._joining, self._kv, self._mask, self._reserved = [], [], [], None, 0
+                    self._rows, self._reserved = [], 0
+                self.cache.used = 0  # every row ended: the buffers hold nothing anyone reads
             self._observe_counts()
 
     def _check_fits(self, seq: Sequence, s: BatchSettings) -> None:
@@ -222,10 +236,14 @@ class ContinuousBatcher(SchedulerThread):
             )
 
     def _admit(self) -> list[Sequence]:
+        """Take waiting sequences while a slot and the cache's budget allow; each gets its slot
+        (and the stored prefix of its prompt, if there is one)."""
         admitted = []
         s = self._settings  # this step's bounds
+        self.cache.bound(s.max_batch_tokens, s.max_batch_size)
+        longest = max((self._reservation(r) for r in self._rows), default=0)
         with self._cond:
-            while self._waiting and len(self._running) + len(admitted) < s.max_batch_size:
+            while self._waiting and len(self._rows) + len(admitted) < s.max_batch_size:
                 seq = self._waiting[0]
                 try:
                     self._check_fits(seq, s)  # queued under larger settings than today's: it never will
@@ -234,135 +252,145 @@ class ContinuousBatcher(SchedulerThread):
                     seq.finish_reason = "error"
                     seq.end(("error", exc))
                     continue
-                if self._reserved + self._reservation(seq) > s.max_batch_tokens:
+                wider = max(longest, self._reservation(seq))
+                if not self.cache.fits(len(self._rows) + len(admitted) + 1, wider):
                     break
+                longest = wider
                 self._waiting.popleft()
                 self._reserved += self._reservation(seq)
                 self.sequences += 1
                 admitted.append(seq)
+        if admitted:
+            self.cache.reserve(longest)
+            for seq, slot in zip(admitted, self.cache.add(len(admitted)), strict=True):
+                seq.slot = slot
+                self._rows.append(seq)
+            self._place(admitted)
         return admitted
 
+    def _place(self, seqs: list[Sequence]) -> None:
+        """Start each newcomer's cache: a sequence with the same prompt as another newcomer (a
+        request's n choices, or any two that ask the same) follows it and copies its row once it
+        is prefilled; the others start from the longest stored prefix of their prompt."""
+        leaders: dict[tuple, Sequence] = {}
+        for seq in seqs:
+            if self._gone(seq):
+                continue
+            key = tuple(seq.prompt)
+            if key in leaders:
+                seq.follows = leaders[key]
+                continue
+            leaders[key] = seq
+            kv, length = self.prefixes.find(seq.prompt)
+            if kv is not None and self.cache.write_row(seq.slot, kv, length):
+                seq.cache_len = seq.reused = length
+
     def _forward(self, **kwargs):
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1  # the LM head on each row's last position only
         with torch.inference_mode():
             if self.autocast is not None:
                 with torch.autocast(self.device.type, dtype=self.autocast):
                     return self.model(**kwargs)
             return self.model(**kwargs)
 
-    def _step(self) -> None:
-        self._joining = self._admit()
-        joining = []
-        for seq in self._joining:
-            if self._gone(seq):
-                self._release(seq)
-            else:
-                joining.append(seq)
-        if joining:
-            self._join(joining)
-        self._joining = []
-        if not self._running:
-            return
-        live = [s for s in self._running if s.finish_reason is None]
-        if len(live) != len(self._running):
-            self._drop_finished()
-        if not self._running:
-            return
-        last = torch.tensor([[s.output[-1]] for s in self._running], device=self.device)
-        mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
-        positions = torch.tensor([[s.cache_len] for s in self._running], device=self.device)
-        cache = self._wrap(self._kv)
+    def _run(self, seqs: list[Sequence], tokens: list[list[int]]) -> torch.Tensor:
+        """One forward feeding each sequence's `tokens` from its cache length on: the last logits
+        per row [n, vocab] (float32)."""
+        counts = [len(t) for t in tokens]
+        q = max(counts)
+        ids = torch.tensor([[0] * (q - len(t)) + t for t in tokens], device=self.device)
+        starts = [s.cache_len for s in seqs]
+        positions, mask = self.cache.inputs([s.slot for s in seqs], starts, counts, self._attention)
         out = self._forward(
-            input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
-        self._kv = [[layer.keys, layer.values] for layer in cache.layers]
-        self._mask = mask
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache.cache(),
+            use_cache=True,
+        )  # fmt: skip
+        return out.logits[:, -1].float()
+
+    def _step(self) -> None:
+        self._admit()
+        self._drop_finished()  # newcomers already gone
+        self._prefill()
+        self._drop_finished()
+        if self._rows:
+            self._decode()
+        self._drop_finished()
+
+    def _prefill(self) -> None:
+        """Feed prompts to the cache, at most `prefill_chunk` tokens in this step (oldest first):
+        a longer prompt goes on in the next steps, so running streams wait for one bounded
+        forward per step, not for the whole prompt. A prompt that is complete samples its first
+        token, as do the sequences that follow it."""
+        left = self.prefill_chunk
+        work: list[tuple[Sequence, list[int]]] = []
+        for seq in self._rows:
+            if seq.cache_len >= len(seq.prompt) or seq.finish_reason is not None or self._gone(seq):
+                continue
+            if seq.follows is not None or left <= 0:
+                continue
+            part = seq.prompt[seq.cache_len : seq.cache_len + left]
+            left -= len(part)
+            work.append((seq, part))
+        if not work:
+            return
+        logits = self._run([s for s, _ in work], [t for _, t in work])
+        self.prefill_tokens += sum(len(t) for _, t in work)
+        for (seq, part), row in zip(work, logits, strict=True):
+            seq.cache_len += len(part)
+            if seq.cache_len < len(seq.prompt):
+                continue
+            if self.prefixes.wants(seq.prompt, seq.reused):
+                self.prefixes.add(seq.prompt, self.cache.read_row(seq.slot, self.prefixes.usable(seq.prompt)))
+            for other in self._rows:
+                if other.follows is seq:
+                    self.cache.copy_row(seq.slot, other.slot, seq.cache_len)
+                    other.cache_len, other.follows = seq.cache_len, None
+                    self._first(other, row)
+            self._first(seq, row)
+
+    def _first(self, seq: Sequence, row: torch.Tensor) -> None:
+        self._emit(seq, self._sample(penalize(row, seq) if seq.params.penalized else row, seq), row)
+
+    def _decode(self) -> None:
+        """One forward for every row: the decoding ones feed their last token; rows still being
+        prefilled go along as placeholders (their write lands where their next chunk writes) so
+        the step's rows stay one contiguous view of the cache."""
+        rows = self._rows
+        live = [seq.cache_len >= len(seq.prompt) and bool(seq.output) for seq in rows]
+        if not any(live):
+            return
+        logits = self._run(rows, [[seq.output[-1] if ok else 0] for seq, ok in zip(rows, live, strict=True)])
         self.steps += 1
-        logits = out.logits[:, -1].float()
         greedy = logits.argmax(-1).tolist()  # one op for every greedy row, rather than one per row
-        for i, seq in enumerate(self._running):
+        for i, seq in enumerate(rows):
+            if not live[i]:
+                continue
             seq.cache_len += 1
             if seq.params.penalized:  # its own row, penalized (a copy: the batch's logits are inference tensors)
                 self._emit(seq, self._sample(penalize(logits[i], seq), seq), logits[i])
             else:
                 token = greedy[i] if seq.params.temperature == 0 else self._sample(logits[i], seq)
                 self._emit(seq, token, logits[i])
-        self._drop_finished()
-
-    def _wrap(self, kv: list[list[torch.Tensor]]) -> DynamicCache:
-        """A DynamicCache around the batched tensors, without copying them: DynamicCache's own
-        constructor appends them to empty tensors (a copy of the whole cache every step)."""
-        cache = DynamicCache(config=self.model.config)
-        if len(cache.layers) != len(kv):
-            return DynamicCache(ddp_cache_data=[tuple(x) for x in kv], config=self.model.config)  # other layouts
-        for layer, (k, v) in zip(cache.layers, kv, strict=True):
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-        return cache
-
-    def _join(self, seqs: list[Sequence]) -> None:
-        """Prefill the newcomers of a step in one forward and add them to the batch, each with its
-        first token. Sequences with the same prompt (a request's n choices, or any that ask the
-        same) share one row of that forward."""
-        rows: dict[tuple, int] = {}
-        for seq in seqs:
-            rows.setdefault(tuple(seq.prompt), len(rows))
-        kv, mask, logits = self._prefill([list(p) for p in rows])
-        index = [rows[tuple(seq.prompt)] for seq in seqs]
-        if index != list(range(len(rows))):  # a row per sequence (copies for the shared prompts)
-            pick = torch.tensor(index, device=self.device)
-            kv = [[k.index_select(0, pick), v.index_select(0, pick)] for k, v in kv]
-            mask = mask.index_select(0, pick)
-        self._merge(seqs, kv, mask)
-        for seq, r in zip(seqs, index, strict=True):
-            seq.cache_len = len(seq.prompt)
-            row = logits[r]
-            self._emit(seq, self._sample(penalize(row, seq) if seq.params.penalized else row, seq), row)
-
-    def _prefill(self, prompts: list[list[int]]):
-        """One forward over the prompts, left-padded to the longest: per layer [keys, values] of
-        [B, kv_heads, T, head_dim] (zero at the padding), the mask [B, T] and each prompt's last
-        logits [B, vocab]. Padding is masked and positions count real tokens only, so each row's
-        result is what the prompt alone gives (the greedy tests check it against generate)."""
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True)  # fmt: skip
-        real = mask[:, None, :, None].bool()
-        kv = [[torch.where(real, layer.keys, 0), torch.where(real, layer.values, 0)] for layer in cache.layers]
-        return kv, mask, out.logits[:, -1].float()
-
-    def _merge(self, seqs: list[Sequence], kv: list[list[torch.Tensor]], row_mask: torch.Tensor) -> None:
-        """Add prefilled rows to the batch, left-padding whichever is shorter."""
-        if not self._running:
-            self._kv, self._mask, self._running = kv, row_mask, list(seqs)
-            return
-        t, n = self._mask.shape[1], row_mask.shape[1]
-        width = max(t, n)
-        for layer, (k, v) in zip(self._kv, kv, strict=True):
-            layer[0] = torch.cat([F.pad(layer[0], (0, 0, width - t, 0)), F.pad(k, (0, 0, width - n, 0))])
-            layer[1] = torch.cat([F.pad(layer[1], (0, 0, width - t, 0)), F.pad(v, (0, 0, width - n, 0))])
-        self._mask = torch.cat([F.pad(self._mask, (width - t, 0)), F.pad(row_mask, (width - n, 0))])
-        self._running.extend(seqs)
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
-        if len(keep) == len(self._running):
+        """Free the slots of the sequences that ended; the rows kept move into the freed slots."""
+        rows = self._rows
+        gone = {i for i, s in enumerate(rows) if s.finish_reason is not None}
+        if not gone:
             return
-        for s in self._running:
-            if s.finish_reason is not None:
-                self._release(s)
-        if not keep:
-            self._running, self._kv, self._mask = [], [], None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._running = [self._running[i] for i in keep]
-        self._mask = self._mask.index_select(0, index)
-        lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # columns that are padding in every row
-        self._mask = self._mask[:, lead:]
-        self._kv = [[k.index_select(0, index)[:, :, lead:], v.index_select(0, index)[:, :, lead:]] for k, v in self._kv]
+        for i in gone:
+            self._release(rows[i])
+        kept = [s for s in rows if s.finish_reason is None]
+        moved = self.cache.remove(gone, max((s.cache_len for s in kept), default=0))
+        new = rows[: len(kept)]
+        for old, slot in moved.items():
+            new[slot] = rows[old]
+            rows[old].slot = slot
+        self._rows = new
+        for s in new:
+            if s.follows is not None and s.follows.finish_reason is not None:
+                s.follows = None  # its leader ended before its prefill did: it prefills itself
 
     def _release(self, seq: Sequence) -> None:
         with self._cond:
@@ -464,7 +492,7 @@ class ContinuousBatcher(SchedulerThread):
         seq.end(("done", reason))
 
     def _observe_counts(self) -> None:
-        notify(self.observer.counts, len(self._running), len(self._waiting))
+        notify(self.observer.counts, len(self._rows), len(self._waiting))
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:

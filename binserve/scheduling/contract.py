@@ -40,8 +40,8 @@ class BatchSettings:
 
     #: samples per forward pass (the request batcher); sequences running at once (generation)
     max_batch_size: int = 32
-    #: padded tokens (rows x longest row) per batch of token rows; KV-cache tokens reserved by the
-    #: running sequences (generation); None: no token bound (array models)
+    #: padded tokens (rows x longest row) per batch of token rows; the KV cache's tokens (rows x the
+    #: longest reservation, generation: kvcache.SlotCache); None: no token bound (array models)
     max_batch_tokens: int | None = None
     #: how long the batch thread may wait for a fuller batch after the first request; 0: not at all
     max_wait_ms: float = 0.0

@@ -68,7 +68,10 @@ class Sequence:
     #: called (on the generation thread) once the sequence has ended, after its last event
     on_end: object = None
     error: Exception | None = None
-    cache_len: int = 0  # real tokens in the cache (the next token's position)
+    cache_len: int = 0  # tokens in the cache (the next token's position and column)
+    slot: int = -1  # its row of the cache, while it runs
+    reused: int = 0  # prompt tokens whose KV came from the prefix store
+    follows: object = None  # the sequence with the same prompt whose prefill it will copy
     #: per token of `output` when `params.logprobs` is set: (its logprob, [(alternative, logprob)])
     logprobs: list = field(default_factory=list)
     decoded: str = ""  # the whole text of `output` decoded so far (complete characters only)

@@ -72,7 +72,11 @@ class VersionLoader:
         """A started scheduler: the continuous batcher of a generative model, else the request batcher
         over the model's slot."""
         if adapter.generates:
-            return adapter.continuous_batcher(settings, metrics.GenerationMetrics(adapter.name)).start()
+            c = self.config
+            observer = metrics.GenerationMetrics(adapter.name)
+            return adapter.continuous_batcher(
+                settings, observer, prefill_chunk=c.prefill_chunk_tokens, prefix_tokens=c.prefix_cache_tokens
+            ).start()
         return Batcher(
             slot.run,
             settings,

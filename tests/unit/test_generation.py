@@ -20,8 +20,15 @@ PROMPTS = EXAMPLE_PROMPTS
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
+    """The tiny Llama with its attention sharpened: at random init every query sees its keys
+    about equally, so a cache that loses or misplaces keys would still give the same tokens."""
     path = write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture
@@ -135,27 +142,124 @@ def test_bounds(lm):
         b.submit(two, time.monotonic() + 10)  # more prompts than could ever wait at once
 
 
-def test_leaving_rows_take_their_padding_with_them(lm):
-    """A long prompt that finishes first leaves only padding before the short one's tokens: trimmed."""
+def test_rows_that_end_free_their_slots_at_once_and_the_cache_is_written_in_place(lm):
+    """The KV cache is preallocated slots: a finished row's slot is taken by the last row (the
+    others stay where they are), and a decode step writes into the same buffers, never a new one."""
     model, tok = lm
-    widths = []
+    seen = []  # per step: (slots of the running rows, the first layer's key buffer address)
 
     class Watch(NullObserver):
         def counts(self, running, waiting):
-            if b._mask is not None and running == 1:
-                widths.append((b._mask.shape[1], b._running[0].cache_len))
+            if b.cache.keys:
+                seen.append(([(s.slot, len(s.output)) for s in b._rows], b.cache.keys[0].data_ptr()))
 
-    b = ContinuousBatcher(model, tok, torch.device("cpu"), observer=Watch())
-    long_prompt = submit(b, tok, PROMPTS[3], 2)
-    short = submit(b, tok, PROMPTS[0], 30)
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(16, 4096), eos_ids=(), observer=Watch())
+    seqs = [submit(b, tok, p, n) for p, n in zip(PROMPTS[:4], [3, 30, 12, 20], strict=True)]
     b.start()
     try:
-        collect(long_prompt)
-        collect(short)
+        for seq in seqs:
+            collect(seq)
     finally:
         b.close()
-    assert short.output == reference(lm, PROMPTS[0], 30)
-    assert widths and all(width == cached for width, cached in widths)
+    for seq, p, n in zip(seqs, PROMPTS[:4], [3, 30, 12, 20], strict=True):
+        assert seq.output == reference(lm, p, n), p
+    # the 3-token one left first: the last row (the 20-token one) took its slot 0
+    after = next(slots for slots, _ in seen if len(slots) == 3)
+    assert sorted(slot for slot, _ in after) == [0, 1, 2] and after[0][0] == 0
+    assert b._rows == [] and b.cache.used == 0
+    assert len({ptr for _, ptr in seen}) == 1  # one buffer all along: nothing concatenated
+    assert b.stats()["cache_tokens"] == 16 * 64  # 16 slots of the longest reservation (30 + prompt), rounded up
+
+
+def test_the_budget_counts_rows_times_the_longest_reservation(lm):
+    model, tok = lm
+    most = []
+
+    class Watch(NullObserver):
+        def counts(self, running, waiting):
+            most.append(running)
+
+    # each reserves prompt + 100 tokens: rows of 128 columns, so a 256-token cache runs two at a time
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(16, 256), eos_ids=(), observer=Watch())
+    seqs = [submit(b, tok, PROMPTS[i], 100) for i in (0, 2, 4)]
+    b.start()
+    try:
+        for seq in seqs:
+            collect(seq)
+    finally:
+        b.close()
+    assert max(most) == 2
+    for seq, i in zip(seqs, (0, 2, 4), strict=True):
+        assert seq.output == reference(lm, PROMPTS[i], 100)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_generating(lm):
+    model, tok = lm
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(16, 4096), eos_ids=(), prefill_chunk=8)
+    fed = []  # query tokens per forward
+    real = b._forward
+    b._forward = lambda **kw: fed.append(kw["input_ids"].shape[1]) or real(**kw)
+    b.start()
+    try:
+        running = submit(b, tok, PROMPTS[0], 40)
+        events = running.stream(60)
+        next(events)
+        long_ids = tok(" ".join(PROMPTS)).input_ids  # ~60 tokens: 8 steps of 8
+        long = b.submit_sequence(Sequence(long_ids, SamplingParams(5, temperature=0.0), time.monotonic() + 60))
+        list(events)
+        collect(long)
+    finally:
+        b.close()
+    assert max(fed) <= 8  # no forward fed more than the chunk
+    assert sum(n for n in fed if n > 1) >= len(long_ids) - 8  # the long prompt went in pieces
+    assert running.output == reference(lm, PROMPTS[0], 40)
+    assert long.output == greedy_reference(model, long_ids, 5, eos=False)
+
+
+def test_a_shared_prompt_prefix_is_computed_once(lm):
+    model, tok = lm
+    system = tok(" ".join(PROMPTS[:6])).input_ids  # the part every request starts with
+    assert len(system) >= 2 * 16
+    b = ContinuousBatcher(model, tok, torch.device("cpu"), BatchSettings(16, 4096), eos_ids=())
+    b.start()
+    try:
+        prompts = [system + tok(p).input_ids for p in PROMPTS[5:8]]
+        unrelated = tok(" ".join(reversed(PROMPTS))).input_ids
+        outs = []
+        for ids in prompts:  # one after the other: each finds what the ones before stored
+            seq = b.submit_sequence(Sequence(ids, SamplingParams(8, temperature=0.0), time.monotonic() + 60))
+            collect(seq)
+            outs.append((seq.output, seq.reused))
+            # another prompt in between takes the same slot: what is reused must come from the store
+            other = b.submit_sequence(Sequence(unrelated, SamplingParams(8, temperature=0.0), time.monotonic() + 60))
+            collect(other)
+    finally:
+        b.close()
+    shared = len(system) // 16 * 16  # whole blocks
+    assert [reused for _, reused in outs] == [0, shared, shared]
+    stats = b.stats()  # the unrelated prompt found itself the second and third time
+    own = (len(unrelated) - 1) // 16 * 16
+    assert stats["prefix_hits"] == 4 and stats["prefix_reused_tokens"] == 2 * shared + 2 * own
+    assert stats["prefill_tokens"] == sum(map(len, prompts)) + 3 * len(unrelated) - stats["prefix_reused_tokens"]
+    for ids, (out, _) in zip(prompts, outs, strict=True):
+        assert out == greedy_reference(model, ids, 8, eos=False)  # reused KV, same tokens
+
+
+def test_the_prefix_store_finds_the_longest_block_and_evicts_the_oldest():
+    from binserve.scheduling.prefixes import BLOCK, PrefixStore
+
+    store = PrefixStore(capacity=4 * BLOCK)
+    a = list(range(3 * BLOCK + 5))
+    assert store.usable(a) == 3 * BLOCK and store.find(a) == (None, 0)
+    store.add(a, ["kv-a"])
+    kv, n = store.find(a[: 2 * BLOCK] + [999] * 20)  # shares two blocks, then differs
+    assert kv == ["kv-a"] and n == 2 * BLOCK
+    assert store.find([999] + a[1:]) == (None, 0)  # differs in the first token: nothing
+    assert not store.wants(a, 3 * BLOCK) and store.wants(a[: 2 * BLOCK] + [7] * 40, 2 * BLOCK)
+    b = [5000 + i for i in range(2 * BLOCK + 1)]
+    store.add(b, ["kv-b"])  # 3 + 2 blocks > 4: the oldest (a) goes
+    assert store.tokens == 2 * BLOCK and store.find(a) == (None, 0) and store.find(b) == (["kv-b"], 2 * BLOCK)
+    assert PrefixStore(0).usable(a) == 0  # a store of no tokens stores nothing
 
 
 def test_text_held_back_for_stop_strings_is_sent_at_eos(lm):
