@@ -5,13 +5,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 import requests
 import torch
 
 from models.example_causal_lm import EXAMPLE_PROMPTS
-from tests.serverproc import ServerProcess, poll
+from tests.serverproc import ROOT, ServerProcess, poll
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,20 @@ def test_streamed_generate_ends_with_the_final_event_and_matches(srv):
     assert all(set(e) == {"text", "request_id", "tokens_generated"} for e in tokens)
     assert final["final"] is True and final["text"] == "" and final["finish_reason"] == whole["finish_reason"]
     assert final["tokens_generated"] == whole["tokens_generated"]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js (Debian's nodejs; .ci/run installs it)")
+def test_the_seeds_javascript_client_runs_unmodified_with_nodes_fetch(srv, hf):
+    _, tok = hf
+    prompt = EXAMPLE_PROMPTS[1]
+    run = subprocess.run(["node", str(ROOT / "tests" / "clients" / "seed_client.mjs"), srv.base_url, prompt],
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["whole"]["text"] == out["streamed"]["text"] == _reference(hf, tok(prompt).input_ids, 16)
+    assert out["whole"]["metadata"] == {"client": "js"} and 0 < out["whole"]["tokens_generated"] <= 16
+    final = out["streamed"]["final"]
+    assert out["streamed"]["events"] >= 2 and final["finish_reason"] == out["whole"]["finish_reason"]
+    assert out["chat"]["message"]["role"] == "assistant" and out["chat"]["tokens_generated"] <= 8
 
 
 def test_chat_answers_with_a_message_and_streams(srv):
