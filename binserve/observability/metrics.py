@@ -69,6 +69,14 @@ PADDING_RATIO = Histogram(
 QUEUE_DEPTH = Gauge(
     "binserve_queue_depth_samples", "Samples waiting for a batch.", ["model"], multiprocess_mode="livesum"
 )
+QUEUE_BACKLOG = Gauge(
+    "binserve_queue_backlog_seconds",
+    "Queued work in seconds, per model: what is waiting x its recent cost (samples x seconds per sample of "
+    "recent batches; generation: waiting sequences x a recent sequence's time / running sequences); summed "
+    "over a replica's workers. The autoscaling signal.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
 IN_FLIGHT = Gauge("binserve_in_flight_requests", "Inference requests being handled.", multiprocess_mode="livesum")
 REQUEST_BYTES = Counter("binserve_request_bytes_total", "Bytes of inference request bodies.", ["model"])
 RESPONSE_BYTES = Counter("binserve_response_bytes_total", "Bytes of inference reply bodies.", ["model"])
@@ -120,14 +128,20 @@ POLICY_STORE_ERRORS = Counter(
 )  # fmt: skip
 
 
+#: weight of the newest batch (or token) in the recent costs the backlog gauge multiplies by
+RECENT = 0.2
+
+
 class BatchMetrics:
     """The request batcher's observer for one model (a `scheduling.contract.BatchObserver`): batch
-    sizes, padding, inference time, queue, drops."""
+    sizes, padding, inference time, queue, drops, and the queue's backlog in seconds."""
 
     def __init__(self, model: str) -> None:
         self.model = model
-        children = (m.labels(model) for m in (BATCH_SIZE, PADDING_RATIO, INFERENCE_DURATION, QUEUE_DEPTH))
-        self._size, self._padding, self._infer, self._depth = children
+        metrics = (BATCH_SIZE, PADDING_RATIO, INFERENCE_DURATION, QUEUE_DEPTH, QUEUE_BACKLOG)
+        self._size, self._padding, self._infer, self._depth, self._backlog = (m.labels(model) for m in metrics)
+        self._per_sample = 0.0  # seconds per sample of recent batches (0 until one ran: warm-up runs one)
+        self._waiting = 0
 
     def batch(self, samples: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
         """One batch ran."""
@@ -135,10 +149,16 @@ class BatchMetrics:
         self._infer.observe(seconds)
         if padded_tokens:
             self._padding.observe(1 - real_tokens / padded_tokens)
+        if samples:
+            cost = seconds / samples
+            self._per_sample = cost if not self._per_sample else (1 - RECENT) * self._per_sample + RECENT * cost
+            self._backlog.set(self._waiting * self._per_sample)
 
     def queue_depth(self, samples: int) -> None:
         """Samples now waiting."""
+        self._waiting = samples
         self._depth.set(samples)
+        self._backlog.set(samples * self._per_sample)
 
     def dropped(self, reason: str) -> None:
         """A request left the queue without running (deadline, client_gone) or was refused."""
@@ -179,19 +199,28 @@ class GenerationMetrics:
         self.model = model
         metrics = (TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, RUNNING_SEQUENCES, WAITING_SEQUENCES)
         self._ttft, self._itl, self._tokens, self._running, self._waiting = (m.labels(model) for m in metrics)
+        self._backlog = QUEUE_BACKLOG.labels(model)
+        self._gap = 0.0  # recent seconds between a sequence's tokens
+        self._firsts = self._all = 0  # sequences started and tokens generated: tokens per sequence
 
     def token(self, ttft_s: float | None, itl_s: float | None) -> None:
         """A token was generated: its time since arrival if first, else since the previous one."""
         self._tokens.inc()
+        self._all += 1
         if ttft_s is not None:
             self._ttft.observe(ttft_s)
+            self._firsts += 1
         if itl_s is not None:
             self._itl.observe(itl_s)
+            self._gap = itl_s if not self._gap else (1 - RECENT) * self._gap + RECENT * itl_s
 
     def counts(self, running: int, waiting: int) -> None:
         """Sequences running and waiting now."""
         self._running.set(running)
         self._waiting.set(waiting)
+        # a waiting sequence starts when a running one ends: the queue drains `running` at a time
+        per_sequence = self._gap * self._all / self._firsts if self._firsts else 0.0
+        self._backlog.set(waiting * per_sequence / max(running, 1))
 
     def dropped(self, reason: str) -> None:
         """A sequence was refused (overloaded)."""

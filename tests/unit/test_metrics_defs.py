@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client import Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -49,3 +50,34 @@ def test_dashboard_queries_only_defined_metrics():
     titles = " ".join(p["title"] for p in dash["panels"])
     for topic in ("status", "p99", "Queue time", "batch size", "Queue depth", "version", "GPU memory"):
         assert topic.lower() in titles.lower(), topic
+
+
+def test_the_backlog_gauge_is_queued_work_times_the_recent_cost():
+    from prometheus_client import REGISTRY
+
+    from binserve.observability.metrics import BatchMetrics, GenerationMetrics
+
+    def backlog(model):
+        return REGISTRY.get_sample_value("binserve_queue_backlog_seconds", {"model": model})
+
+    m = BatchMetrics("backlog-test")
+    m.queue_depth(10)
+    assert backlog("backlog-test") == 0.0  # no batch ran yet: no cost known
+    m.batch(8, 0, 0, 0.4)  # 50 ms a sample
+    assert backlog("backlog-test") == pytest.approx(10 * 0.05)
+    m.queue_depth(40)
+    assert backlog("backlog-test") == pytest.approx(2.0)
+    m.batch(4, 0, 0, 0.4)  # 100 ms a sample: the recent cost moves a fifth of the way
+    assert backlog("backlog-test") == pytest.approx(40 * (0.8 * 0.05 + 0.2 * 0.1))
+    m.queue_depth(0)
+    assert backlog("backlog-test") == 0.0
+
+    g = GenerationMetrics("backlog-gen")
+    for _ in range(2):  # two sequences of 4 tokens, 10 ms apart
+        g.token(0.02, None)
+        for _ in range(3):
+            g.token(None, 0.01)
+    g.counts(2, 6)  # 6 waiting, 2 at a time, each ~4 tokens x 10 ms
+    assert backlog("backlog-gen") == pytest.approx(6 * (0.01 * 8 / 2) / 2)
+    g.counts(2, 0)
+    assert backlog("backlog-gen") == 0.0
