@@ -4,8 +4,10 @@ design: `InferenceClient` owns one `requests.Session` (one keep-alive connection
 the framed binary format by default. Replies are decoded with the same safe decoder the server
 uses, so a client never unpickles what a server (or something pretending to be one) sent. Retries
 happen only where they cannot duplicate a side effect that matters - inference is idempotent - and
-only for failures that a retry can fix: connection refused/reset, 429 and 503, waiting for the
-server's Retry-After when it gives one, else exponential backoff with jitter. Other non-2xx replies
+only for failures that a retry can fix: connection refused/reset, 429 and 503, and a gateway's 502
+or 504 (a load balancer whose replica died or hung under the request: another replica can answer
+it; binserve's own 504 is the request's deadline and is not retried),
+waiting for the server's Retry-After when it gives one, else exponential backoff with jitter. Other non-2xx replies
 raise the typed error from `errors` that the server reported (`errors.Overloaded`, ...).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,6 +28,9 @@ __all__ = ["InferenceClient", "Reply", "ServingError", "send_inference_request"]
 
 DEFAULT_URL = "http://127.0.0.1:8000/infer"
 _RETRY_STATUSES = frozenset({429, 503})
+#: what a load balancer or proxy answers when the replica behind it died (502) or hung (504) under
+#: the request; retried unless a binserve server sent it (its own 504 is the request's deadline)
+_GATEWAY_STATUSES = frozenset({502, 504})
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class InferenceClient:
         self.fmt = fmt
         self.session = session or requests.Session()
         self._own_session = session is None
+        self.retried = 0  # requests sent again so far (what a retry saved, or tried to)
+        self._count = threading.Lock()
 
     def close(self) -> None:
         """Close the connection pool (only if this client created it)."""
@@ -142,6 +150,8 @@ class InferenceClient:
         return self.request(data, model=model, timeout_ms=timeout_ms).outputs
 
     def _sleep_before_retry(self, attempt: int, hint: float | None) -> None:
+        with self._count:
+            self.retried += 1
         if hint is not None:
             delay = min(hint, self.max_backoff_s)
         else:
@@ -163,7 +173,10 @@ class InferenceClient:
                 continue
             if resp.status_code < 300:
                 return resp
-            if resp.status_code in _RETRY_STATUSES and attempt < self.retries:
+            retry = resp.status_code in _RETRY_STATUSES or (
+                resp.status_code in _GATEWAY_STATUSES and "json" not in resp.headers.get("Content-Type", "")
+            )
+            if retry and attempt < self.retries:
                 self._sleep_before_retry(attempt, _retry_after(resp))
                 attempt += 1
                 continue

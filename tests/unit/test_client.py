@@ -36,7 +36,8 @@ class ScriptedServer:
                 if owner.delay_s:
                     time.sleep(owner.delay_s)  # a slow model, to exercise the client's timeout
                 status, headers, reply = owner.script.pop(0) if owner.script else (200, {}, None)
-                ctype = "application/json"
+                headers = dict(headers)
+                ctype = headers.pop("Content-Type", "application/json")
                 if reply is None:
                     data, fmt = decode_body(body, self.headers.get("Content-Type"))
                     reply, ctype = encode_body(data, reply_format(fmt, self.headers.get("Accept")))
@@ -127,8 +128,8 @@ def test_503_retries_run_out_into_a_typed_error(server):
         (404, "model_not_found", errors.ModelNotFound),
         (413, "payload_too_large", errors.PayloadTooLarge),
         (500, "model_error", errors.ModelFailure),
-        (504, "deadline_exceeded", errors.DeadlineExceeded),
-        (502, None, errors.ServingError),
+        (504, "deadline_exceeded", errors.DeadlineExceeded),  # the server's own: its deadline passed
+        (418, None, errors.ServingError),
     ],
 )
 def test_errors_are_typed_and_not_retried(server, status, kind, cls):
@@ -139,6 +140,19 @@ def test_errors_are_typed_and_not_retried(server, status, kind, cls):
     assert info.value.status_code == status
     assert ("what went wrong" if kind else "bad gateway") in str(info.value)
     assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_a_gateways_502_and_504_are_retried_and_counted(server, status):
+    """A load balancer answers these (HTML) when the replica under a request died or hung."""
+    server.script = [(status, {"Content-Type": "text/html"}, b"<html>bad gateway</html>")]
+    with InferenceClient(server.base_url, retries=2, backoff_s=0.0) as client:
+        assert client.infer({"a": 1}) == {"a": 1}
+        assert client.retried == 1 and len(server.requests) == 2
+        server.script = [(status, {"Content-Type": "text/html"}, b"<html>bad gateway</html>")] * 3
+        with pytest.raises(errors.ServingError) as info:
+            client.infer({"a": 1})
+        assert info.value.status_code == status and client.retried == 3
 
 
 def test_connection_refused_is_retried_then_raised(monkeypatch):
