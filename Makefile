@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-gpu lint load image docker-test
+.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-gpu lint load image docker-test replicas-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,3 +66,8 @@ image: install
 # Build the image, then run it as users do: tests/container (needs a running Docker daemon).
 docker-test: image
 	BINSERVE_IMAGE=$(IMAGE) $(PY) -m pytest -p no:cacheprovider tests/container
+
+# Three replicas of the image behind HAProxy under load: rolling restart, SIGKILL, reload
+# (tests/replicas; needs Docker and Debian's haproxy).
+replicas-test: image
+	BINSERVE_IMAGE=$(IMAGE) $(PY) -m pytest -p no:cacheprovider -s tests/replicas

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import requests
+from requests.structures import CaseInsensitiveDict
 
 from binary_protocol import FRAMED, JSON, MEDIA_TYPES, decode_body, dict_to_binary, dict_to_json
 from binserve.errors import ServingError, error_from_reply
@@ -143,7 +144,8 @@ class InferenceClient:
             hdrs.update(headers)
         resp = self._post(self.url_for(model), body, hdrs)
         outputs, _ = decode_body(resp.content, resp.headers.get("Content-Type"))
-        return Reply(outputs=outputs, headers=dict(resp.headers), status=resp.status_code)
+        # header names are case-insensitive, and proxies speaking HTTP/2 or HAProxy send them lowercase
+        return Reply(outputs=outputs, headers=CaseInsensitiveDict(resp.headers), status=resp.status_code)
 
     def infer(self, data: dict, *, model: str | None = None, timeout_ms: int | None = None) -> dict:
         """POST `data` and return the model's outputs as a dict (e.g. `{"embeddings": ...}`)."""

@@ -105,6 +105,12 @@ class ServerConfig:
         "Kubernetes' terminationGracePeriodSeconds minus the preStop delay",
         unit="s", gt=0, le=3600,
     )  # fmt: skip
+    drain_delay_s: float = setting(
+        0.0, "on SIGTERM, how long a worker keeps accepting requests while /readyz answers 503, before it "
+        "stops accepting and drains: set it above a health-checking load balancer's time to mark a server "
+        "down (HAProxy: inter x fall); 0 for Kubernetes, whose preStop delay does the same",
+        unit="s", ge=0, le=600,
+    )  # fmt: skip
     max_body_bytes: int = setting(64 * MiB, "larger bodies get 413", unit="bytes", ge=1)
     max_json_bytes: int = setting(
         4 * MiB, "larger JSON bodies get 413, checked before parsing (JSON is parsed whole before anything "

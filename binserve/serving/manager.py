@@ -273,6 +273,7 @@ class ModelManager:
                 "directories from under it, or copy the version into the repository and name it"
             )
         with self._lock(name), self.repo.lock(name):
+            expected = set(self.repo.workers(name))  # every worker live now must come to serve it
             loaded = self._models.get(name)
             imported = None
             if path is not None:
@@ -309,7 +310,7 @@ class ModelManager:
             self._errors.pop(name, None)
             self._retry.pop(name, None)
             self.repo.set_current(name, version)
-        return self._await_convergence(name, version, timeout_s)
+        return self._await_convergence(name, version, timeout_s, expected)
 
     def _current_adapter(self, name: str) -> str:
         try:
@@ -317,7 +318,7 @@ class ModelManager:
         except (KeyError, ValueError, OSError):
             raise BadRequest(f"model {name!r} serves no version to take the adapter from; name the 'adapter'") from None
 
-    def _await_convergence(self, name: str, version: str, timeout_s: float) -> dict:
+    def _await_convergence(self, name: str, version: str, timeout_s: float, expected: set[str]) -> dict:
         def check():
             current = self.repo.current(name)
             if current != version:
@@ -325,8 +326,7 @@ class ModelManager:
                     f"version {version} of {name!r} was superseded by version {current}, made current by a later "
                     "update, before every worker served it"
                 )
-            workers = self.repo.workers(name)
-            return bool(workers) and all(v == version for v in workers.values()), workers  # this worker reports
+            return self.repo.serving_everywhere(name, version, expected)  # this worker reports too
 
         converged, workers = self.repo.await_workers(check, timeout_s)
         return {"model": name, "version": version, "converged": converged, "workers": workers}

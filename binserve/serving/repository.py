@@ -333,6 +333,19 @@ class ModelRepository:
                 continue  # replaced or removed while we read it
         return out
 
+    def serving_everywhere(self, model: str, version: str, expected: set[str]) -> tuple[bool, dict[str, str]]:
+        """Whether every live worker serves `version` and none of `expected` (the workers live when
+        the change began) is only late with its report: (done, the live workers' versions).
+
+        A worker busy loading the new version on a starved CPU can miss its report's refresh for a
+        few seconds; without `expected` it would drop out of the live set and the others alone
+        would look converged (seen behind a load balancer: 2 of 3 replicas). One whose report is
+        ten times past the live age is gone (killed, scaled down) and is not waited for."""
+        live = self.workers(model)
+        recent = self.workers(model, max_age_s=10 * self.live_age_s)
+        late = [w for w in expected if w not in live and w in recent]
+        return bool(live) and not late and all(v == version for v in live.values()), live
+
     def await_workers(self, check: Callable[[], tuple[bool, object]], timeout_s: float) -> tuple[bool, object]:
         """Ask `check() -> (done, result)` about the workers' reports (refreshed every poll) until it is
         done or `timeout_s` passed; (done, the last result). How a reload, a load and an unload wait

@@ -64,3 +64,27 @@ def test_sigterm_with_32_requests_in_flight():
         pool.shutdown()
     finally:
         srv.stop()
+
+
+def test_a_drain_delay_keeps_serving_while_readyz_turns_away_the_load_balancer():
+    """drain_delay_s: after SIGTERM the worker answers /readyz 503 at once (a health-checking load
+    balancer takes it out) yet goes on serving requests until the delay ends, then drains."""
+    delay = 3.0
+    srv = ServerProcess(workers=1, drain_delay_s=delay, graceful_timeout_s=GRACE_S).start()
+    try:
+        client = InferenceClient(srv.base_url, retries=0, timeout=30)
+        client.infer({"texts": ["before"]})
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        ready = requests.get(f"{srv.base_url}/readyz", timeout=5, headers={"Connection": "close"})
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        served = 0
+        while time.monotonic() - t0 < delay - 1.0:  # well inside the delay: still served
+            reply = InferenceClient(srv.base_url, retries=0, timeout=30).request({"texts": [f"during {served}"]})
+            assert reply.status == 200
+            served += 1
+        assert srv.proc.wait(delay + GRACE_S) == 0
+        assert time.monotonic() - t0 >= delay  # it waited the delay before it drained and exited
+    finally:
+        srv.stop()
+    assert served > 0

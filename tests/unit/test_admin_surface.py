@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,23 @@ def test_reports_can_live_beside_a_read_only_repository(tmp_path):
     replica.report("m", 3, "1")
     assert not (tmp_path / "repo" / "m" / ".workers").exists()  # nothing written into the repository
     assert ModelRepository(tmp_path / "repo", report_root=tmp_path / "status").workers("m", 60) == {"pod-a:3": "1"}
+
+
+def test_an_update_waits_for_a_worker_that_is_only_late_with_its_report_not_for_one_that_is_gone(tmp_path):
+    spec = ModelSpec("m", "torch_module", str(Path("models/policy_v1").resolve()))
+    a, b = ModelRepository(tmp_path, replica="pod-a", poll_s=1.0), ModelRepository(tmp_path, replica="pod-b")
+    a.register(spec)
+    a.report("m", 7, "1")
+    b.report("m", 7, "1")
+    expected = set(a.workers("m"))  # both live when the update began
+    a.report("m", 7, "2")
+    late = a.live_age_s + 2  # pod-b missed its refresh for a few seconds (busy loading the new version)
+    report_b = next((tmp_path / "m" / ".workers").glob("pod-b_*.json"))
+    os.utime(report_b, (time.time() - late, time.time() - late))
+    assert a.serving_everywhere("m", "2", expected) == (False, {"pod-a:7": "2"})  # not converged: b is late
+    assert a.serving_everywhere("m", "2", set()) == (True, {"pod-a:7": "2"})  # what it said before
+    gone = 10 * a.live_age_s + 1  # b was killed: its report will never be refreshed
+    os.utime(report_b, (time.time() - gone, time.time() - gone))
+    assert a.serving_everywhere("m", "2", expected) == (True, {"pod-a:7": "2"})
+    b.report("m", 7, "2")  # b caught up
+    assert a.serving_everywhere("m", "2", expected) == (True, {"pod-a:7": "2", "pod-b:7": "2"})

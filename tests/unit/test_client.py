@@ -183,6 +183,14 @@ def test_reply_carries_headers(server):
     assert reply.outputs == {"a": 1}
 
 
+def test_reply_headers_are_read_whatever_their_case(server):
+    """HAProxy and HTTP/2 proxies send header names lowercase."""
+    server.script = [(200, {"x-model-version": "4", "x-batch-size": "2", "x-request-id": "r2"}, None)]
+    with InferenceClient(server.base_url) as client:
+        reply = client.request({"a": 1})
+    assert (reply.model_version, reply.batch_size, reply.request_id) == ("4", 2, "r2")
+
+
 def test_client_rejects_unknown_format():
     with pytest.raises(ValueError, match="fmt must be one of"):
         InferenceClient(fmt="xml")

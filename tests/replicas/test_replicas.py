@@ -1,0 +1,117 @@
+"""Replicas of the real image behind a real HAProxy under load (tests/replicas/bed.py): a rolling
+restart loses nothing, a replica killed mid-load costs only retries and rejoins when ready.
+
+Needs Docker, the image and haproxy: `make replicas-test` builds the image and runs this with
+BINSERVE_IMAGE set (CI does, after the image tests); without the variable it is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import requests
+from sentence_transformers import SentenceTransformer
+
+from models.registry import default_minilm_path
+from tests.container.test_image import cosines
+from tests.replicas.bed import IMAGE, TEXTS, HAProxy, Load, Replicas, docker, wait_ready, wait_state
+
+pytestmark = pytest.mark.skipif(not IMAGE, reason="BINSERVE_IMAGE is not set (make replicas-test sets it)")
+
+
+TOKEN = "replica-bed-admin"
+
+
+@pytest.fixture(scope="module")
+def bed(version_two):
+    writer = ("-v", f"{version_two.parent}:/imports:ro")
+    env = {"BINSERVE_ADMIN_TOKEN": TOKEN, "BINSERVE_IMPORT_ROOT": "/imports"}
+    with Replicas(3, writer_args=writer, writer_env=env) as replicas:
+        servers = [f"127.0.0.1:{c.port}" for c in replicas.containers]
+        with HAProxy(servers) as lb:
+            yield replicas, lb
+
+
+def test_a_rolling_restart_of_every_replica_under_load_fails_no_request(bed):
+    """As a Deployment rollout does: one replica at a time gets SIGTERM with its grace period
+    (`docker stop -t 30`), comes back, and is ready before the next one goes."""
+    replicas, lb = bed
+    downs = []
+    with Load(lb.url) as load:
+        for i, c in enumerate(replicas.containers):
+            docker("stop", "-t", "30", c.name, timeout=90)
+            downs.append(wait_state(lb, f"r{i}", "DOWN", timeout_s=10))
+            docker("start", c.name)
+            wait_ready(c)
+            wait_state(lb, f"r{i}", "UP", timeout_s=30)
+            time.sleep(1.0)  # load on the restarted replica before the next one goes
+    print(f"\nrolling restart of 3 replicas: {load.summary()}; HAProxy saw each down in "
+          f"{', '.join(f'{d:.2f}' for d in downs)} s")  # fmt: skip
+    assert load.failures == [], load.failures[:5]
+    assert load.retried == 0  # the drain delay: nothing was refused or reset, not even once
+    assert load.sent > 100
+    for i in range(3):  # every replica served after its restart
+        assert int(lb.stats()[f"r{i}"]["stot"]) > 0
+
+
+def test_a_replica_killed_mid_load_costs_retries_not_failures_and_rejoins(bed):
+    replicas, lb = bed
+    victim = replicas.containers[1]
+    with Load(lb.url) as load:
+        before = int(lb.stats()["r1"]["stot"])
+        poll_until = time.monotonic() + 30
+        while int(lb.stats()["r1"]["stot"]) < before + 5 and time.monotonic() < poll_until:
+            time.sleep(0.05)  # polling HAProxy's count of requests sent to it: it is taking load
+        docker("kill", victim.name)  # SIGKILL: no drain, requests in flight on it are lost
+        marked_down = wait_state(lb, "r1", "DOWN", timeout_s=10)
+        docker("start", victim.name)
+        wait_ready(victim)
+        wait_state(lb, "r1", "UP", timeout_s=30)
+        rejoined = int(lb.stats()["r1"]["stot"])
+        deadline = time.monotonic() + 30
+        while int(lb.stats()["r1"]["stot"]) <= rejoined + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling: the rejoined replica takes requests again
+        served_after = int(lb.stats()["r1"]["stot"]) - rejoined
+    print(f"\nSIGKILL of one of 3 replicas: {load.summary()}; HAProxy marked it down in {marked_down:.2f} s, "
+          f"it served {served_after} requests after rejoining")  # fmt: skip
+    assert load.failures == [], load.failures[:5]
+    assert served_after > 5
+
+
+def test_an_update_on_the_writer_reaches_every_replica_under_load_and_each_reply_names_its_weights(bed, version_two):
+    replicas, lb = bed
+    writer = replicas.containers[0]
+    refs = {
+        "1": SentenceTransformer(default_minilm_path(), device="cpu").encode(TEXTS[:1])[0],
+        "2": SentenceTransformer(str(version_two), device="cpu").encode(TEXTS[:1])[0],
+    }
+    with Load(lb.url) as load:
+        t0 = time.monotonic()
+        r = requests.post(f"{writer.url}/update_model", json={"model": "minilm", "path": "/imports/v2"},
+                          headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300)  # fmt: skip
+        converged_s = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        body = r.json()
+        converged_at = time.monotonic()
+        deadline = converged_at + 30
+        while sum(1 for *_, sent in load.served_by if sent > converged_at) < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling: replies to requests sent after the update converged
+    print(f"\n/update_model on the writer under load: converged={body['converged']} in {converged_s:.1f} s over "
+          f"{len(set(w.split(':')[0] for w in body['workers']))} replicas; {load.summary()}")  # fmt: skip
+    assert body["version"] == "2" and body["converged"], body
+    assert len({w.split(":")[0] for w in body["workers"]}) == 3, body["workers"]
+    assert load.failures == [], load.failures[:5]
+    # a batch that was running on version 1 when its worker switched still answers with 1; every
+    # request sent after the update said it converged is answered by version 2, on every replica
+    before = [v for v, _, sent in load.served_by if sent < t0]
+    after = [(v, who) for v, who, sent in load.served_by if sent > converged_at]
+    assert set(before) == {"1"} and len(after) >= 50
+    assert {v for v, _ in after} == {"2"}, [a for a in after if a[0] != "2"][:10]
+    assert {who for _, who in after} == {"r0", "r1", "r2"}
+    for version, embedding in load.replies:  # the header names the weights that computed the reply
+        assert version in refs, version
+        other = refs["2" if version == "1" else "1"]
+        assert cosines(np.array([embedding]), np.array([refs[version]]))[0] >= 0.9999
+        assert cosines(np.array([embedding]), np.array([other]))[0] < 0.9999
