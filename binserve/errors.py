@@ -137,6 +137,14 @@ class ModelFailure(ServingError):
     error_type = "model_error"
 
 
+class InsufficientStorage(ServingError):
+    """/update_model: the model repository's volume is full (or over its quota) (507); nothing of
+    the import is left behind and the serving version is untouched."""
+
+    status_code = 507
+    error_type = "insufficient_storage"
+
+
 class NotReady(ServingError):
     """The server is starting, draining or has no model loaded yet (503)."""
 
@@ -177,6 +185,7 @@ _BY_STATUS = {
     500: ServingError,
     503: NotReady,
     504: DeadlineExceeded,
+    507: InsufficientStorage,
 }
 
 

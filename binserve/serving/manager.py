@@ -20,6 +20,7 @@ checks and moves CURRENT, then waits until every live worker reports the new ver
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -28,7 +29,15 @@ import time
 import torch
 
 from binserve.config import ServerConfig
-from binserve.errors import BadRequest, Conflict, Forbidden, ModelLoadFailed, ModelNotFound, NotReady
+from binserve.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InsufficientStorage,
+    ModelLoadFailed,
+    ModelNotFound,
+    NotReady,
+)
 from binserve.observability import metrics
 from binserve.process.runtime import in_fresh_thread
 from binserve.serving.loader import VersionLoader
@@ -282,7 +291,15 @@ class ModelManager:
                     version = imported = self.repo.import_version(
                         name, path, kind, self.config.import_root, self.config.max_import_bytes
                     )
-                except (ValueError, OSError) as exc:
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the volume, not the request, is at fault
+                        raise InsufficientStorage(
+                            f"could not import {path!r} as a version of {name!r}: the model repository's volume "
+                            f"is full ({os.strerror(exc.errno)}); nothing was kept and the serving version is "
+                            "unchanged"
+                        ) from None
+                    raise BadRequest(f"could not import {path!r} as a version of {name!r}: {exc}") from None
+                except ValueError as exc:
                     raise BadRequest(f"could not import {path!r} as a version of {name!r}: {exc}") from None
             try:
                 self.repo.spec(name, version)  # exists and is readable, before anything is loaded

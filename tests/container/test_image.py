@@ -213,3 +213,23 @@ def test_two_containers_on_one_repository_volume_follow_a_reload(version_two):
             assert cosines(reply.outputs["embeddings"], expected).min() >= 0.999
     finally:
         docker("volume", "rm", "-f", volume, status, check=False)
+
+
+def test_an_import_into_a_full_repository_volume_is_507_and_leaves_nothing(version_two):
+    """The repository on a 16 MiB tmpfs: MiniLM's second version (90 MB) cannot fit. The reply names
+    the cause, the half-copied staging directory is gone, and version 1 goes on serving."""
+    # engine exports go to /tmp, so that the small repository holds only what imports write
+    env = {"BINSERVE_ADMIN_TOKEN": "s3cret", "BINSERVE_IMPORT_ROOT": "/imports", "BINSERVE_CACHE_DIR": "/tmp/cache"}
+    args = ("--tmpfs", "/models:size=16m,uid=10001,gid=10001,mode=0755",
+            "-v", f"{version_two.parent}:/imports:ro")  # fmt: skip
+    with Container(*args, env=env) as c:
+        r = requests.post(f"{c.url}/update_model", json={"model": "minilm", "path": "/imports/v2"},
+                          headers={"Authorization": "Bearer s3cret"}, timeout=300)  # fmt: skip
+        assert r.status_code == 507, r.text
+        assert r.json()["error"]["type"] == "insufficient_storage"
+        assert "full" in r.json()["error"]["message"] and "unchanged" in r.json()["error"]["message"]
+        left = docker("exec", c.name, "find", "/models", "-name", ".import-*")
+        assert left == "", left  # the staging copy was removed
+        assert docker("exec", c.name, "df", "--output=used", "-B1", "/models").split()[-1] != "16777216"
+        reply = InferenceClient(c.url).request({"texts": TEXTS[:2]})
+        assert reply.status == 200 and reply.model_version == "1"

@@ -129,6 +129,7 @@ def test_503_retries_run_out_into_a_typed_error(server):
         (413, "payload_too_large", errors.PayloadTooLarge),
         (500, "model_error", errors.ModelFailure),
         (504, "deadline_exceeded", errors.DeadlineExceeded),  # the server's own: its deadline passed
+        (507, "insufficient_storage", errors.InsufficientStorage),
         (418, None, errors.ServingError),
     ],
 )
