@@ -12,7 +12,7 @@ import pytest
 import requests
 import yaml
 
-from tests.serverproc import ROOT, free_port, poll
+from tests.serverproc import ROOT, free_port, poll, terminate
 
 
 class PrometheusProcess:
@@ -67,12 +67,7 @@ class PrometheusProcess:
         return [rule for group in r.json()["data"]["groups"] for rule in group["rules"]]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        terminate(self.proc, 20)
         self._log.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 

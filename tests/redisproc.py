@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from tests.serverproc import free_port, poll
+from tests.serverproc import free_port, poll, terminate
 
 
 class RedisProcess:
@@ -39,10 +39,5 @@ class RedisProcess:
 
     def stop(self) -> None:
         self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        terminate(self.proc)
         shutil.rmtree(self._dir, ignore_errors=True)

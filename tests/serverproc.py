@@ -36,6 +36,16 @@ def poll(fn, timeout_s: float = 60.0, every_s: float = 0.1):
     raise TimeoutError(f"{fn} did not become true in {timeout_s}s")
 
 
+def terminate(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM a helper server the tests started (redis, Prometheus, HAProxy); SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class ServerProcess:
     """`python server.py` as a user starts it; `start()` returns once every worker is ready."""
 

@@ -48,6 +48,7 @@ class SlotCache:
         self.values: list[torch.Tensor] = []
         self._shapes: list[tuple] = []  # per layer (keys' and values' (heads, dim), dtype), from the first forward
         self._plan: _Plan | None = None
+        self._view: _SlotView | None = None
 
     # --- bounds ---------------------------------------------------------------------------------
     def bound(self, budget: int, max_slots: int) -> None:
@@ -170,8 +171,11 @@ class SlotCache:
         return columns, mask
 
     def cache(self) -> _SlotView:
-        """The cache object the planned forward hands the model."""
-        return _SlotView(self)
+        """The cache object the planned forward hands the model (one for the loop's lifetime: it
+        holds no state of its own, the plan says what each forward writes and reads)."""
+        if self._view is None:
+            self._view = _SlotView(self)
+        return self._view
 
     @torch.inference_mode()
     def _update(self, layer: int, key: torch.Tensor, value: torch.Tensor):

@@ -58,6 +58,13 @@ class Container:
 
     def __enter__(self) -> Container:
         docker(*self.args)
+        try:
+            return self._ready()
+        except BaseException:
+            self.__exit__()  # a container that never got ready is not left running
+            raise
+
+    def _ready(self) -> Container:
         # every worker of the container, as a Service would spread requests over them all (the
         # container sees this machine's cores, so it starts as many workers as a server here)
         workers, ready = coreshare.worker_count(0), set()

@@ -26,7 +26,7 @@ import requests
 
 from request_tools import InferenceClient
 from tests.container.test_image import IMAGE, Container, docker
-from tests.serverproc import free_port, poll
+from tests.serverproc import free_port, poll, terminate
 
 TEXTS = [f"a sentence for the replicas, number {i}" for i in range(8)]
 
@@ -138,12 +138,7 @@ class HAProxy:
         return {name: row["status"].split()[0] for name, row in self.stats().items()}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        terminate(self.proc)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> HAProxy:

@@ -17,6 +17,7 @@ from sentence_transformers import SentenceTransformer
 from models.registry import default_minilm_path
 from tests.container.test_image import cosines
 from tests.replicas.bed import IMAGE, TEXTS, HAProxy, Load, Replicas, docker, wait_ready, wait_state
+from tests.serverproc import poll
 
 pytestmark = pytest.mark.skipif(not IMAGE, reason="BINSERVE_IMAGE is not set (make replicas-test sets it)")
 
@@ -46,7 +47,8 @@ def test_a_rolling_restart_of_every_replica_under_load_fails_no_request(bed):
             docker("start", c.name)
             wait_ready(c)
             wait_state(lb, f"r{i}", "UP", timeout_s=30)
-            time.sleep(1.0)  # load on the restarted replica before the next one goes
+            back = int(lb.stats()[f"r{i}"]["stot"])  # it takes load again before the next one goes
+            poll(lambda i=i, back=back: int(lb.stats()[f"r{i}"]["stot"]) >= back + 5, timeout_s=30, every_s=0.05)
     print(f"\nrolling restart of 3 replicas: {load.summary()}; HAProxy saw each down in "
           f"{', '.join(f'{d:.2f}' for d in downs)} s")  # fmt: skip
     assert load.failures == [], load.failures[:5]
@@ -61,18 +63,16 @@ def test_a_replica_killed_mid_load_costs_retries_not_failures_and_rejoins(bed):
     victim = replicas.containers[1]
     with Load(lb.url) as load:
         before = int(lb.stats()["r1"]["stot"])
-        poll_until = time.monotonic() + 30
-        while int(lb.stats()["r1"]["stot"]) < before + 5 and time.monotonic() < poll_until:
-            time.sleep(0.05)  # polling HAProxy's count of requests sent to it: it is taking load
+        # HAProxy's count of requests sent to it: it is taking load
+        poll(lambda: int(lb.stats()["r1"]["stot"]) >= before + 5, timeout_s=30, every_s=0.05)
         docker("kill", victim.name)  # SIGKILL: no drain, requests in flight on it are lost
         marked_down = wait_state(lb, "r1", "DOWN", timeout_s=10)
         docker("start", victim.name)
         wait_ready(victim)
         wait_state(lb, "r1", "UP", timeout_s=30)
         rejoined = int(lb.stats()["r1"]["stot"])
-        deadline = time.monotonic() + 30
-        while int(lb.stats()["r1"]["stot"]) <= rejoined + 5 and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling: the rejoined replica takes requests again
+        # the rejoined replica takes requests again
+        poll(lambda: int(lb.stats()["r1"]["stot"]) > rejoined + 5, timeout_s=30, every_s=0.05)
         served_after = int(lb.stats()["r1"]["stot"]) - rejoined
     print(f"\nSIGKILL of one of 3 replicas: {load.summary()}; HAProxy marked it down in {marked_down:.2f} s, "
           f"it served {served_after} requests after rejoining")  # fmt: skip
@@ -95,9 +95,8 @@ def test_an_update_on_the_writer_reaches_every_replica_under_load_and_each_reply
         assert r.status_code == 200, r.text
         body = r.json()
         converged_at = time.monotonic()
-        deadline = converged_at + 30
-        while sum(1 for *_, sent in load.served_by if sent > converged_at) < 50 and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling: replies to requests sent after the update converged
+        # replies to requests sent after the update converged
+        poll(lambda: sum(1 for *_, sent in load.served_by if sent > converged_at) >= 50, timeout_s=30, every_s=0.05)
     print(f"\n/update_model on the writer under load: converged={body['converged']} in {converged_s:.1f} s over "
           f"{len(set(w.split(':')[0] for w in body['workers']))} replicas; {load.summary()}")  # fmt: skip
     assert body["version"] == "2" and body["converged"], body
