@@ -57,8 +57,9 @@ workers = coreshare.worker_count(_config.workers)
 worker_class = "binserve.process.http_worker.BufferingWorker"
 threads = _config.threads
 preload_app = False
-# Models load on a background thread, so the worker heartbeat is never blocked for long.
-timeout = 120
+# Models load on a background thread and inference runs on the batcher's, so the heartbeat (the
+# worker's main loop) is late only when the worker hangs or is stopped: then the master kills it.
+timeout = int(_config.worker_timeout_s)
 graceful_timeout = int(_config.graceful_timeout_s)
 keepalive = 5
 # Last line of defence against memory growth; off by default, since each restart reloads the models.

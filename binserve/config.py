@@ -25,6 +25,9 @@ RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MiB, GiB = 1 << 20, 1 << 30
+#: a running request's weight against max_inflight_bytes, per byte of its body: the body itself and
+#: what decoding may produce from it (binserve.wire.safe_pickle.Limits.decode_ratio, 4 per byte)
+INFLIGHT_WEIGHT = 5
 
 
 def setting(default, doc: str, *, unit: str = "", ge=None, gt=None, le=None, choices=None, shown: str = ""):
@@ -111,7 +114,21 @@ class ServerConfig:
         "down (HAProxy: inter x fall); 0 for Kubernetes, whose preStop delay does the same",
         unit="s", ge=0, le=600,
     )  # fmt: skip
+    worker_timeout_s: float = setting(
+        30.0, "a worker whose main loop has not beaten its heartbeat for this long (hung, or stopped) is "
+        "killed by the Gunicorn master and replaced; the requests it held fail with a closed connection, "
+        "which clients retry. Models load off the main loop, so loading never trips it; a booting worker's "
+        "imports (torch: seconds on a busy machine) do, hence its least",
+        unit="s", ge=10, le=3600,
+    )  # fmt: skip
     max_body_bytes: int = setting(64 * MiB, "larger bodies get 413", unit="bytes", ge=1)
+    max_inflight_bytes: int = setting(
+        1 * GiB, "memory one worker may hold for requests: bytes being received plus, for each request "
+        "running, 5 x its body (the body and what decoding may make of it); past it the worker stops "
+        "reading new bodies until requests finish (TCP backpressure, no error). Size workers x this "
+        "+ the models below the container's memory limit; at least 5 x max_body_bytes",
+        unit="bytes", ge=1,
+    )  # fmt: skip
     max_json_bytes: int = setting(
         4 * MiB, "larger JSON bodies get 413, checked before parsing (JSON is parsed whole before anything "
         "can be counted)",
@@ -199,6 +216,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             check(f, getattr(self, f.name))
+        if self.max_inflight_bytes < INFLIGHT_WEIGHT * self.max_body_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least {INFLIGHT_WEIGHT} x max_body_bytes "
+                f"({INFLIGHT_WEIGHT * self.max_body_bytes}), or the largest request could never run"
+            )
         if self.admin_port == self.port:
             raise ValueError(f"port and admin_port must be distinct ports (admin_port 0: none), got {self.port} twice")
         for prefix in self.trusted_module_prefixes:

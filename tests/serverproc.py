@@ -137,6 +137,13 @@ class ServerProcess:
 
         return poll(failed, timeout_s)
 
+    def worker_pids(self) -> list[int]:
+        """The Gunicorn master's children: its workers, by pid."""
+        children: list[int] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            children += [int(p) for p in (task / "children").read_text().split()]
+        return sorted(children)
+
     def log_tail(self, n: int = 3000) -> str:
         try:
             return self.log_path.read_bytes()[-n:].decode(errors="replace")
