@@ -16,8 +16,12 @@ buffer). Stalled clients cost a socket and their buffered bytes, never a thread:
   chunk sizes adding up past it - is answered 413 without being read; header blocks over 64 KiB
   get 431;
 * `Expect: 100-continue` is answered here, so the body arrives while the request is buffered;
-* bytes buffered across all connections are bounded; past the bound, connections pause (stop
-  being read, so TCP pushes back on their senders) until buffered requests reach a thread.
+* the memory one worker holds for requests is bounded (`max_inflight_bytes`): bytes being buffered,
+  plus, for each request a thread runs, its body and what decoding may make of it
+  (`INFLIGHT_WEIGHT` x the body). Past the bound, connections pause (stop being read, so TCP
+  pushes back on their senders) until requests finish. Many large bodies sent at once are then
+  run a few at a time instead of all at once, so they cannot add up past the container's memory
+  limit; small requests weigh little and are not held back unless large ones fill the budget.
 
 The buffered bytes go to gunicorn's parser through its unreader, exactly as if the thread had read
 them. Plain HTTP only: TLS terminates at the proxy or load balancer in front (see README).
@@ -33,11 +37,12 @@ from functools import partial
 
 from gunicorn.workers.gthread import ThreadWorker
 
-from binserve.config import ServerConfig
+from binserve.config import INFLIGHT_WEIGHT, ServerConfig
 from binserve.process import stamps
 from binserve.wire.media import is_json
 
 MAX_HEADER_BYTES = 64 * 1024
+
 _MAX_CHUNK_LINE = 1024
 _RECV_BYTES = 256 * 1024
 _SCAN_INTERVAL_S = 0.25  # how often deadlines are checked (the event loop wakes at least every second)
@@ -191,10 +196,13 @@ class BufferingWorker(ThreadWorker):
         self.client_timeout_s = config.client_timeout_s
         self.max_body_bytes = config.max_body_bytes
         self.max_json_bytes = config.max_json_bytes
-        # buffered bytes in the event loop, all connections together; past it connections pause
-        self.max_buffered_bytes = max(4 * config.max_body_bytes, 256 * 1024 * 1024)
+        # bytes buffered in the event loop plus the weight of requests in threads; past it
+        # connections pause (the config makes sure the largest request fits)
+        self.max_inflight_bytes = config.max_inflight_bytes
         self._buffering: dict = {}  # conn -> (RequestBuffer, deadline)
         self._buffered = 0
+        self._running = 0  # the weight of requests handed to threads that have not finished
+        self._waiting: deque = deque()  # complete requests held back by the budget: (conn, buffer, weight)
         self._paused: deque = deque()
         self._next_scan = 0.0
 
@@ -251,9 +259,12 @@ class BufferingWorker(ThreadWorker):
         self._buffering[conn] = (rb, deadline)
         if self._progress(conn, rb, registered=True):
             return
-        if self._buffered > self.max_buffered_bytes:
+        if self._over_budget():
             self.poller.unregister(sock)
             self._paused.append(conn)
+
+    def _over_budget(self) -> bool:
+        return self._buffered + self._running > self.max_inflight_bytes
 
     def _progress(self, conn, rb: RequestBuffer, registered: bool = False) -> bool:
         """Act on the buffer's status; True when the connection left the event loop."""
@@ -291,13 +302,25 @@ class BufferingWorker(ThreadWorker):
         if registered:
             self.poller.unregister(conn.sock)
         del self._buffering[conn]
+        conn.binserve_arrived = time.monotonic()
+        weight = INFLIGHT_WEIGHT * len(rb.buf)
+        if self._waiting or (self._running and self._running + weight > self.max_inflight_bytes):
+            # complete, but running it now would pass the budget: it waits (its bytes stay counted,
+            # so reading pauses) until running requests finish, in arrival order
+            self._waiting.append((conn, rb, weight))
+            return True
+        self._dispatch(conn, rb, weight)
+        return True
+
+    def _dispatch(self, conn, rb: RequestBuffer, weight: int) -> None:
+        """Hand a complete request to a thread; its weight counts until finish_request."""
+        self._running += weight
+        conn.binserve_weight = weight
         self._release(len(rb.buf))
         conn.binserve_prebuffer = rb.take()
-        conn.binserve_arrived = time.monotonic()
         conn.binserve_ready = True
         conn.data_ready = True
         self.enqueue_req(conn)
-        return True
 
     def _send(self, conn, data: bytes) -> None:
         try:
@@ -320,9 +343,17 @@ class BufferingWorker(ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
+    def finish_request(self, conn, fs) -> None:
+        """A thread finished a request (called on the event loop): its weight leaves the budget."""
+        self._running -= conn.__dict__.pop("binserve_weight", 0)
+        while self._waiting and (not self._running or self._running + self._waiting[0][2] <= self.max_inflight_bytes):
+            self._dispatch(*self._waiting.popleft())
+        self._release(0)
+        super().finish_request(conn, fs)
+
     def _release(self, nbytes: int) -> None:
         self._buffered -= nbytes
-        while self._paused and self._buffered <= self.max_buffered_bytes:
+        while self._paused and not self._over_budget():
             conn = self._paused.popleft()
             if conn in self._buffering:
                 rb, _ = self._buffering[conn]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 
@@ -44,3 +46,44 @@ def test_overload_gives_429_then_recovers(small_queue_server):
     r = requests.get(f"{base}/models", timeout=10).json()
     stats = r["models"][0]["stats"]
     assert stats["rejected"] == statuses.count(429)
+
+
+def server_interval(reply, ended: float) -> tuple[float, float]:
+    """When a thread ran the request: from leaving the event loop to the reply (Server-Timing's
+    steps after `wait`, the time a complete request waited for a thread or for the budget)."""
+    steps = dict(part.strip().split(";dur=") for part in reply.headers["Server-Timing"].split(","))
+    ran_ms = sum(float(v) for k, v in steps.items() if k != "wait")
+    return ended - ran_ms / 1000, ended
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    now = peak = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("budget_mib", [10, 1024])
+def test_large_bodies_sent_at_once_are_run_as_the_memory_budget_allows(budget_mib):
+    """Six ~2 MB bodies at once: with max_inflight_bytes room for one (5 x its body), the worker
+    reads and runs them one after the other (TCP backpressure, no error); with room for all,
+    all six are held at once. Memory for requests is bounded by the budget, not by the clients.
+    (Each body is 8 rows of 32000 token ids, truncated to the model's 256: large, cheap to run.)"""
+    ids = np.random.default_rng(0).integers(1000, 2000, size=(8, 32_000), dtype=np.int64)
+    with ServerProcess(workers=1, max_body_bytes=2 << 20, max_inflight_bytes=budget_mib << 20) as srv:
+
+        def call(_):
+            with InferenceClient(srv.base_url, retries=0, timeout=300) as client:
+                reply = client.request({"input_ids": ids})
+                return reply, time.monotonic()
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(call, range(6)))
+    assert all(r.outputs["embeddings"].shape == (8, 384) for r, _ in results)
+    held = most_at_once([server_interval(r, t) for r, t in results])
+    if budget_mib == 10:
+        assert held == 1  # room for one: the others waited in their sockets, not in memory
+    else:
+        assert held >= 4  # the control: without the budget they are all held at once

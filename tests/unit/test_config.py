@@ -78,3 +78,9 @@ def test_the_readme_settings_table_is_the_generated_one():
 def test_each_bound_is_enforced_and_named(f):
     with pytest.raises(ValueError, match=f"{f.name} must be at least {f.metadata['ge']}"):
         ServerConfig(**{f.name: f.metadata["ge"] - 1})
+
+
+def test_the_inflight_budget_must_hold_the_largest_request():
+    with pytest.raises(ValueError, match="max_inflight_bytes .* must be at least 5 x max_body_bytes"):
+        ServerConfig(max_body_bytes=64 << 20, max_inflight_bytes=256 << 20)
+    assert ServerConfig(max_body_bytes=2 << 20, max_inflight_bytes=10 << 20).max_inflight_bytes == 10 << 20
