@@ -22,6 +22,7 @@ from binserve.scheduling.batcher import Batcher
 from binserve.scheduling.contract import BatchSettings, Scheduler
 from binserve.serving.repository import ModelRepository
 from binserve.serving.served import ModelSlot, ServedVersion, signature_of
+from binserve.serving.weights import check_weights
 from models.base import AdapterOptions, ModelAdapter, RequestLimits
 from models.engines import RuntimeSettings
 from models.registry import load_model
@@ -46,14 +47,16 @@ class VersionLoader:
     def load(self, name: str, version: str) -> ServedVersion:
         """`version` of model `name`, loaded, warm and checked (raises whatever its load raised)."""
         started = time.monotonic()
-        adapter = load_model(self.repo.spec(name, version), self.device, self.adapter_options)
+        spec = self.repo.spec(name, version)
+        check_weights(spec.path)  # a file cut short is named here, not deep inside the load
+        adapter = load_model(spec, self.device, self.adapter_options)
         adapter.warmup()
         signature = signature_of(adapter)
         log.info(
             "model %s version %s: loaded in %.1fs, engines %s", name, version, time.monotonic() - started,
             adapter.describe()["engines"],
         )  # fmt: skip
-        cacheable = bool(self.repo.spec(name, version).settings.get("cache", True))
+        cacheable = bool(spec.settings.get("cache", True))
         return ServedVersion(adapter, signature, cacheable)
 
     def batch_settings(self, name: str, version: str, adapter: ModelAdapter) -> BatchSettings:

@@ -161,6 +161,8 @@ def test_bad_version_is_refused_and_traffic_continues(reload_server, versions, b
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "model_load_failed" and f"version {before} keeps serving" in err["message"]
+    if bad == "corrupt":  # named by the weights check before anything loads it
+        assert "CorruptWeights: model.safetensors is not a safetensors file" in err["message"], err
     model_dir = srv.repository / "minilm"
     assert not list(model_dir.glob(".import-*")), "an import's staging directory was left behind"
     on_disk = sorted(p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
