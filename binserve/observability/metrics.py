@@ -91,6 +91,11 @@ MODEL_INFO = Gauge(
     ["model", "version", "device", "dtype"],
     multiprocess_mode="livemax",
 )
+READY = Gauge(
+    "binserve_ready",
+    "1 while every worker of the replica serves all its models and is not draining (what /readyz says), else 0.",
+    multiprocess_mode="livemin",
+)
 RELOADS = Counter("binserve_reloads_total", "Model version switches in a worker, by result.", ["model", "result"])
 DEVICE_MEMORY = Gauge(
     "binserve_device_memory_bytes",
@@ -232,6 +237,11 @@ def set_model_info(model: str, version: str, device: str, dtype: str, old_versio
     if old_version is not None and old_version != version:
         MODEL_INFO.labels(model, old_version, device, dtype).set(0)
     MODEL_INFO.labels(model, version, device, dtype).set(1)
+
+
+def set_ready(ready: bool) -> None:
+    """This worker's readiness: the replica's is the least over its live workers."""
+    READY.set(1 if ready else 0)
 
 
 def clear_model_info(model: str, version: str, device: str, dtype: str) -> None:

@@ -201,6 +201,7 @@ class ModelManager:
                 self._try(name, version)
         if all(name in self._models for name in self.names):
             self._ready.set()
+        metrics.set_ready(self._ready.is_set() and not self.draining)
 
     def _try(self, name: str, version: str) -> None:
         seen, when, _ = self._retry.get(name, (None, 0.0, 0.0))
@@ -411,6 +412,7 @@ class ModelManager:
     def start_draining(self) -> None:
         """The worker is shutting down: report not-ready so load balancers stop sending requests."""
         self.draining = True
+        metrics.set_ready(False)
 
     def close(self) -> None:
         """Stop watching, finish queued work and stop every scheduler."""

@@ -5,12 +5,14 @@ binserve exports."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
 from binserve.observability import metrics
 
@@ -63,3 +65,16 @@ def test_the_hpa_scales_on_queued_work_with_cpu_as_the_fallback():
     assert kinds["Pods"]["pods"]["metric"]["name"] == rule["name"]["as"]
     assert kinds["Pods"]["pods"]["target"]["type"] == "AverageValue"
     assert kinds["Resource"]["resource"]["name"] == "cpu"
+
+
+def test_every_metric_the_rules_read_is_one_binserve_exports():
+    exported = set()
+    for collector in vars(metrics).values():
+        if isinstance(collector, MetricWrapperBase):
+            for family in collector.describe():
+                exported |= {family.name, family.name + "_total", family.name + "_bucket"}
+    groups = yaml.safe_load((RULES / "binserve-rules.yaml").read_text())["groups"]
+    exprs = [rule["expr"] for g in groups for rule in g["rules"]]
+    read = {m for e in exprs for m in re.findall(r"(?<![:\w])(binserve_[a-z_]+)", e)}
+    assert read and read <= exported, read - exported
+    assert "binserve_ready" in read  # a replica not ready is alerted on, not only one not scraped
