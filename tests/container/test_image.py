@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -22,10 +23,12 @@ import numpy as np
 import pytest
 import requests
 import torch
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 
+from binary_protocol import FRAMED, MEDIA_TYPES, binary_to_dict, dict_to_binary
 from binserve.process import coreshare
 from models.registry import default_minilm_path
 from request_tools import InferenceClient
@@ -240,3 +243,65 @@ def test_an_import_into_a_full_repository_volume_is_507_and_leaves_nothing(versi
         assert docker("exec", c.name, "df", "--output=used", "-B1", "/models").split()[-1] != "16777216"
         reply = InferenceClient(c.url).request({"texts": TEXTS[:2]})
         assert reply.status == 200 and reply.model_version == "1"
+
+
+def deployment_memory_limit() -> int:
+    """The server container's memory limit in deployment.yaml, in bytes (e.g. 4Gi)."""
+    docs = [d for d in yaml.safe_load_all(Path("deployment.yaml").read_text()) if d]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "binserve"]
+    limit = dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    units = {"Gi": 1 << 30, "Mi": 1 << 20}
+    return int(limit[:-2]) * units[limit[-2:]]
+
+
+def declared_over_the_limit(url: str, nbytes: int) -> int:
+    """A body declared larger than max_body_bytes: its headers only, the status the server answers."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(f"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: {MEDIA_TYPES[FRAMED]}\r\n"
+                  f"Content-Length: {nbytes}\r\n\r\n".encode())  # fmt: skip
+        return int(s.recv(4096).split()[1])
+
+
+def test_the_largest_requests_within_the_deployments_memory_limit_are_answered_without_an_oom_kill():
+    """The container under deployment.yaml's memory limit, no swap, its default workers and threads;
+    32 clients at once send bodies just under max_body_bytes (64 MiB, decoded, then refused for ids
+    outside the vocabulary), real 128-text requests, and bodies declared over the limit. Every one is
+    answered (400, 200, 413), no worker is killed for memory, and the container's peak stays under
+    the limit: max_inflight_bytes runs the large bodies a few at a time."""
+    limit = deployment_memory_limit()
+    big = dict_to_binary({"input_ids": np.full((2040, 4096), 40_000, np.int64)})
+    assert 63 << 20 < len(big) < 64 << 20
+    texts = [f"a longer sentence for the memory limit test, number {i} " * 4 for i in range(128)]
+    with Container("--memory", str(limit), "--memory-swap", str(limit)) as c:
+        statuses: dict[str, list[int]] = {"big": [], "texts": [], "over": []}
+        lock = threading.Lock()
+
+        def call(i: int) -> None:
+            kind = ("big", "big", "big", "texts", "over")[i % 5]
+            if kind == "over":
+                status = declared_over_the_limit(c.url, 100 << 20)
+            else:
+                with InferenceClient(c.url, retries=0, timeout=600) as client:
+                    body = {"texts": texts} if kind == "texts" else None
+                    r = client.session.post(f"{c.url}/infer", data=big if body is None else dict_to_binary(body),
+                                            headers={"Content-Type": MEDIA_TYPES[FRAMED]}, timeout=600)  # fmt: skip
+                    status = r.status_code
+                    if status == 200:
+                        assert binary_to_dict(r.content)["embeddings"].shape == (128, 384)
+            with lock:
+                statuses[kind].append(status)
+
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(call, range(80)))
+        peak = int(docker("exec", c.name, "cat", "/sys/fs/cgroup/memory/memory.max_usage_in_bytes"))
+        log = c.logs()
+        print(f"\nunder --memory {limit >> 20} MiB: {statuses['big'].count(400)} bodies of 64 MiB refused (400), "
+              f"{statuses['texts'].count(200)} 128-text requests served, {statuses['over'].count(413)} x 413; "
+              f"container peak {peak >> 20} MiB")  # fmt: skip
+        assert set(statuses["big"]) == {400} and set(statuses["texts"]) == {200} and set(statuses["over"]) == {413}
+        assert "SIGKILL" not in log and "out of memory" not in log.lower(), log
+        assert docker("inspect", "-f", "{{.State.OOMKilled}} {{.RestartCount}}", c.name) == "false 0"
+        full = subprocess.run(["docker", "logs", c.name], capture_output=True, text=True, timeout=30)
+        assert (full.stdout + full.stderr).count("Booting worker") == coreshare.worker_count(0)  # none replaced
+        assert peak < limit
