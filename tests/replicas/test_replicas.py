@@ -7,6 +7,7 @@ BINSERVE_IMAGE set (CI does, after the image tests); without the variable it is 
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from sentence_transformers import SentenceTransformer
 
 from models.registry import default_minilm_path
 from tests.container.test_image import cosines
+from tests.promproc import PrometheusProcess
 from tests.replicas.bed import IMAGE, TEXTS, HAProxy, Load, Replicas, docker, wait_ready, wait_state
 from tests.serverproc import poll
 
@@ -27,12 +29,51 @@ TOKEN = "replica-bed-admin"
 
 @pytest.fixture(scope="module")
 def bed(version_two):
+    # beside version 2 under the import root: a copy whose weights file was cut short, as an
+    # interrupted upload leaves it
+    truncated = version_two.parent / "truncated"
+    shutil.copytree(version_two, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     writer = ("-v", f"{version_two.parent}:/imports:ro")
     env = {"BINSERVE_ADMIN_TOKEN": TOKEN, "BINSERVE_IMPORT_ROOT": "/imports"}
     with Replicas(3, writer_args=writer, writer_env=env) as replicas:
         servers = [f"127.0.0.1:{c.port}" for c in replicas.containers]
         with HAProxy(servers) as lb:
             yield replicas, lb
+
+
+def test_prometheus_scrapes_every_replica_evaluates_the_rules_and_sees_one_go(bed):
+    """A real Prometheus scraping the three replicas every second with binserve's rules loaded, as
+    an operator runs it: every replica up and ready, the recording rules fed by live traffic, and a
+    replica stopped is seen down within a few scrapes, its alert pending, and back once it is."""
+    replicas, lb = bed
+    targets = {f"127.0.0.1:{c.port}": {"pod": f"r{i}"} for i, c in enumerate(replicas.containers)}
+    with PrometheusProcess(targets, interval_s=1.0) as prom, Load(lb.url) as load:
+        poll(lambda: prom.value('sum(up{job="binserve"})') == 3.0, timeout_s=60)
+        poll(lambda: prom.value('count(binserve_ready{job="binserve"} == 1)') == 3.0, timeout_s=30)
+        errors, p99 = "model:binserve_request_errors:ratio_rate5m", "model:binserve_request_duration_seconds:p99_5m"
+        poll(lambda: prom.query(f'{errors}{{model="minilm"}}') and prom.query(f'{p99}{{model="minilm"}}'), timeout_s=60)
+        assert prom.value(f'{errors}{{model="minilm"}}') == 0.0
+        assert 0 < prom.value(f'{p99}{{model="minilm"}}') < 10
+        assert prom.value('model:binserve_queue_backlog_seconds:sum{model="minilm"}') >= 0
+        victim = replicas.containers[2]
+        t0 = time.monotonic()
+        docker("stop", "-t", "30", victim.name, timeout=90)
+        instance = f"127.0.0.1:{victim.port}"
+        poll(lambda: prom.value(f'up{{instance="{instance}"}}') == 0.0, timeout_s=30)
+        seen_down_s = time.monotonic() - t0
+        pending = f'ALERTS{{alertname="BinserveReplicaDown", alertstate="pending", instance="{instance}"}}'
+        poll(lambda: prom.value(pending) == 1.0, timeout_s=30)
+        docker("start", victim.name)
+        wait_ready(victim)
+        poll(lambda: prom.value(f'min(binserve_ready{{instance="{instance}"}})') == 1.0, timeout_s=60)
+        poll(lambda: not prom.query(pending), timeout_s=30)
+        wait_state(lb, "r2", "UP", timeout_s=30)
+    print(f"\nPrometheus over 3 replicas: all up and ready, rules evaluated; one stopped was down in its "
+          f"scrapes {seen_down_s:.1f} s after `docker stop` began, its alert pending, then cleared; "
+          f"{load.summary()}")  # fmt: skip
+    assert load.failures == [], load.failures[:5]
 
 
 def test_a_rolling_restart_of_every_replica_under_load_fails_no_request(bed):
@@ -114,3 +155,30 @@ def test_an_update_on_the_writer_reaches_every_replica_under_load_and_each_reply
         other = refs["2" if version == "1" else "1"]
         assert cosines(np.array([embedding]), np.array([refs[version]]))[0] >= 0.9999
         assert cosines(np.array([embedding]), np.array([other]))[0] < 0.9999
+
+
+def test_a_version_with_a_truncated_weights_file_is_refused_and_every_replica_keeps_serving(bed):
+    replicas, lb = bed
+    writer = replicas.containers[0]
+    info = requests.get(f"{writer.url}/models", timeout=10).json()["models"][0]
+    before = info["repository_version"]
+    with Load(lb.url) as load:
+        t0 = time.monotonic()
+        r = requests.post(f"{writer.url}/update_model", json={"model": "minilm", "path": "/imports/truncated"},
+                          headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300)  # fmt: skip
+        refused_s = time.monotonic() - t0
+        after_refusal = time.monotonic()
+        poll(lambda: sum(1 for *_, sent in load.served_by if sent > after_refusal) >= 30, timeout_s=30, every_s=0.05)
+    print(f"\n/update_model with a truncated weights file: {r.status_code} in {refused_s:.1f} s; {load.summary()}")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "model_load_failed" and f"version {before} keeps serving" in err["message"], err
+    assert "CorruptWeights: model.safetensors is cut short" in err["message"], err  # the file, and how
+    assert load.failures == [], load.failures[:5]
+    assert {v for v, *_ in load.served_by} == {before}
+    # nothing of the refused version on the shared volume: no staging directory, no new version
+    listing = docker("exec", writer.name, "ls", "-A", "/models/minilm").split()
+    assert not [n for n in listing if n.startswith(".import")], listing
+    assert max(int(n) for n in listing if n.isdigit()) == int(before), listing
+    for c in replicas.containers:
+        assert requests.get(f"{c.url}/models", timeout=10).json()["models"][0]["version"] == before
