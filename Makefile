@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-gpu lint load image docker-test replicas-test
+.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-gpu lint load image docker-test replicas-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-fanout: install
 
 bench-generate: install
 	$(PY) -m bench.generate_bench
+
+# Worker RSS over a 100k-request soak of one server (bench/soak_bench.py)
+bench-soak: install
+	$(PY) -m bench.soak_bench --requests 100000
 
 bench-gpu: install
 	bash bench/gpu_bench.sh
