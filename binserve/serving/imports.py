@@ -10,6 +10,7 @@ renames it into place whole.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -78,7 +79,15 @@ def copy_confined(src: Path, dst: Path, budget: Budget, label: str, depth: int =
 
 
 def _copy_file(dir_fd: int, name: str, dst: Path, budget: Budget, where: str) -> None:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    # The listing's checks may be stale by now (the entry swapped for a symlink or a FIFO since):
+    # the open refuses a symlink itself, and does not block on a FIFO with no writer (O_NONBLOCK,
+    # which regular files ignore); the type is then checked on what was opened.
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{where} is a symlink; imports copy no symlinks") from None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

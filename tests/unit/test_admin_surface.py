@@ -257,3 +257,78 @@ def test_an_update_waits_for_a_worker_that_is_only_late_with_its_report_not_for_
     assert a.serving_everywhere("m", "2", expected) == (True, {"pod-a:7": "2"})
     b.report("m", 7, "2")  # b caught up
     assert a.serving_everywhere("m", "2", expected) == (True, {"pod-a:7": "2", "pod-b:7": "2"})
+
+
+class _Listed:
+    """What the directory listing said of an entry: a regular file (before it was swapped)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def is_dir(self, follow_symlinks: bool = True) -> bool:
+        return False
+
+    def is_file(self, follow_symlinks: bool = True) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "swap, match",
+    [
+        (lambda path: path.symlink_to("/etc/passwd"), "is a symlink"),
+        (lambda path: os.mkfifo(path), "not a regular file"),
+    ],
+    ids=["symlink", "fifo"],
+)
+def test_an_entry_swapped_between_listing_and_opening_is_refused(repo, root, monkeypatch, swap, match):
+    """The race the listing's checks cannot see: manifest.json is listed as a regular file, then
+    replaced (by whoever else writes the import root) before the copy opens it. The open itself
+    must refuse a symlink (O_NOFOLLOW) and must neither block on a FIFO nor copy it (O_NONBLOCK,
+    then S_ISREG on the opened descriptor)."""
+    import shutil
+    import threading
+
+    shutil.rmtree(root / "good" / "sub")
+    target = root / "good" / "manifest.json"
+    listing = os.scandir
+
+    def listed_then_swapped(fd):
+        with listing(fd) as it:
+            entries = [_Listed(e.name) for e in it]
+        target.unlink()
+        swap(target)
+        return _Entries(entries)
+
+    monkeypatch.setattr(os, "scandir", listed_then_swapped)
+    outcome: list[BaseException | str] = []
+
+    def run():
+        try:
+            outcome.append(repo.import_version("m", str(root / "good"), "torch_module", root, 10_000))
+        except Exception as exc:  # what the admin route turns into a 400
+            outcome.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # blocked opening the FIFO: release it so the thread can end
+        os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("the import blocked opening a FIFO")
+    monkeypatch.undo()
+    (result,) = outcome
+    assert isinstance(result, ValueError) and match in str(result), result
+    assert leftovers(repo) == [] and repo.versions("m") == ["1"]
+
+
+class _Entries(list):
+    """A list usable as scandir's context manager."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
