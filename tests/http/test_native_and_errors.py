@@ -95,26 +95,31 @@ def test_an_unexpected_error_is_500_with_a_request_id_and_no_internals(client, m
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "body"),
+    ("method", "path", "body", "with_token"),
     [
-        ("post", "/infer/double", {"x": [1, 2, 3]}),
+        ("post", "/infer/double", {"x": [1, 2, 3]}, 200),
         (
             "post",
             "/v2/models/double/infer",
             {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]},
+            200,
         ),
-        ("post", "/v1/embeddings", {"model": "embed", "input": "hi"}),
-        ("get", "/v1/models", None),
+        ("post", "/v1/embeddings", {"model": "embed", "input": "hi"}, 200),
+        ("get", "/v1/models", None, 200),
+        ("get", "/v1/models/embed", None, 200),
+        # the fakes hold no generative model: past the token, the route's own 400 says so
+        ("post", "/v1/completions", {"model": "double", "prompt": "hi"}, 400),
+        ("post", "/v1/chat/completions", {"model": "double", "messages": [{"role": "user", "content": "hi"}]}, 400),
     ],
 )
-def test_the_inference_token_guards_every_protocol(make_client, method, path, body):
+def test_the_inference_token_guards_every_protocol(make_client, method, path, body, with_token):
     client = make_client(auth_token="s3cret")
     call = getattr(client, method)
     kwargs = {"json": body} if body is not None else {}
     assert call(path, **kwargs).status_code == 401
     # an unknown key is 401, as OpenAI's API answers it; 403 is kept for what a valid key may not do
     assert call(path, headers={"Authorization": "Bearer wrong"}, **kwargs).status_code == 401
-    assert call(path, headers={"Authorization": "Bearer s3cret"}, **kwargs).status_code == 200
+    assert call(path, headers={"Authorization": "Bearer s3cret"}, **kwargs).status_code == with_token
 
 
 def test_metadata_and_health_need_no_token(make_client):

@@ -131,6 +131,9 @@ def _tensor(name, shape, datatype, size):
     [
         # the binary size must match shape x itemsize, and no shape is believed over the bytes sent
         ({"inputs": [_tensor("x", [1, 3], "FP32", 8)]}, b"\0" * 8, "needs 12 bytes"),
+        # larger than the shape needs, with every declared byte sent: not read as the first 12
+        ({"inputs": [_tensor("x", [1, 3], "FP32", 16)]}, b"\0" * 16, "needs 12 bytes, got 16"),
+        ({"inputs": [_tensor("x", [1, 3], "BF16", 8)]}, b"\0" * 8, "needs 6 bytes, got 8"),
         ({"inputs": [_tensor("x", [2**40, 3], "FP32", 12)]}, b"\0" * 12, "needs 13194139533312 bytes"),
         ({"inputs": [_tensor("x", [1, 3], "FP32", 12)]}, b"\0" * 16, "4 bytes of binary data follow"),
         ({"inputs": [_tensor("x", [1, 3], "FP32", 64)]}, b"\0" * 12, "runs past"),

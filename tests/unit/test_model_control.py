@@ -112,3 +112,31 @@ def test_unload_waits_until_no_worker_reports_the_model():
     assert not late["converged"] and late["error"] == "workers ['r:2'] still serve 'm'"
     with pytest.raises(ModelNotFound):
         ModelControl(_Manager(repo)).unload("other", timeout_s=1)
+
+
+class _LoadRepo(_Repo):
+    """Two live workers (both report `other`); after `m` is set to serve, r:1 reports it at once and
+    r:2 only after `lag` reads."""
+
+    def models(self):
+        return ["m", "other"]
+
+    def workers(self, name, max_age_s=None):
+        if name == "other":
+            return {"r:1": "1", "r:2": "1"}
+        if not self.serving.get(name):
+            return {}
+        self.lag -= 1
+        return {"r:1": "1", "r:2": "1"} if self.lag < 0 else {"r:1": "1"}
+
+
+def test_load_waits_until_every_live_worker_serves_the_model():
+    from binserve.serving.control import ModelControl
+
+    repo = _LoadRepo(lag=5)
+    result = ModelControl(_Manager(repo)).load("m", timeout_s=10)
+    assert result["converged"] and result["workers"] == {"r:1": "1", "r:2": "1"} and repo.lag < 0
+    assert result["lagging"] == []
+    late = ModelControl(_Manager(_LoadRepo(lag=10**9))).load("m", timeout_s=0.05)
+    assert not late["converged"] and late["lagging"] == ["r:2"]  # r:2 is live (it serves `other`)
+    assert late["error"] == "model 'm' is not loaded everywhere: workers ['r:2'] do not serve it after the timeout"

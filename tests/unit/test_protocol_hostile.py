@@ -358,6 +358,17 @@ def test_alias_bomb_is_counted_on_every_visit():
     refused(body, "nesting deeper|more than .* items|decodes into more than", limits=Limits(max_depth=100))
 
 
+def test_a_repeated_container_is_charged_on_every_reference():
+    """One 256 KiB string inside a list referenced 256 times (pickle memoizes the list): a ~256 KB
+    body whose texts are 64 MiB once the server copies them out. The repeat is charged per
+    reference, so it is over the budget (16 MiB + 4 x the body); 16 references fit."""
+    inner = ["x" * (256 * 1024)]
+    body = dict_to_binary({"texts": [inner] * 256})
+    assert len(body) < 300 * 1024
+    refused(body, "decodes into more than")
+    assert len(binary_to_dict(dict_to_binary({"texts": [inner] * 16}))["texts"]) == 16
+
+
 def test_recursion_bomb_lists():
     body = b"\x80\x05" + b"]" * 200_000 + b"a" * 199_999 + b"0}."
     refused(body, "more than 4096 items on the stack")
