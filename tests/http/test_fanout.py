@@ -70,6 +70,42 @@ def test_a_failing_model_fails_only_the_requests_that_asked_for_it():
         manager.close()
 
 
+def test_a_failed_part_cancels_the_parts_still_queued_on_other_models():
+    """shout's batcher is busy with another request's batch when a fan-out to [broken, shout]
+    arrives: broken fails at once, and the fan-out's shout part, still queued, never runs."""
+    manager = FakeManager()
+    shout = manager.get("shout").adapter
+    started, release, ran = threading.Event(), threading.Event(), []
+    real_run = type(shout).run
+
+    def gated(samples):
+        ran.append([bytes(s).decode() for s in samples])
+        started.set()
+        release.wait(30)  # the other request's batch takes a while
+        return real_run(shout, samples)
+
+    shout.run = gated
+    try:
+        app = create_app(ServerConfig(), manager=manager)
+        busy = {}
+        other = threading.Thread(
+            target=lambda: busy.update(r=app.test_client().post("/infer/shout", json={"texts": ["the busy batch"]}))
+        )
+        other.start()
+        assert started.wait(10)
+        failed = app.test_client().post("/infer", json={"texts": ["fanned out"], "models": ["broken", "shout"]})
+        release.set()
+        other.join(30)
+        assert failed.status_code == 500 and failed.get_json()["error"]["message"].startswith("model 'broken': ")
+        assert busy["r"].status_code == 200
+        # shout ran only the other request's batch; give its batcher the chance to run anything left
+        assert app.test_client().post("/infer/shout", json={"texts": ["after"]}).status_code == 200
+        assert ran == [["the busy batch"], ["after"]], ran
+    finally:
+        release.set()
+        manager.close()
+
+
 def test_bad_fan_outs_are_400_and_run_nothing(client, manager):
     before = manager.get("embed").scheduler.stats()["batches"]
     cases = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -126,6 +127,20 @@ def test_a_cancelled_sequence_stops_at_the_next_step(lm, batcher):
         list(events)
     assert len(seq.output) < 500
     # the consumer may see ClientGone before the batch thread has dropped the row: poll for it
+    assert poll(lambda: batcher.counts() == (0, 0), timeout_s=10)
+
+
+def test_a_sequence_whose_client_left_is_dropped_by_the_batch_thread_alone(lm, batcher):
+    """The socket check on its own: nobody reads the stream or cancels it; the batch thread asks
+    the sequence's `abandoned` check (the request's socket) and ends it, freeing its row."""
+    _, tok = lm
+    left = threading.Event()
+    params = SamplingParams(max_new_tokens=500, temperature=0.0)
+    seq = batcher.submit_sequence(Sequence(tok(PROMPTS[1]).input_ids, params, time.monotonic() + 60, left.is_set))
+    poll(lambda: len(seq.output) >= 2, timeout_s=30, every_s=0.01)
+    left.set()  # the client hung up
+    poll(lambda: seq.finish_reason is not None, timeout_s=30, every_s=0.01)
+    assert seq.finish_reason == "cancelled" and len(seq.output) < 500
     assert poll(lambda: batcher.counts() == (0, 0), timeout_s=10)
 
 
