@@ -18,7 +18,7 @@ import sys
 
 from flask import Flask
 
-from binserve.api import admin, failures, health, native, openai_compat, openai_generate, seed, v2
+from binserve.api import admin, docs, failures, health, native, openai_compat, openai_generate, seed, v2
 from binserve.api.hooks import install_hooks
 from binserve.api.pipeline import Pipeline
 from binserve.config import ServerConfig
@@ -51,6 +51,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
         seed.blueprint(pipeline),
         admin.blueprint(pipeline),
         health.blueprint(manager),
+        docs.blueprint(page=config.docs),
     ):
         app.register_blueprint(bp)
     failures.install(app, {v2.PREFIX: v2.error_body, openai_compat.PREFIX: openai_compat.error_body})

@@ -189,6 +189,11 @@ class ServerConfig:
         "repository read-only); empty: inside the repository",
         shown="empty",
     )  # fmt: skip
+    docs: bool = setting(
+        True,
+        "serve `/docs`, Swagger UI over `/openapi.json` (its files from the swagger-ui-py package: "
+        "offline); `/openapi.json` answers either way",
+    )
     admin_port: int = setting(
         0, "a second port for `/update_model`, model control and `/metrics` (then only there); 0: none", ge=0, le=65535
     )

@@ -6,7 +6,7 @@ import pytest
 
 from binserve.config import ServerConfig
 from server import create_app
-from tests.http.fakes import FakeManager
+from tests.http.fakes import FakeManager, add_tiny_lm
 
 
 @pytest.fixture
@@ -30,3 +30,18 @@ def make_client(manager):
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory):
+    from models.example_causal_lm import write_causal_lm
+
+    return write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
+
+
+@pytest.fixture
+def lm_manager(manager, lm_dir):
+    """The fakes plus model "lm": the example causal LM on a real continuous batcher (never stopping
+    at an end-of-sequence token). Its batcher records every submitted sequence in `.submitted`."""
+    add_tiny_lm(manager, lm_dir)
+    return manager

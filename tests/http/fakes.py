@@ -199,3 +199,24 @@ class FakeManager:
     def close(self) -> None:
         for m in self._models.values():
             m.scheduler.close()
+
+
+def add_tiny_lm(manager: FakeManager, path) -> None:
+    """Serve the causal LM at `path` as model "lm" (closed with the manager)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from binserve.scheduling.continuous import ContinuousBatcher
+    from models.registry import ModelSpec, load_model
+
+    adapter = load_model(ModelSpec("lm", "hf_causal_lm", str(path)), torch.device("cpu"))
+    # no end-of-sequence token, so only max tokens or a cancel ends a sequence
+    batcher = ContinuousBatcher(adapter._model, adapter.tokenizer, torch.device("cpu"), BatchSettings(16, 32768),
+                                eos_ids=()).start()  # fmt: skip
+    batcher.submitted = []
+    submit = batcher.submit_sequence
+    batcher.submit_sequence = lambda seq: (batcher.submitted.append(seq), submit(seq))[1]
+    manager._models["lm"] = SimpleNamespace(name="lm", adapter=adapter, signature={}, scheduler=batcher,
+                                            cacheable=False)  # fmt: skip
+    manager.names.append("lm")

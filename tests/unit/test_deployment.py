@@ -77,3 +77,8 @@ def test_api_keys_come_from_a_secret_mounted_read_only():
     assert volume["secret"]["secretName"] == "binserve-api-keys"
     assert not volume["secret"].get("optional")  # a pod without its keys must not serve open
     assert env["BINSERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_production_serves_no_docs_page():
+    (c,) = BY_NAME[("Deployment", "binserve")]["spec"]["template"]["spec"]["containers"]
+    assert env_of(c)["BINSERVE_DOCS"]["value"] == "false"

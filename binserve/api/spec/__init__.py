@@ -1,0 +1,1 @@
+"""The OpenAPI document: schemas of the JSON bodies, each route's operation, and the builder."""

@@ -1,0 +1,364 @@
+"""JSON Schemas (OpenAPI 3.1, i.e. JSON Schema 2020-12) of binserve's JSON bodies, named as the
+document's components.
+
+design: the routes validate their input by hand (the adapters know a model's inputs; the limits
+are checked before anything is built), so these schemas describe rather than enforce. They are
+kept honest three ways: a test checks the field sets of the OpenAI and seed routes against the
+routes' own constants (an accepted field cannot be missing here), replies in the tests are
+validated against them, and Schemathesis sends schema-shaped requests to a real server and checks every reply
+against its schema.
+"""
+
+from __future__ import annotations
+
+STRING_OR_LIST = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+IDS_OR_ROWS = {"oneOf": [IDS, {"type": "array", "items": IDS}]}
+NUMBERS = {"type": "array", "items": {"oneOf": [{"type": "number"}, {"type": "array"}]}}
+STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]}
+
+NATIVE_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {
+                "type": {"type": "string", "description": "machine-readable, e.g. payload_too_large"},
+                "message": {"type": "string", "description": "what was wrong, naming the field or limit"},
+            },
+        }
+    },
+}
+V2_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+NATIVE_REQUEST = {
+    "type": "object",
+    "description": "The model's inputs by name (GET /models lists each model's), plus fan-out and "
+    "classifier options. One sample or a batch: the reply mirrors it.",
+    "properties": {
+        "texts": STRING_OR_LIST,
+        "input_ids": IDS_OR_ROWS,
+        "attention_mask": IDS_OR_ROWS,
+        "models": {
+            "type": "array",
+            "items": {"type": "string"},
+            "minItems": 1,
+            "description": "fan-out: run these models on the same input (POST /infer only)",
+        },
+        "params": {
+            "type": "object",
+            "additionalProperties": {"type": "object"},
+            "description": "fan-out: options per model name",
+        },
+        "top_k": {"type": "integer", "minimum": 1, "description": "classifiers: labels per row"},
+        "threshold": {"type": "number", "description": "classifiers: labels scoring at least this"},
+    },
+    "additionalProperties": {"description": "another input the model declares (an array of its shape)"},
+    "examples": [{"texts": ["binserve batches concurrent requests"]}],
+}
+NATIVE_REPLY = {
+    "type": "object",
+    "description": "The model's outputs by name (embeddings, logits, probabilities, labels, scores, "
+    "...); a fan-out nests one such object per model name.",
+    "additionalProperties": {"oneOf": [{"type": "array"}, {"type": "object"}, {"type": "number"}]},
+}
+
+TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {
+            "enum": [
+                "BOOL",
+                "UINT8",
+                "UINT16",
+                "UINT32",
+                "UINT64",
+                "INT8",
+                "INT16",
+                "INT32",
+                "INT64",
+                "FP16",
+                "FP32",
+                "FP64",
+                "BF16",
+                "BYTES",
+            ]
+        },  # fmt: skip
+        "parameters": {
+            "type": "object",
+            "properties": {"binary_data_size": {"type": "integer", "minimum": 0}, "binary_data": {"type": "boolean"}},
+        },
+        "data": {"type": "array", "description": "row-major elements, flat or nested (absent with binary data)"},
+    },
+}
+V2_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "items": TENSOR, "minItems": 1},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+        },  # fmt: skip
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data_output": {"type": "boolean"},
+                "timeout": {"type": "integer", "minimum": 0, "description": "microseconds"},
+            },
+        },
+    },
+}
+V2_REPLY = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "outputs": {"type": "array", "items": TENSOR},
+    },
+}
+V2_METADATA = {
+    "type": "object",
+    "required": ["name", "inputs", "outputs"],
+    "properties": {
+        "name": {"type": "string"},
+        "versions": {"type": "array", "items": {"type": "string"}},
+        "platform": {"type": "string"},
+        "inputs": {"type": "array", "items": {"type": "object"}},
+        "outputs": {"type": "array", "items": {"type": "object"}},
+    },
+}
+V2_SERVER = {
+    "type": "object",
+    "required": ["name", "version", "extensions"],
+    "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                   "extensions": {"type": "array", "items": {"type": "string"}}},
+}  # fmt: skip
+
+_EMBEDDINGS_FIELDS = {
+    "model": {"type": "string"},
+    "input": {
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}},
+            IDS,
+            {"type": "array", "items": IDS},
+        ]
+    },  # fmt: skip
+    "encoding_format": {"enum": ["float", "base64"]},
+    "dimensions": {"type": "integer", "description": "only the model's own width"},
+    "user": {"type": "string"},
+}
+OPENAI_EMBEDDINGS_REQUEST = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": _EMBEDDINGS_FIELDS,
+    "additionalProperties": False,
+    "examples": [{"model": "minilm", "input": "binserve speaks OpenAI"}],
+}
+OPENAI_EMBEDDINGS_REPLY = {
+    "type": "object",
+    "required": ["object", "data", "model", "usage"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": {"type": "integer"},
+                    "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]},
+                },
+            },
+        },
+        "model": {"type": "string"},
+        "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                                   "total_tokens": {"type": "integer"}}},
+    },
+}  # fmt: skip
+OPENAI_MODEL = {
+    "type": "object",
+    "required": ["id", "object"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                   "owned_by": {"type": "string"}},
+}  # fmt: skip
+OPENAI_MODELS = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": OPENAI_MODEL}},
+}
+
+_SAMPLING_COMMON = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": 0},
+    "stop": STOP,
+    "seed": {"type": "integer"},
+    "stream": {"type": "boolean", "description": "server-sent events, one chunk per batch of tokens"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "n": {"type": "integer", "minimum": 1, "maximum": 16},
+    "user": {"type": "string"},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+}
+MESSAGES = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}},
+    },
+}
+_COMPLETIONS_FIELDS = {
+    **_SAMPLING_COMMON,
+    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 1}, IDS]},
+    "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+    "echo": {"const": False},
+}
+_CHAT_FIELDS = {
+    **_SAMPLING_COMMON,
+    "messages": MESSAGES,
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "logprobs": {"type": ["boolean", "null"]},
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+}
+OPENAI_COMPLETIONS_REQUEST = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": _COMPLETIONS_FIELDS,
+    "additionalProperties": False,
+}
+OPENAI_CHAT_REQUEST = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": _CHAT_FIELDS,
+    "additionalProperties": False,
+}
+_USAGE = {"type": "object", "properties": {k: {"type": "integer"} for k in
+                                           ("prompt_tokens", "completion_tokens", "total_tokens")}}  # fmt: skip
+OPENAI_COMPLETIONS_REPLY = {
+    "type": "object",
+    "required": ["id", "object", "choices"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "text_completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "text": {"type": "string"},
+            "finish_reason": {"type": ["string", "null"]}, "logprobs": {"type": ["object", "null"]}}}},
+        "usage": _USAGE,
+    },
+}  # fmt: skip
+OPENAI_CHAT_REPLY = {
+    "type": "object",
+    "required": ["id", "object", "choices"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "chat.completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "finish_reason": {"type": ["string", "null"]},
+            "message": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
+            "logprobs": {"type": ["object", "null"]}}}},
+        "usage": _USAGE,
+    },
+}  # fmt: skip
+
+_SEED_SAMPLING = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": 0},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "stop_sequences": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+    "seed": {"type": "integer"},
+    "stream": {"type": "boolean"},
+    "metadata": {"type": "object", "description": "echoed back, not used"},
+}
+_SEED_GENERATE_FIELDS = {**_SEED_SAMPLING, "prompt": {"type": "string"}}
+_SEED_CHAT_FIELDS = {**_SEED_SAMPLING, "messages": MESSAGES}
+SEED_GENERATE_REQUEST = {"type": "object", "required": ["prompt"], "properties": _SEED_GENERATE_FIELDS,
+                         "additionalProperties": False}  # fmt: skip
+SEED_CHAT_REQUEST = {"type": "object", "required": ["messages"], "properties": _SEED_CHAT_FIELDS,
+                     "additionalProperties": False}  # fmt: skip
+_SEED_COMMON = {
+    "finish_reason": {"enum": ["stop", "length", "cancelled", "deadline"]},
+    "generation_time": {"type": "number", "description": "seconds"},
+    "metadata": {"description": "the request's metadata, echoed"},
+    "request_id": {"type": "string"},
+    "tokens_generated": {"type": "integer", "minimum": 0},
+}
+SEED_GENERATE_REPLY = {
+    "type": "object",
+    "required": ["text", "finish_reason", "tokens_generated"],
+    "properties": {**_SEED_COMMON, "text": {"type": "string"}, "tokens_per_second": {"type": "number"}},
+}
+SEED_CHAT_REPLY = {
+    "type": "object",
+    "required": ["message", "finish_reason", "tokens_generated"],
+    "properties": {**_SEED_COMMON, "message": {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"const": "assistant"}, "content": {"type": "string"}}}},
+}  # fmt: skip
+SEED_STATS = {
+    "type": "object",
+    "required": ["total_requests", "total_tokens_generated", "uptime_seconds"],
+    "properties": {k: {"type": "number", "minimum": 0} for k in (
+        "average_tokens_per_request", "average_tokens_per_second", "total_inference_time", "total_requests",
+        "total_tokens_generated", "uptime_seconds")},
+}  # fmt: skip
+SEED_HEALTH = {
+    "type": "object",
+    "required": ["status", "models"],
+    "properties": {"status": {"type": "string"}, "models": {"type": "array", "items": {"type": "string"}},
+                   "model_loaded": {"type": "boolean"}, "tokenizer_loaded": {"type": "boolean"},
+                   "gpu_memory_bytes": {"type": ["integer", "null"]}},
+}  # fmt: skip
+
+UPDATE_MODEL_REQUEST = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "version": {"type": "string", "description": "a version already in the repository"},
+        "path": {"type": "string", "description": "a directory under import_root, imported as the next version"},
+        "adapter": {"type": "string"},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
+OBJECT = {"type": "object"}
