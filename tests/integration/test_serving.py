@@ -78,8 +78,9 @@ def test_framed_plain_pickle_and_json_agree(server):
     r = requests.post(f"{server.base_url}/infer", json=payload, timeout=30)
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
     as_json = np.asarray(r.json()["embeddings"], dtype=np.float32)
-    np.testing.assert_allclose(framed, plain, atol=1e-6)
-    np.testing.assert_allclose(framed, as_json, atol=1e-6)
+    # three requests, three batches: the plan may run them on different engines (and now and then
+    # on an alternative it re-checks), so they agree within the accuracy gate, not bit for bit
+    assert cosines(framed, plain).min() >= GATE and cosines(framed, as_json).min() >= GATE
 
 
 def test_accept_header_picks_the_reply_format(server):
