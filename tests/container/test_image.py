@@ -293,7 +293,7 @@ def test_the_largest_requests_within_the_deployments_memory_limit_are_answered_w
                 statuses[kind].append(status)
 
         with ThreadPoolExecutor(32) as pool:
-            list(pool.map(call, range(80)))
+            list(pool.map(call, range(48)))
         peak = int(docker("exec", c.name, "cat", "/sys/fs/cgroup/memory/memory.max_usage_in_bytes"))
         log = c.logs()
         print(f"\nunder --memory {limit >> 20} MiB: {statuses['big'].count(400)} bodies of 64 MiB refused (400), "

@@ -9,8 +9,8 @@ from bench.soak_bench import soak
 
 
 def test_worker_rss_stays_flat_after_warm_up():
-    result = soak(requests_total=20_000, phase=5_000, concurrency=32, warmup=10_000)
+    result = soak(requests_total=12_000, phase=4_000, concurrency=32, warmup=8_000)
     growth = ", ".join(f"{g:+.1%}" for g in result["growth"].values())
-    print(f"\nsoak of 20k requests after 10k of warm-up: RSS growth per worker {growth}")
+    print(f"\nsoak of 12k requests after 8k of warm-up: RSS growth per worker {growth}")
     assert result["failures"] == 0
     assert all(g <= 0.05 for g in result["growth"].values()), result["growth"]

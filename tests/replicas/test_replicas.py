@@ -43,12 +43,15 @@ def bed(version_two):
             yield replicas, lb
 
 
-def test_prometheus_scrapes_every_replica_evaluates_the_rules_and_sees_one_go(bed):
-    """A real Prometheus scraping the three replicas every second with binserve's rules loaded, as
-    an operator runs it: every replica up and ready, the recording rules fed by live traffic, and a
-    replica stopped is seen down within a few scrapes, its alert pending, and back once it is."""
+def test_a_rolling_restart_of_every_replica_under_load_fails_no_request_and_prometheus_sees_it(bed):
+    """As a Deployment rollout does: one replica at a time gets SIGTERM with its grace period
+    (`docker stop -t 30`), comes back, and is ready before the next one goes. A real Prometheus
+    scrapes the three every second with binserve's rules loaded, as an operator runs it: all up and
+    ready, the recording rules fed by the traffic, each stopped replica seen down with its alert
+    pending, and up and ready again once it is back."""
     replicas, lb = bed
     targets = {f"127.0.0.1:{c.port}": {"pod": f"r{i}"} for i, c in enumerate(replicas.containers)}
+    downs, seen_down = [], []
     with PrometheusProcess(targets, interval_s=1.0) as prom, Load(lb.url) as load:
         poll(lambda: prom.value('sum(up{job="binserve"})') == 3.0, timeout_s=60)
         poll(lambda: prom.value('count(binserve_ready{job="binserve"} == 1)') == 3.0, timeout_s=30)
@@ -57,41 +60,27 @@ def test_prometheus_scrapes_every_replica_evaluates_the_rules_and_sees_one_go(be
         assert prom.value(f'{errors}{{model="minilm"}}') == 0.0
         assert 0 < prom.value(f'{p99}{{model="minilm"}}') < 10
         assert prom.value('model:binserve_queue_backlog_seconds:sum{model="minilm"}') >= 0
-        victim = replicas.containers[2]
-        t0 = time.monotonic()
-        docker("stop", "-t", "30", victim.name, timeout=90)
-        instance = f"127.0.0.1:{victim.port}"
-        poll(lambda: prom.value(f'up{{instance="{instance}"}}') == 0.0, timeout_s=30)
-        seen_down_s = time.monotonic() - t0
-        pending = f'ALERTS{{alertname="BinserveReplicaDown", alertstate="pending", instance="{instance}"}}'
-        poll(lambda: prom.value(pending) == 1.0, timeout_s=30)
-        docker("start", victim.name)
-        wait_ready(victim)
-        poll(lambda: prom.value(f'min(binserve_ready{{instance="{instance}"}})') == 1.0, timeout_s=60)
-        poll(lambda: not prom.query(pending), timeout_s=30)
-        wait_state(lb, "r2", "UP", timeout_s=30)
-    print(f"\nPrometheus over 3 replicas: all up and ready, rules evaluated; one stopped was down in its "
-          f"scrapes {seen_down_s:.1f} s after `docker stop` began, its alert pending, then cleared; "
-          f"{load.summary()}")  # fmt: skip
-    assert load.failures == [], load.failures[:5]
-
-
-def test_a_rolling_restart_of_every_replica_under_load_fails_no_request(bed):
-    """As a Deployment rollout does: one replica at a time gets SIGTERM with its grace period
-    (`docker stop -t 30`), comes back, and is ready before the next one goes."""
-    replicas, lb = bed
-    downs = []
-    with Load(lb.url) as load:
         for i, c in enumerate(replicas.containers):
+            instance = f"127.0.0.1:{c.port}"
+            pending = f'ALERTS{{alertname="BinserveReplicaDown", alertstate="pending", instance="{instance}"}}'
+            t0 = time.monotonic()
             docker("stop", "-t", "30", c.name, timeout=90)
             downs.append(wait_state(lb, f"r{i}", "DOWN", timeout_s=10))
+            poll(lambda instance=instance: prom.value(f'up{{instance="{instance}"}}') == 0.0, timeout_s=30)
+            seen_down.append(time.monotonic() - t0)
+            poll(lambda pending=pending: prom.value(pending) == 1.0, timeout_s=30)
             docker("start", c.name)
             wait_ready(c)
             wait_state(lb, f"r{i}", "UP", timeout_s=30)
             back = int(lb.stats()[f"r{i}"]["stot"])  # it takes load again before the next one goes
             poll(lambda i=i, back=back: int(lb.stats()[f"r{i}"]["stot"]) >= back + 5, timeout_s=30, every_s=0.05)
+            ready = f'min(binserve_ready{{instance="{instance}"}})'
+            poll(lambda ready=ready: prom.value(ready) == 1.0, timeout_s=60)
+            poll(lambda pending=pending: not prom.query(pending), timeout_s=30)
     print(f"\nrolling restart of 3 replicas: {load.summary()}; HAProxy saw each down in "
-          f"{', '.join(f'{d:.2f}' for d in downs)} s")  # fmt: skip
+          f"{', '.join(f'{d:.2f}' for d in downs)} s; Prometheus saw each down (up == 0) "
+          f"{', '.join(f'{d:.1f}' for d in seen_down)} s after its `docker stop` began, its alert pending, "
+          f"then up and ready again")  # fmt: skip
     assert load.failures == [], load.failures[:5]
     assert load.retried == 0  # the drain delay: nothing was refused or reset, not even once
     assert load.sent > 100
