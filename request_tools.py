@@ -4,7 +4,8 @@ design: `InferenceClient` owns one `requests.Session` (one keep-alive connection
 the framed binary format by default. Replies are decoded with the same safe decoder the server
 uses, so a client never unpickles what a server (or something pretending to be one) sent. Retries
 happen only where they cannot duplicate a side effect that matters - inference is idempotent - and
-only for failures that a retry can fix: connection refused/reset, 429 and 503, and a gateway's 502
+only for failures that a retry can fix: connection refused/reset, a reply cut off mid-body (the
+server died sending it), 429 and 503, and a gateway's 502
 or 504 (a load balancer whose replica died or hung under the request: another replica can answer
 it; binserve's own 504 is the request's deadline and is not retried),
 waiting for the server's Retry-After when it gives one, else exponential backoff with jitter. Other non-2xx replies
@@ -166,8 +167,9 @@ class InferenceClient:
         while True:
             try:
                 resp = self.session.post(url, data=body, headers=headers, timeout=self.timeout)
-            except requests.ConnectionError:
-                # Refused or reset: the server never answered, so sending again is safe.
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                # Refused or reset, or the reply cut off mid-body (the server died while sending
+                # it): inference is idempotent, so sending again is safe.
                 if attempt >= self.retries:
                     raise
                 self._sleep_before_retry(attempt, None)

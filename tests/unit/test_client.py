@@ -36,6 +36,8 @@ class ScriptedServer:
                 if owner.delay_s:
                     time.sleep(owner.delay_s)  # a slow model, to exercise the client's timeout
                 status, headers, reply = owner.script.pop(0) if owner.script else (200, {}, None)
+                cut = status == "cut"  # a 200 whose body stops halfway: the server died while sending it
+                status = 200 if cut else status
                 headers = dict(headers)
                 ctype = headers.pop("Content-Type", "application/json")
                 if reply is None:
@@ -47,7 +49,10 @@ class ScriptedServer:
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(reply)
+                self.wfile.write(reply[: len(reply) // 2] if cut else reply)
+                if cut:
+                    self.wfile.flush()
+                    self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -154,6 +159,15 @@ def test_a_gateways_502_and_504_are_retried_and_counted(server, status):
         with pytest.raises(errors.ServingError) as info:
             client.infer({"a": 1})
         assert info.value.status_code == status and client.retried == 3
+
+
+def test_a_reply_cut_off_mid_body_is_retried(server):
+    """A worker killed while it sends the reply: the body stops short (requests raises
+    ChunkedEncodingError, not ConnectionError). Inference is idempotent: sent again."""
+    server.script = [("cut", {}, None)]
+    with InferenceClient(server.base_url, retries=2, backoff_s=0.0) as client:
+        assert client.infer({"a": np.arange(1000)})["a"].tolist() == list(range(1000))
+        assert client.retried == 1 and len(server.requests) == 2
 
 
 def test_connection_refused_is_retried_then_raised(monkeypatch):
