@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from binary_protocol import dict_to_binary
 from request_tools import InferenceClient
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, poll
 
 GRACE_S = 20
 
@@ -75,9 +75,15 @@ def test_a_drain_delay_keeps_serving_while_readyz_turns_away_the_load_balancer()
         client = InferenceClient(srv.base_url, retries=0, timeout=30)
         client.infer({"texts": ["before"]})
         t0 = time.monotonic()
-        srv.proc.send_signal(signal.SIGTERM)
-        ready = requests.get(f"{srv.base_url}/readyz", timeout=5, headers={"Connection": "close"})
-        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        srv.proc.send_signal(signal.SIGTERM)  # to the master, which passes it on to the worker
+
+        def readyz():
+            return requests.get(f"{srv.base_url}/readyz", timeout=5, headers={"Connection": "close"})
+
+        # 503 as soon as the worker has the signal (the master forwards it: not at the same instant)
+        # (a Response is falsy when not ok: poll for its status, then read it)
+        poll(lambda: readyz().status_code == 503, timeout_s=1.0, every_s=0.02)
+        assert readyz().json()["status"] == "draining"
         served = 0
         while time.monotonic() - t0 < delay - 1.0:  # well inside the delay: still served
             reply = InferenceClient(srv.base_url, retries=0, timeout=30).request({"texts": [f"during {served}"]})
