@@ -20,14 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.serve_bench import drive, texts_25  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
-from tests.serverproc import ServerProcess  # noqa: E402
+from tests.serverproc import ServerProcess, status_kib  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise LookupError(pid)
+    return status_kib(pid, "VmRSS") / 1024
 
 
 def soak(requests_total: int, phase: int, concurrency: int, warmup: int, **settings) -> dict:

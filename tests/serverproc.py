@@ -46,6 +46,15 @@ def terminate(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
         proc.wait(5)
 
 
+def status_kib(pid: int, field: str) -> int:
+    """A field of /proc/PID/status in KiB (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 class ServerProcess:
     """`python server.py` as a user starts it; `start()` returns once every worker is ready."""
 

@@ -10,9 +10,10 @@ the document stays, since clients are generated from it.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, current_app, jsonify, send_file
+from flask import Blueprint, Response, abort, current_app, send_file
 
 from binserve.api.spec.document import build
 from binserve.config import VERSION
@@ -64,17 +65,20 @@ def blueprint(page: bool = True) -> Blueprint:
 
     @bp.get("/openapi.json")
     def openapi():
-        # built once, on first ask, from the app's routes as registered (every blueprint is in by then)
+        # built and serialized once, on first ask, from the app's routes as registered (every
+        # blueprint is in by then)
         if "doc" not in built:
-            built["doc"] = build(current_app, VERSION)
-        return jsonify(built["doc"])
+            built["doc"] = json.dumps(build(current_app, VERSION), sort_keys=True)
+        return Response(built["doc"], content_type="application/json")
 
     if static is None:
         return bp
 
+    page_html = _PAGE.format(version=VERSION)
+
     @bp.get("/docs")
     def page_():
-        return Response(_PAGE.format(version=VERSION), content_type="text/html; charset=utf-8")
+        return Response(page_html, content_type="text/html; charset=utf-8")
 
     @bp.get("/docs/assets/<name>")
     def asset(name: str):

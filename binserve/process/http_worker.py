@@ -42,7 +42,6 @@ from binserve.process import stamps
 from binserve.wire.media import is_json
 
 MAX_HEADER_BYTES = 64 * 1024
-
 _MAX_CHUNK_LINE = 1024
 _RECV_BYTES = 256 * 1024
 _SCAN_INTERVAL_S = 0.25  # how often deadlines are checked (the event loop wakes at least every second)
@@ -266,6 +265,10 @@ class BufferingWorker(ThreadWorker):
     def _over_budget(self) -> bool:
         return self._buffered + self._running > self.max_inflight_bytes
 
+    def _fits(self, weight: int) -> bool:
+        """Whether a request of `weight` may run now: within the budget, or nothing else runs."""
+        return not self._running or self._running + weight <= self.max_inflight_bytes
+
     def _progress(self, conn, rb: RequestBuffer, registered: bool = False) -> bool:
         """Act on the buffer's status; True when the connection left the event loop."""
         status = rb.status
@@ -304,7 +307,7 @@ class BufferingWorker(ThreadWorker):
         del self._buffering[conn]
         conn.binserve_arrived = time.monotonic()
         weight = INFLIGHT_WEIGHT * len(rb.buf)
-        if self._waiting or (self._running and self._running + weight > self.max_inflight_bytes):
+        if self._waiting or not self._fits(weight):
             # complete, but running it now would pass the budget: it waits (its bytes stay counted,
             # so reading pauses) until running requests finish, in arrival order
             self._waiting.append((conn, rb, weight))
@@ -346,7 +349,7 @@ class BufferingWorker(ThreadWorker):
     def finish_request(self, conn, fs) -> None:
         """A thread finished a request (called on the event loop): its weight leaves the budget."""
         self._running -= conn.__dict__.pop("binserve_weight", 0)
-        while self._waiting and (not self._running or self._running + self._waiting[0][2] <= self.max_inflight_bytes):
+        while self._waiting and self._fits(self._waiting[0][2]):
             self._dispatch(*self._waiting.popleft())
         self._release(0)
         super().finish_request(conn, fs)

@@ -22,7 +22,7 @@ import requests
 
 from binary_protocol import dict_to_binary
 from tests.conftest import MODELS
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, status_kib
 
 MiB = 1024 * 1024
 
@@ -36,14 +36,6 @@ def srv():
 
 def worker_pid(srv) -> int:
     return requests.get(f"{srv.base_url}/healthz", timeout=10).json()["pid"]
-
-
-def status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def reset_peak(pid: int) -> None:

@@ -16,7 +16,7 @@ from transformers import BertConfig, BertModel
 
 from models.registry import default_minilm_path
 from request_tools import InferenceClient
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, status_kib
 
 ADMIN = "admin-secret"
 TEXTS = [f"reload test sentence {i} about {'rivers' if i % 2 else 'markets'}" for i in range(16)]
@@ -76,12 +76,7 @@ def update(srv, token=ADMIN, **body) -> requests.Response:
 
 
 def worker_rss(workers) -> int:
-    total = 0
-    for pid in map(pid_of, workers):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
+    return sum(status_kib(pid, "VmRSS") * 1024 for pid in map(pid_of, workers))
 
 
 def test_reload_under_load_drops_nothing_and_every_reply_matches_its_version(reload_server, versions):

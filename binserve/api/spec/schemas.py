@@ -270,35 +270,31 @@ OPENAI_CHAT_REQUEST = {
 }
 _USAGE = {"type": "object", "properties": {k: {"type": "integer"} for k in
                                            ("prompt_tokens", "completion_tokens", "total_tokens")}}  # fmt: skip
-OPENAI_COMPLETIONS_REPLY = {
-    "type": "object",
-    "required": ["id", "object", "choices"],
-    "properties": {
-        "id": {"type": "string"},
-        "object": {"const": "text_completion"},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {"type": "array", "items": {"type": "object", "properties": {
-            "index": {"type": "integer"}, "text": {"type": "string"},
-            "finish_reason": {"type": ["string", "null"]}, "logprobs": {"type": ["object", "null"]}}}},
-        "usage": _USAGE,
-    },
-}  # fmt: skip
-OPENAI_CHAT_REPLY = {
-    "type": "object",
-    "required": ["id", "object", "choices"],
-    "properties": {
-        "id": {"type": "string"},
-        "object": {"const": "chat.completion"},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {"type": "array", "items": {"type": "object", "properties": {
-            "index": {"type": "integer"}, "finish_reason": {"type": ["string", "null"]},
-            "message": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
-            "logprobs": {"type": ["object", "null"]}}}},
-        "usage": _USAGE,
-    },
-}  # fmt: skip
+
+
+def _openai_reply(kind: str, choice: dict) -> dict:
+    """A completions or chat reply: the same envelope, its `object` and the choice's own fields."""
+    common = {"index": {"type": "integer"}, "finish_reason": {"type": ["string", "null"]},
+              "logprobs": {"type": ["object", "null"]}}  # fmt: skip
+    return {
+        "type": "object",
+        "required": ["id", "object", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object", "properties": {**common, **choice}}},
+            "usage": _USAGE,
+        },
+    }
+
+
+OPENAI_COMPLETIONS_REPLY = _openai_reply("text_completion", {"text": {"type": "string"}})
+OPENAI_CHAT_REPLY = _openai_reply(
+    "chat.completion",
+    {"message": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}},
+)
 
 _SEED_SAMPLING = {
     "model": {"type": "string"},
