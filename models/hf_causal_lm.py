@@ -33,6 +33,7 @@ SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "see
 #: the most alternatives per token a request may ask logprobs of (OpenAI's chat limit)
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
+MIN_REPETITION_PENALTY = 0.1  # and 1 / it at most
 MAX_STOP_CHARS = 64
 
 
@@ -114,8 +115,12 @@ class HFCausalLM(ModelAdapter):
         if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
             raise InvalidInput(f"'seed' must be a non-negative int, got {seed!r}")
         rep = values.get("repetition_penalty", 1.0)
-        if type(rep) not in (int, float) or not 0 < rep <= 10:
-            raise InvalidInput(f"'repetition_penalty' must be a number in (0, 10] (1: off), got {rep!r}")
+        # bounded both ways by the same factor: near 0 it multiplies logits past float range (inf, NaN)
+        if type(rep) not in (int, float) or not MIN_REPETITION_PENALTY <= rep <= 1 / MIN_REPETITION_PENALTY:
+            raise InvalidInput(
+                f"'repetition_penalty' must be a number in [{MIN_REPETITION_PENALTY}, {1 / MIN_REPETITION_PENALTY:g}] "
+                f"(1: off), got {rep!r}"
+            )
         pres, freq = values.get("presence_penalty", 0.0), values.get("frequency_penalty", 0.0)
         for name, v in (("presence_penalty", pres), ("frequency_penalty", freq)):
             if type(v) not in (int, float) or not -2 <= v <= 2:

@@ -51,6 +51,9 @@ from binserve.scheduling.sequences import Sequence
 
 #: what a continuous batcher runs with unless told: 16 sequences, 32 Ki cache tokens
 DEFAULT_SETTINGS = BatchSettings(max_batch_size=16, max_batch_tokens=32768)
+#: temperatures below this sample greedily, as vLLM does: in the limit they are greedy, and dividing
+#: the logits by them would overflow to inf
+GREEDY_BELOW = 1e-5
 
 log = logging.getLogger("binserve.generation")
 
@@ -414,7 +417,7 @@ class ContinuousBatcher(SchedulerThread):
 
     def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:  # dividing by a near-0 temperature overflows the logits to inf
             return int(logits.argmax())
         logits = logits / p.temperature
         if p.top_k:
@@ -425,6 +428,7 @@ class ContinuousBatcher(SchedulerThread):
             sorted_probs, order = torch.sort(probs, descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)
             drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+            drop[0] = False  # a top_p under float32's range (as 0) would drop even the first
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=seq.generator))

@@ -105,6 +105,18 @@ def test_seeded_sampling_is_deterministic_and_differs_by_seed(lm, batcher):
     assert runs[0].output == runs[1].output != runs[2].output
 
 
+@pytest.mark.parametrize(
+    "params", [{"top_p": 5e-324}, {"temperature": 5e-324}, {"temperature": 1e-7, "top_p": 1e-30, "seed": 3}]
+)
+def test_the_smallest_temperature_or_top_p_samples_the_likeliest_token(lm, batcher, params):
+    """Found by the fuzzing (tests/fuzz): top_p under float32's range dropped every token and a
+    temperature near 0 made the logits inf; both failed the whole step. In the limit both are greedy."""
+    _, tok = lm
+    seq = submit(batcher, tok, PROMPTS[1], 12, **{"temperature": 1.0, **params})
+    collect(seq)
+    assert seq.output == reference(lm, PROMPTS[1], 12)
+
+
 def test_eos_ends_a_sequence_with_stop(lm):
     model, tok = lm
     greedy = reference(lm, PROMPTS[0], 6)
