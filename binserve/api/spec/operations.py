@@ -24,7 +24,7 @@ _STATUS = {
     "429": "queue full or quota spent; Retry-After says when to retry",
     "500": "the model failed on the request's batch (only that batch's requests fail)",
     "503": "loading, draining, or the model is not ready",
-    "504": "the request's deadline passed before the model ran it",
+    "504": "the request's deadline (or a reload's timeout_s) passed first",
     "507": "the model repository's volume is full",
 }
 INFERENCE_ERRORS = ("400", "401", "403", "404", "408", "413", "415", "429", "500", "503", "504")
@@ -39,13 +39,14 @@ def errors(shape: dict, codes=INFERENCE_ERRORS) -> dict:
 
 
 def op(summary: str, tag: str, ok: dict, *, body: dict | None = None, errs: dict | None = None,
-       auth: str | None = "inference", ok_code: str = "200", description: str = "") -> dict:  # fmt: skip
+       auth: str | None = "inference", ok_code: str = "200", description: str = "",
+       body_required: bool = True) -> dict:  # fmt: skip
     """An operation: `ok` is the 2xx reply's content, `body` the request's; `auth`: which token."""
     out = {"summary": summary, "tags": [tag], "responses": {ok_code: {"description": "OK", "content": ok}}}
     if description:
         out["description"] = description
     if body is not None:
-        out["requestBody"] = {"required": True, "content": body}
+        out["requestBody"] = {"required": body_required, "content": body}
     out["responses"].update(errs or {})
     if auth == "inference":
         out["security"] = [{"bearer": []}, {}]  # a token only when the server has keys or auth_token
@@ -67,7 +68,20 @@ _V2_BINARY = {
                                   "Inference-Header-Content-Length header), then each tensor's bytes"}}
 }  # fmt: skip
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
-_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "with stream: true, one event per batch"}}}
+# with stream: true; one server-sent event per batch of tokens (a validator reads each event as an object)
+_SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {"type": "string", "description": "a JSON chunk (OpenAI routes end with the event "
+                                                          "`data: [DONE]`)"},
+                "event": {"type": "string"},
+            },
+        }
+    }
+}  # fmt: skip
 _EMPTY = {}
 
 OPERATIONS: dict[str, dict[str, dict]] = {
@@ -204,7 +218,7 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             _json(s.OBJECT),
             body=_json(s.UPDATE_MODEL_REQUEST),
             auth="admin",
-            errs=errors(s.NATIVE_ERROR, ("400", "401", "403", "404", "413", "500", "503", "507")),
+            errs=errors(s.NATIVE_ERROR, ("400", "401", "403", "404", "413", "500", "503", "504", "507")),
         )
     },
     "admin.metrics_endpoint": {"get": op("Prometheus metrics of every worker", "admin", _TEXT, auth=None)},
@@ -214,16 +228,18 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             "admin",
             _json({"type": "array"}),
             auth="admin",
-            errs=errors(s.NATIVE_ERROR, ("401", "403")),
+            errs=errors(s.V2_ERROR, ("401", "403")),
         )
     },  # fmt: skip
     "admin.control_model": {
         "post": op(
-            "V2 model control: load or unload a model",
+            "V2 model control: load or unload a model; answers once every worker of every replica did it",
             "admin",
             _json(s.OBJECT),
+            body=_json(s.CONTROL_MODEL_REQUEST),
+            body_required=False,  # tritonclient sends none or an empty one
             auth="admin",
-            errs=errors(s.NATIVE_ERROR, ("401", "403", "404", "503")),
+            errs=errors(s.V2_ERROR, ("400", "401", "403", "404", "413", "415", "503", "504")),
         )
     },
 }

@@ -15,7 +15,8 @@ STRING_OR_LIST = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"typ
 IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 IDS_OR_ROWS = {"oneOf": [IDS, {"type": "array", "items": IDS}]}
 NUMBERS = {"type": "array", "items": {"oneOf": [{"type": "number"}, {"type": "array"}]}}
-STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]}
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": 64}
+STOP = {"oneOf": [_STOP_STRING, {"type": "array", "items": _STOP_STRING, "maxItems": 4}]}  # hf_causal_lm's bounds
 
 NATIVE_ERROR = {
     "type": "object",
@@ -221,18 +222,18 @@ OPENAI_MODELS = {
 _SAMPLING_COMMON = {
     "model": {"type": "string"},
     "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
     "top_k": {"type": "integer", "minimum": 0},
     "stop": STOP,
-    "seed": {"type": "integer"},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807},
     "stream": {"type": "boolean", "description": "server-sent events, one chunk per batch of tokens"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "n": {"type": "integer", "minimum": 1, "maximum": 16},
     "user": {"type": "string"},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "repetition_penalty": {"type": "number", "minimum": 0.1, "maximum": 10},
 }
 MESSAGES = {
     "type": "array",
@@ -299,12 +300,12 @@ OPENAI_CHAT_REPLY = _openai_reply(
 _SEED_SAMPLING = {
     "model": {"type": "string"},
     "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
     "top_k": {"type": "integer", "minimum": 0},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
-    "stop_sequences": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
-    "seed": {"type": "integer"},
+    "repetition_penalty": {"type": "number", "minimum": 0.1, "maximum": 10},
+    "stop_sequences": {"type": "array", "items": _STOP_STRING, "maxItems": 4},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807},
     "stream": {"type": "boolean"},
     "metadata": {"type": "object", "description": "echoed back, not used"},
 }
@@ -354,7 +355,14 @@ UPDATE_MODEL_REQUEST = {
         "version": {"type": "string", "description": "a version already in the repository"},
         "path": {"type": "string", "description": "a directory under import_root, imported as the next version"},
         "adapter": {"type": "string"},
-        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+    },
+}
+CONTROL_MODEL_REQUEST = {
+    "type": "object",
+    "properties": {
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+        "parameters": {"type": "object", "description": "Triton's load parameters; accepted and not used"},
     },
 }
 OBJECT = {"type": "object"}
