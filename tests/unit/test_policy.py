@@ -132,8 +132,9 @@ def test_the_shared_table_admits_exactly_the_capacity_across_processes():
     totals = [out.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(10)
+    # (not asserted: that every process got some; on a busy 2-core machine a late starter can
+    # find the bucket empty, CI saw [1490, 980, 530, 0], and the sum is the property)
     assert sum(totals) == 3000, totals
-    assert min(totals) > 0  # every process got some: they ran side by side
 
 
 def _die_holding(table) -> None:
