@@ -68,6 +68,10 @@ class ServerConfig:
         64, "request threads per worker (gthread): how many requests one process can batch", ge=1, le=4096
     )
     device: str = setting("auto", "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`; worker i takes GPU i mod N")
+    pinned_staging: bool = setting(
+        True, "on a GPU, collate batches into reusable pinned host buffers and copy them on a stream of their "
+        "own; false: pageable arrays on the default stream (what it is worth: `bench/gpu_check.sh`)",
+    )  # fmt: skip
     torch_threads: int = setting(
         0, "intra-op threads of a batch (torch and ONNX Runtime); 0: the usable cores (affinity, capped by the "
         "container's cgroup CPU quota), shared between the batches running at that moment",

@@ -65,6 +65,8 @@ class AdapterOptions:
     limits: RequestLimits = RequestLimits()
     #: package prefixes that model code (torch_module classes) may be imported from; see README
     trusted_modules: tuple[str, ...] = ("models",)
+    #: on a GPU: pinned staging buffers and copy/compute streams (DeviceRunner), or plain copies
+    pinned_staging: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class ModelAdapter(abc.ABC):
         self.options = options or AdapterOptions()
         self.limits = self.options.limits
         #: staging buffers and streams for this model's batches
-        self.runner = DeviceRunner(device)
+        self.runner = DeviceRunner(device, pinned=self.options.pinned_staging)
         self.plan: Plan | None = None
         self.load(self.model_dir)
 

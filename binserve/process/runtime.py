@@ -138,15 +138,19 @@ class DeviceRunner:
     pinned buffers and the host synchronises only on that copy's event. Two slots alternate, so
     collating batch k+1 never writes into buffers that batch k's copy may still be reading.
     (CPU): the same calls, with plain arrays and no streams: `staging` gives a fresh array that
-    torch uses without a copy.
+    torch uses without a copy. (GPU, `pinned=False`, the `pinned_staging` setting off): pageable
+    arrays copied and computed on the default stream, the way a plain `tensor.to("cuda")` server
+    does it; kept so that one run can measure what pinning and streams are worth.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, pinned: bool = True) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        #: pinned staging and copy/compute streams (GPU only)
+        self.pinned = self.cuda and pinned
         self._slot = 0
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}
-        if self.cuda:
+        if self.pinned:
             self.copy_stream = torch.cuda.Stream(device)
             self.compute_stream = torch.cuda.Stream(device)
 
@@ -166,7 +170,7 @@ class DeviceRunner:
     def staging(self, name: str, shape: tuple, dtype) -> np.ndarray:
         """A host array to collate input `name` into (pinned and reused on a GPU)."""
         dtype = np.dtype(dtype)
-        if not self.cuda:
+        if not self.pinned:
             return np.empty(shape, dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
         return self._pinned("in:" + name, nbytes)[:nbytes].numpy().view(dtype).reshape(shape)
@@ -175,6 +179,8 @@ class DeviceRunner:
         """Device tensors for collated host arrays; on a GPU the copy is queued, not waited for."""
         if not self.cuda:
             return {k: torch.from_numpy(a) for k, a in arrays.items()}
+        if not self.pinned:  # a synchronous copy from pageable memory, on the default stream
+            return {k: torch.from_numpy(a).to(self.device) for k, a in arrays.items()}
         with torch.cuda.stream(self.copy_stream):
             tensors = {k: torch.from_numpy(a).to(self.device, non_blocking=True) for k, a in arrays.items()}
             copied = torch.cuda.Event()
@@ -186,7 +192,7 @@ class DeviceRunner:
 
     def forward(self, fn, *args, autocast: torch.dtype | None = None):
         """Run `fn(*args)` on the compute stream under inference_mode, and autocast to `autocast` if given."""
-        stream = torch.cuda.stream(self.compute_stream) if self.cuda else contextlib.nullcontext()
+        stream = torch.cuda.stream(self.compute_stream) if self.pinned else contextlib.nullcontext()
         amp = (
             torch.autocast(device_type=self.device.type, dtype=autocast)
             if autocast is not None
@@ -197,8 +203,8 @@ class DeviceRunner:
 
     def to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Outputs as numpy arrays owned by the caller; floats come back as float32."""
-        if not self.cuda:
-            return {k: (t.float() if t.is_floating_point() else t).numpy() for k, t in tensors.items()}
+        if not self.pinned:  # on a GPU, .cpu() copies to pageable memory and waits
+            return {k: (t.float() if t.is_floating_point() else t).cpu().numpy() for k, t in tensors.items()}
         out = {}
         with torch.cuda.stream(self.compute_stream):
             for k, t in tensors.items():

@@ -42,7 +42,7 @@ class VersionLoader:
         )
         cache = config.cache_dir or None
         runtime = RuntimeSettings(config.runtime, config.precision, config.min_cosine, cache_dir=cache)
-        self.adapter_options = AdapterOptions(runtime, limits, config.trusted_module_prefixes)
+        self.adapter_options = AdapterOptions(runtime, limits, config.trusted_module_prefixes, config.pinned_staging)
 
     def load(self, name: str, version: str) -> ServedVersion:
         """`version` of model `name`, loaded, warm and checked (raises whatever its load raised)."""
