@@ -44,15 +44,27 @@ EXAMPLE_PROMPTS = [
 def greedy_reference(model, ids: list[int], n: int, eos: bool = True) -> list[int]:
     """What `model.generate` gives alone, greedy, for prompt `ids`: the n new token ids (fewer at EOS
     unless `eos` is False)."""
-    t = torch.tensor([ids])
+    t = torch.tensor([ids], device=model.device)
     kwargs = {} if eos else {"eos_token_id": None}
     with torch.no_grad():
         out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False, **kwargs)
     return out[0, len(ids) :].tolist()
 
 
-def write_causal_lm(out: Path, layers: int = 2, hidden: int = 64, seed: int = 0, vocab: int = 512) -> Path:
-    """Write a model directory (config, safetensors weights, tokenizer with a chat template) to `out`."""
+def write_causal_lm(
+    out: Path,
+    layers: int = 2,
+    hidden: int = 64,
+    seed: int = 0,
+    vocab: int = 512,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+) -> Path:
+    """Write a model directory (config, safetensors weights, tokenizer with a chat template) to `out`.
+
+    `heads`/`kv_heads` (grouped-query attention) and `intermediate` (the MLP's width; default 2 x
+    hidden) shape larger models: 24 x 1280 with 10/2 heads and 5120 is a ~0.5B Llama."""
     out.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
     special = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -63,10 +75,10 @@ def write_causal_lm(out: Path, layers: int = 2, hidden: int = 64, seed: int = 0,
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
