@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-gpu lint load image docker-test replicas-test
+.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak gpu-check gpu-check-prepare lint load image docker-test replicas-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,8 +56,14 @@ bench-generate: install
 bench-soak: install
 	$(PY) -m bench.soak_bench --requests 100000
 
-bench-gpu: install
-	bash bench/gpu_bench.sh
+# The GPU check (bench/gpu_check.sh): prepare here (wheels and MiniLM's small files into .gpu-carry/),
+# then run `bash bench/gpu_check.sh` on the GPU machine with .gpu-carry beside it; GPU_CHECK_ARGS=--cpu-dry-run
+# runs every step on the CPU (make test does).
+gpu-check-prepare: install
+	PYTHON=$(PY) bash bench/gpu_check.sh --prepare
+
+gpu-check: install
+	PYTHON=$(PY) bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # Locust against a running server (make serve in another terminal); add LOCUST_ARGS=--headless ...
 load: install

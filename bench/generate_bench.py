@@ -75,13 +75,13 @@ def server_run(base_url: str, ps: list[str], concurrency: int, max_tokens: int) 
     }
 
 
-def static_generate(path: Path, ps: list[str], max_tokens: int) -> float:
+def static_generate(path: Path, ps: list[str], max_tokens: int, device: str = "cpu") -> float:
     """Hugging Face generate on one left-padded batch, in process: generated tokens per second."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).eval().to(device)
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    batch = tok(ps, return_tensors="pt", padding=True)
+    batch = tok(ps, return_tensors="pt", padding=True).to(device)
     with torch.no_grad():
         model.generate(**batch, max_new_tokens=4, do_sample=False)  # warm-up
         walls = []

@@ -14,6 +14,7 @@ seq/s, c=1 p50 over that runtime's batch-1 time, no failures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import re
@@ -114,12 +115,12 @@ def model_info(base_url: str) -> dict:
     return next(m for m in info["models"] if m["name"] == info["default"])
 
 
-def batch_stats(base_url: str) -> dict:
-    """Batches, samples and tokens of the default model over all workers (from /metrics)."""
+def batch_stats(base_url: str, model: str = "minilm") -> dict:
+    """Batches, samples and tokens of `model` over all workers (from /metrics)."""
     text = requests.get(f"{base_url}/metrics", timeout=10).text
     out = {"batches": 0.0, "samples": 0.0, "padding_sum": 0.0}
     for line in text.splitlines():
-        if 'model="minilm"' not in line:
+        if f'model="{model}"' not in line:
             continue
         if line.startswith("binserve_batch_size_samples_count"):
             out["batches"] += float(line.split()[-1])
@@ -176,8 +177,8 @@ class RawClient:
 _CONTENT_LENGTH = re.compile(rb"(?i)content-length: *(\d+)")
 
 
-def http_request(body: bytes) -> bytes:
-    head = f"POST /infer HTTP/1.1\r\nHost: bench\r\nContent-Type: {MEDIA_TYPES[FRAMED]}\r\n"
+def http_request(body: bytes, path: str = "/infer") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {MEDIA_TYPES[FRAMED]}\r\n"
     return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -208,14 +209,36 @@ def run_clients(base_url: str, items, concurrency: int, handle) -> float:
     return time.perf_counter() - t0
 
 
-def drive(base_url: str, bodies: list[bytes], refs: np.ndarray | None, concurrency: int, n_requests: int) -> dict:
-    """Send n_requests pre-encoded bodies with `concurrency` threads (one keep-alive connection each);
-    with `refs`, check every reply's embedding against refs[body index] (cosine >= GATE)."""
+def embedding_check(refs: np.ndarray):
+    """A reply check for `drive`: body k's embedding has cosine >= GATE to refs[k] (else says what it was)."""
+
+    def check(k: int, data: bytes) -> str | None:
+        emb = binary_to_dict(data)["embeddings"][0]
+        cos = float(emb @ refs[k] / np.linalg.norm(emb) / np.linalg.norm(refs[k]))
+        return None if cos >= GATE else f"cosine {cos:.5f}"
+
+    return check
+
+
+def drive(
+    base_url: str,
+    bodies: list[bytes],
+    check,
+    concurrency: int,
+    n_requests: int,
+    *,
+    path: str = "/infer",
+    model: str = "minilm",
+    seconds: float | None = None,
+) -> dict:
+    """Send n_requests pre-encoded bodies to `path` with `concurrency` threads (one keep-alive
+    connection each), or as many as fit in `seconds`; with `check` (body index, reply bytes) ->
+    None or what is wrong, check every reply. Batch figures are `model`'s."""
     latencies: list[float] = []
     failures: list[str] = []
-    wrong: list[float] = []
+    wrong: list[str] = []
     lock = threading.Lock()
-    requests_ = [http_request(b) for b in bodies]
+    requests_ = [http_request(b, path) for b in bodies]
 
     def one(client: RawClient, i: int) -> None:
         k = i % len(bodies)
@@ -226,23 +249,25 @@ def drive(base_url: str, bodies: list[bytes], refs: np.ndarray | None, concurren
         except OSError as exc:
             ok, err, data = False, repr(exc), b""
         dt = time.perf_counter() - t0
-        cos = None
-        if ok and refs is not None:
-            emb = binary_to_dict(data)["embeddings"][0]
-            cos = float(emb @ refs[k] / np.linalg.norm(emb) / np.linalg.norm(refs[k]))
+        bad = check(k, data) if ok and check is not None else None
         with lock:
             (latencies.append(dt) if ok else failures.append(err))
-            if cos is not None and cos < GATE:
-                wrong.append(cos)
+            if bad is not None:
+                wrong.append(bad)
 
-    before = batch_stats(base_url)
+    items = range(n_requests)
+    if seconds is not None:
+        stop = time.monotonic() + seconds
+        items = itertools.takewhile(lambda _: time.monotonic() < stop, items)
+    before = batch_stats(base_url, model)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    wall = run_clients(base_url, range(n_requests), concurrency, one)
+    wall = run_clients(base_url, items, concurrency, one)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    after = batch_stats(base_url)
+    after = batch_stats(base_url, model)
     batches = after["batches"] - before["batches"]
-    lat = np.array(latencies) * 1000
+    lat = np.array(latencies or [float("nan")]) * 1000
     return {
+        "requests": len(latencies) + len(failures),
         "req/s": len(latencies) / wall,
         "p50": float(np.percentile(lat, 50)),
         "p95": float(np.percentile(lat, 95)),
@@ -254,7 +279,7 @@ def drive(base_url: str, bodies: list[bytes], refs: np.ndarray | None, concurren
         / (os.cpu_count() or 1),
         "failures": len(failures),
         "wrong": len(wrong),
-        "first_failure": failures[0] if failures else (f"cosine {min(wrong):.5f}" if wrong else ""),
+        "first_failure": failures[0] if failures else (wrong[0] if wrong else ""),
     }
 
 
@@ -305,7 +330,7 @@ def main() -> None:
         plan = model_info(srv.base_url)["runtime"]["plan"]
         for c in map(int, args.concurrency.split(",")):
             n = args.requests if c > 1 else max(300, args.requests // 5)
-            rows.append((f"c={c}", c, drive(srv.base_url, bodies, refs, c, n)))
+            rows.append((f"c={c}", c, drive(srv.base_url, bodies, embedding_check(refs), c, n)))
             print(f"  server {rows[-1][0]}: {rows[-1][2]['req/s']:.0f} req/s", file=sys.stderr, flush=True)
         rows.append(("mixed 5-250 tok, c=64", 64, drive(srv.base_url, mixed, None, 64, 600)))
     print(f"\nbinserve, default configuration{' + ' + str(args.server_arg) if args.server_arg else ''}"

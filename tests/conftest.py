@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from models.registry import default_minilm_path
 from tests.serverproc import ServerProcess
 
-MODELS = f"minilm=hf_encoder:{default_minilm_path()},policy=torch_module:models/policy_v1"
+#: MiniLM's directory: the package's, or a model of its shape where the package cannot travel (the GPU
+#: check builds a random-weight twin on the device machine and names it here)
+MINILM = os.environ.get("BINSERVE_TEST_MINILM") or default_minilm_path()
+MODELS = f"minilm=hf_encoder:{MINILM},policy=torch_module:models/policy_v1"
 
 
 def pytest_collection_modifyitems(config, items):

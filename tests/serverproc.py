@@ -102,6 +102,10 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        pids_file = os.environ.get("BINSERVE_TEST_PIDS_FILE")
+        if pids_file:  # a driver that may be killed (bench/gpu_check.sh) stops what it started by these
+            with open(pids_file, "a") as f:
+                f.write(f"{self.proc.pid}\n")
         if not wait:
             return self
         try:
