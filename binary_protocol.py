@@ -51,6 +51,7 @@ from binserve.wire.safe_pickle import DEFAULT_LIMITS, DTYPE_CODES, Limits, safe_
 __all__ = [
     "DEFAULT_LIMITS",
     "FRAMED",
+    "IMAGE_MEDIA_TYPES",
     "JSON",
     "PICKLE",
     "Limits",
@@ -74,6 +75,8 @@ _HEADER = struct.Struct("<4sBBHIIQ")
 FRAMED = "binserve"
 PICKLE = "pickle"
 JSON = "json"
+#: a body that is one encoded image, for models that take `images`
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
 MEDIA_TYPES = {
     FRAMED: "application/x-binserve",
     PICKLE: "application/octet-stream",
@@ -342,10 +345,15 @@ def as_array(value, *, dtype, name: str) -> np.ndarray:
 
 
 def decode_body(body, content_type: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[dict, str]:
-    """Decode a request body; returns (payload, format). 415 for an unknown Content-Type."""
+    """Decode a request body; returns (payload, format). 415 for an unknown Content-Type.
+
+    A raw image body (`image/jpeg`, `image/png`, `image/webp`: curl's `--data-binary @cat.jpg`) is
+    the request `{"images": <its bytes>}`, answered in JSON (an image is no reply format)."""
     media = media_type(content_type)
     if is_json(media):
         return json_to_dict(body, limits), JSON
+    if media in IMAGE_MEDIA_TYPES:
+        return {"images": bytes(body)}, JSON
     if media in _BINARY_MEDIA or media == "":
         head = bytes(body[:4])
         if head == MAGIC:
@@ -357,7 +365,7 @@ def decode_body(body, content_type: str | None, limits: Limits = DEFAULT_LIMITS)
         return binary_to_dict(body, limits), FRAMED  # raises a ProtocolError that says what it saw
     raise UnsupportedMediaType(
         f"Content-Type {media!r} is not supported; send application/x-binserve, "
-        "application/octet-stream (pickle) or application/json"
+        "application/octet-stream (pickle), application/json, or an image as image/jpeg, image/png or image/webp"
     )
 
 

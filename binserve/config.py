@@ -146,6 +146,16 @@ class ServerConfig:
     max_text_chars: int = setting(
         0, "characters per text before tokenizing; 0: 32 x the model's maximum tokens", unit="chars", ge=0
     )
+    max_image_bytes: int = setting(
+        16 * MiB, "bytes of one encoded image (JPEG, PNG, WebP); a base64 image in JSON is also held to "
+        "`max_json_bytes`",
+        unit="bytes", ge=1,
+    )  # fmt: skip
+    max_image_pixels: int = setting(
+        24_000_000, "width x height an image may declare, checked from its header before any pixel is decoded "
+        "(24 MP: a 6000 x 4000 photo, 72 MB decoded); also the most a resize may make of it",
+        unit="pixels", ge=1, le=1 << 31,
+    )  # fmt: skip
     truncate: bool = setting(
         True, "cut texts and token rows to the model's maximum length (TEI's auto-truncate); false: 413"
     )

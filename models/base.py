@@ -55,6 +55,11 @@ class RequestLimits:
     max_text_chars: int = 0
     #: cut texts and token rows to the model's maximum length (True), or refuse them with 413
     truncate: bool = True
+    #: one encoded image: its bytes, and the pixels its header may declare (models/images.py)
+    max_image_bytes: int = 16 << 20
+    max_image_pixels: int = 24_000_000
+    #: what one request's samples may hold once decoded (images become float arrays)
+    max_decoded_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True)

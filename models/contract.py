@@ -22,12 +22,16 @@ class Validated:
     batched: bool
     #: per-request reply options the adapter parsed (e.g. a classifier's top_k and threshold)
     options: dict = dataclasses.field(default_factory=dict)
+    #: seconds the adapter spent on named steps of `validate` (Server-Timing shows them: `decode-image`)
+    timing: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input a model takes, per sample: numpy dtype (None: text) and shape (-1: any size)."""
+    """One input a model takes, per sample: numpy dtype (None: text, or an encoded image) and shape (-1: any size)."""
 
     name: str
     dtype: np.dtype | None
     shape: tuple[int, ...]
+    #: "image" for an encoded image (JPEG, PNG, WebP bytes; base64 in JSON); None otherwise
+    encoding: str | None = None

@@ -31,7 +31,7 @@ from binary_protocol import as_array
 from binserve.errors import InvalidInput, LimitExceeded
 from models.base import ModelAdapter, OnnxSpec
 from models.contract import TensorSpec, Validated
-from models.labels import OPTION_KEYS, label_rows, parse_options
+from models.labels import OPTION_KEYS, gate, parse_options, with_labels
 from models.sentence_modules import SentencePipeline, pool, read_pipeline
 
 
@@ -287,11 +287,7 @@ class HFEncoder(ModelAdapter):
 
     def join(self, outputs: list[dict], batched: bool, options: dict | None = None) -> dict:
         reply = super().join(outputs, batched, options)
-        if self.labels:
-            probs = reply["probabilities"] if batched else reply["probabilities"][None]
-            names, scores = label_rows(probs, self.labels, self.multi_label, options or {})
-            reply["labels"], reply["scores"] = (names, scores) if batched else (names[0], scores[0])
-        return reply
+        return with_labels(reply, batched, self.labels, self.multi_label, options) if self.labels else reply
 
     def int8_excluded(self, node_name: str) -> bool:
         # Measured on MiniLM: quantizing every MatMul gives cosine 0.988 to fp32; leaving the FFN
@@ -306,14 +302,7 @@ class HFEncoder(ModelAdapter):
         return self._tokenize([f"{BENCH_TEXT} {i}" for i in range(n)])
 
     def accuracy(self, reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[bool, str]:
-        s = self.options.runtime
-        if self.task == "embedding":
-            a, b = reference["embeddings"].astype(np.float64), got["embeddings"].astype(np.float64)
-            cos = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
-            return cos >= s.min_cosine, f"min cosine {cos:.6f} (gate {s.min_cosine})"
-        same = bool((reference["probabilities"].argmax(1) == got["probabilities"].argmax(1)).all())
-        err = float(np.abs(reference["probabilities"] - got["probabilities"]).max())
-        return same and err <= s.max_prob_error, f"argmax {'equal' if same else 'differs'}, max prob error {err:.5f}"
+        return gate(self.task, reference, got, self.options.runtime)
 
 
 def _only(payload: dict, allowed: set) -> None:

@@ -1,4 +1,5 @@
-"""Classifier replies in labels: top-k names and scores, or every label over a threshold.
+"""Classifier replies in labels (top-k names and scores, or every label over a threshold), and the
+accuracy gate that embedding and classifier adapters share.
 
 design: pure numpy on one request's probabilities, on its request thread after the batch ran
 (the options are per request; the batch computed the same probabilities for everyone). A
@@ -53,3 +54,23 @@ def label_rows(probabilities: np.ndarray, labels: list[str], multi_label: bool, 
         names.append([labels[i] for i in order])
         scores.append([float(row[i]) for i in order])
     return names, scores
+
+
+def with_labels(reply: dict, batched: bool, labels: list[str], multi_label: bool, options: dict) -> dict:
+    """A classifier's joined reply with `labels` and `scores` added from its `probabilities`."""
+    probs = reply["probabilities"] if batched else reply["probabilities"][None]
+    names, scores = label_rows(probs, labels, multi_label, options or {})
+    reply["labels"], reply["scores"] = (names, scores) if batched else (names[0], scores[0])
+    return reply
+
+
+def gate(task: str, reference: dict[str, np.ndarray], got: dict[str, np.ndarray], runtime) -> tuple[bool, str]:
+    """The accuracy gate of an embedding model (smallest cosine to fp32) or a classifier (the same
+    argmax, and probabilities within `max_prob_error`); `runtime` holds the thresholds."""
+    if task == "embedding":
+        a, b = reference["embeddings"].astype(np.float64), got["embeddings"].astype(np.float64)
+        cos = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+        return cos >= runtime.min_cosine, f"min cosine {cos:.6f} (gate {runtime.min_cosine})"
+    same = bool((reference["probabilities"].argmax(1) == got["probabilities"].argmax(1)).all())
+    err = float(np.abs(reference["probabilities"] - got["probabilities"]).max())
+    return same and err <= runtime.max_prob_error, f"argmax {'equal' if same else 'differs'}, max prob error {err:.5f}"

@@ -19,9 +19,12 @@ from binserve.scheduling.contract import BATCH_BOUNDS
 from models.base import AdapterOptions, ModelAdapter
 from models.hf_causal_lm import HFCausalLM
 from models.hf_encoder import HFEncoder
+from models.hf_image import HFImage
 from models.torch_module import TorchModule
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {cls.adapter_name: cls for cls in (HFEncoder, TorchModule, HFCausalLM)}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    cls.adapter_name: cls for cls in (HFEncoder, HFImage, TorchModule, HFCausalLM)
+}
 DEFAULT_MODEL_NAME = "minilm"
 
 

@@ -3,7 +3,10 @@
 design: a model directory holds `manifest.json` - the module's import path ("pkg.mod:Class"), its
 constructor arguments, the weights file and one entry per input (dtype and per-sample shape) - and
 the weights as safetensors (never a pickle). A request is one sample (every input at its declared
-shape) or a batch (every input with one more leading dimension, all the same length). The batch
+shape) or a batch (every input with one more leading dimension, all the same length); an input
+whose manifest entry declares `image` steps (models/image_steps.py: resize, center_crop, resample,
+and for float inputs rescale, mean, std) also takes an encoded image or a list of them, decoded
+and preprocessed on the request thread to exactly that array (so a camera can send JPEGs). The batch
 thread stacks samples per input and runs `module(**inputs)` on the engine the plan picks (torch
 fp32 or bf16 autocast, ONNX Runtime for modules that export; models/engines.py), gated by the
 manifest's `accuracy` tolerances (`{"rtol": ..., "atol": ...}`); modules with convolutions run in
@@ -26,6 +29,8 @@ from binary_protocol import as_array
 from binserve.errors import InvalidInput
 from models.base import ModelAdapter, OnnxSpec
 from models.contract import TensorSpec, Validated
+from models.image_steps import ImageSteps
+from models.images import ImageLimits, prepared
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -82,6 +87,13 @@ class TorchModule(ModelAdapter):
             model = model.to(memory_format=torch.channels_last)  # oneDNN's and cuDNN's fast layout
         self._model = model
         self.inputs = {k: (np.dtype(v["dtype"]), tuple(v["shape"])) for k, v in manifest["inputs"].items()}
+        # inputs that also take encoded images (JPEG, PNG, WebP), preprocessed to the declared array
+        self.image_steps = {
+            k: ImageSteps.from_manifest(v["image"], self.inputs[k][1], self.inputs[k][0], f"manifest input {k!r}")
+            for k, v in manifest["inputs"].items()
+            if "image" in v
+        }
+        self.image_limits = ImageLimits(self.limits.max_image_bytes, self.limits.max_image_pixels)
         self.output_names = list(manifest.get("outputs", ["output"]))
         # the accuracy gate for other engines: the manifest's tolerances, else the server's
         tol = manifest.get("accuracy", {})
@@ -95,13 +107,16 @@ class TorchModule(ModelAdapter):
         return self._model
 
     def input_spec(self) -> dict:
-        return {
-            **{k: {"dtype": str(dt), "shape": list(shape)} for k, (dt, shape) in self.inputs.items()},
-            "outputs": self.output_names,
-        }
+        spec = {k: {"dtype": str(dt), "shape": list(shape)} for k, (dt, shape) in self.inputs.items()}
+        for k in self.image_steps:
+            spec[k]["or"] = "an encoded image (JPEG, PNG, WebP; base64 in JSON), or a list of them"
+        return {**spec, "outputs": self.output_names}
 
     def input_tensors(self) -> list[TensorSpec]:
-        return [TensorSpec(k, dt, shape) for k, (dt, shape) in self.inputs.items()]
+        return [
+            TensorSpec(k, dt, shape, encoding="image" if k in self.image_steps else None)
+            for k, (dt, shape) in self.inputs.items()
+        ]
 
     def example_payload(self) -> dict:
         rng = np.random.default_rng(0)
@@ -118,8 +133,16 @@ class TorchModule(ModelAdapter):
             raise InvalidInput(f"{'; '.join(p for p in parts if p)}; this model takes {sorted(self.inputs)}")
         arrays = {}
         batch = set()
+        timing = {}
         for key, (dtype, shape) in self.inputs.items():
             value = payload[key]
+            if key in self.image_steps and _encoded(value):
+                images, batched, seconds = prepared(
+                    value, key, self.image_steps[key], self.image_limits, self.limits.max_decoded_bytes,
+                    self.check_samples,
+                )  # fmt: skip
+                value = np.stack(images) if batched else images[0]
+                timing["decode-image"] = timing.get("decode-image", 0.0) + seconds
             if isinstance(value, np.ndarray) and value.ndim == len(shape) + 1:
                 self.check_samples(value.shape[0], repr(key))  # before any per-sample work
             arr = as_array(value, dtype=dtype, name=key)
@@ -137,8 +160,8 @@ class TorchModule(ModelAdapter):
             raise InvalidInput(f"inputs disagree on the batch size: {sorted(batch, key=str)}")
         (n,) = batch
         if n is None:
-            return Validated([arrays], batched=False)
-        return Validated([{k: a[i] for k, a in arrays.items()} for i in range(n)], batched=True)
+            return Validated([arrays], batched=False, timing=timing)
+        return Validated([{k: a[i] for k, a in arrays.items()} for i in range(n)], batched=True, timing=timing)
 
     def collate(self, samples: list) -> dict[str, np.ndarray]:
         host = {}
@@ -180,6 +203,14 @@ class TorchModule(ModelAdapter):
             for k, r in ((k, reference[k].astype(np.float64)) for k in reference)
         )
         return worst <= atol, f"max |error| - rtol x |fp32| = {worst:.2e} (atol {atol}, rtol {rtol})"
+
+
+def _encoded(value) -> bool:
+    """Whether a request value is an encoded image or a list of them (not an array)."""
+    kinds = (bytes, bytearray, memoryview, str)
+    return isinstance(value, kinds) or (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, kinds) for v in value)
+    )
 
 
 class _Positional(torch.nn.Module):

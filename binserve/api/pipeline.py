@@ -133,6 +133,8 @@ class Outcome:
             f"queue;dur={self.result.queue_s * 1000:.2f}, infer;dur={self.result.infer_s * 1000:.2f}, "
             f"encode;dur={encode_s * 1000:.2f}"
         )
+        for step, seconds in self.validated.timing.items():  # the adapter's own steps (decode-image)
+            timing += f", {step};dur={seconds * 1000:.2f}"
         return {
             "X-Request-Id": g.request_id,
             "X-Model-Version": str(self.result.tag),

@@ -3,10 +3,10 @@
 design: routes only translate. Metadata comes from the adapter's declared inputs and the outputs
 the loaded version produced at its check (`ModelSlot.signature`), with -1 for the batch dimension
 and variable sizes. An inference request's tensors become the adapter's payload (BYTES tensors of
-shape [N] or [N, 1] become N texts), run through the shared pipeline - so V2 requests are batched
-with native requests for the same model - and the outputs go back in JSON or binary, as asked, in
-the order the request lists them. A version in the URL must be the one served (404 otherwise).
-Errors are `{"error": "<message>"}` with the HTTP status (`failures.py`).
+shape [N] or [N, 1] become N texts, or N encoded images for an image input), run through the shared
+pipeline - so V2 requests are batched with native requests for the same model - and the outputs go
+back in JSON or binary, as asked, in the order the request lists them. A version in the URL must be
+the one served (404 otherwise). Errors are `{"error": "<message>"}` with the HTTP status (`failures.py`).
 """
 
 from __future__ import annotations
@@ -53,12 +53,16 @@ def model_metadata(loaded) -> dict:
 def _value(tensor: v2_tensors.Tensor, spec: TensorSpec):
     """The adapter payload value of a V2 input, if its datatype suits the model's input."""
     where = f"input {tensor.name!r}"
-    if spec.dtype is None:
+    image = spec.encoding == "image"
+    if spec.dtype is None or (image and tensor.datatype == "BYTES"):
+        what = "an encoded image" if image else "text"
         if tensor.datatype != "BYTES":
-            raise InvalidInput(f"{where} is text: send it as BYTES, not {tensor.datatype}")
+            raise InvalidInput(f"{where} is {what}: send it as BYTES, not {tensor.datatype}")
         if len(tensor.shape) == 2 and tensor.shape[1] != 1 or len(tensor.shape) not in (1, 2):
-            raise InvalidInput(f"{where}: texts have shape [N] or [N, 1], got {list(tensor.shape)}")
-        return list(tensor.value)
+            raise InvalidInput(f"{where}: {what} elements have shape [N] or [N, 1], got {list(tensor.shape)}")
+        if image:  # bytes from the binary extension, base64 strings from JSON: the adapter takes both
+            return list(tensor.value)
+        return [v2_tensors.utf8(v, where, i) for i, v in enumerate(tensor.value)]
     expected = v2_tensors.datatype_of(spec.dtype)
     given = tensor.value
     if tensor.datatype == "BYTES" or _FAMILY[given.dtype.kind] != _FAMILY[spec.dtype.kind]:

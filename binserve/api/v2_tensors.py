@@ -51,7 +51,8 @@ def datatype_of(dtype: np.dtype | None) -> str:
 
 @dataclass(frozen=True)
 class Tensor:
-    """One input tensor of a request: its value is an ndarray, or a flat list of str for BYTES."""
+    """One input tensor of a request: its value is an ndarray, or a flat list for BYTES (bytes from the
+    binary extension, str from JSON)."""
 
     name: str
     datatype: str
@@ -199,7 +200,7 @@ def _from_binary(chunk: memoryview, datatype: str, shape: tuple, count: int, whe
     return np.frombuffer(chunk, dtype=DTYPES[datatype].newbyteorder("<")).reshape(shape)
 
 
-def _bytes_elements(chunk: memoryview, count: int, where: str) -> list[str]:
+def _bytes_elements(chunk: memoryview, count: int, where: str) -> list[bytes]:
     # every element costs at least its 4-byte length, so the count is bounded by the data
     if count * 4 > len(chunk):
         raise BadRequest(f"{where}: {count} BYTES elements cannot fit in {len(chunk)} bytes")
@@ -211,14 +212,17 @@ def _bytes_elements(chunk: memoryview, count: int, where: str) -> list[str]:
         pos += 4
         if pos + n > len(raw):
             raise BadRequest(f"{where}: element {i} declares {n} bytes; {len(raw) - pos} are left")
-        out.append(_utf8(raw[pos : pos + n], where, i))
+        out.append(raw[pos : pos + n])  # text or an encoded image: the model's input decides (v2.py)
         pos += n
     if pos != len(raw):
         raise BadRequest(f"{where}: {len(raw) - pos} bytes follow the last of its {count} elements")
     return out
 
 
-def _utf8(raw: bytes, where: str, i: int) -> str:
+def utf8(raw: bytes | str, where: str, i: int) -> str:
+    """A BYTES element as text (a JSON element already is one); 400 naming it when not UTF-8."""
+    if isinstance(raw, str):
+        return raw
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

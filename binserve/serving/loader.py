@@ -38,7 +38,12 @@ class VersionLoader:
         self.device = device
         self.repo = repo
         limits = RequestLimits(
-            max_samples=config.max_queue_samples, max_text_chars=config.max_text_chars, truncate=config.truncate
+            max_samples=config.max_queue_samples,
+            max_text_chars=config.max_text_chars,
+            truncate=config.truncate,
+            max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels,
+            max_decoded_bytes=config.max_decoded_bytes,
         )
         cache = config.cache_dir or None
         runtime = RuntimeSettings(config.runtime, config.precision, config.min_cosine, cache_dir=cache)

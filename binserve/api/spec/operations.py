@@ -8,6 +8,7 @@ V2 `{"error": "<message>"}`, OpenAI `{"error": {"message", "type", "param", "cod
 
 from __future__ import annotations
 
+from binary_protocol import IMAGE_MEDIA_TYPES
 from binserve.api.spec import schemas as s
 
 BINARY_TYPES = ("application/x-binserve-framed", "application/x-binserve-pickle")
@@ -59,7 +60,12 @@ def _binary() -> dict:
     return {t: {"schema": {"type": "string", "format": "binary", "description": _WIRE}} for t in BINARY_TYPES}
 
 
-_NATIVE_IO = {**_json(s.NATIVE_REQUEST), **_binary()}
+_IMAGE_BODY = {
+    t: {"schema": {"type": "string", "format": "binary", "description": "one encoded image: the request "
+                                                                       "{\"images\": <these bytes>}, answered in JSON"}}
+    for t in IMAGE_MEDIA_TYPES
+}  # fmt: skip
+_NATIVE_IO = {**_json(s.NATIVE_REQUEST), **_binary(), **_IMAGE_BODY}
 _NATIVE_OUT = {**_json(s.NATIVE_REPLY), **_binary()}
 _V2_BINARY = {
     "application/octet-stream": {

@@ -56,6 +56,11 @@ NATIVE_REQUEST = {
     "classifier options. One sample or a batch: the reply mirrors it.",
     "properties": {
         "texts": STRING_OR_LIST,
+        "images": {
+            "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+            "description": "image models: an encoded image (JPEG, PNG, WebP) or a list of them; in JSON as "
+            "base64 or a data URL, in the binary formats as bytes",
+        },
         "input_ids": IDS_OR_ROWS,
         "attention_mask": IDS_OR_ROWS,
         "models": {
