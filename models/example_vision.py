@@ -4,7 +4,7 @@ Real transformers classes (ViT) with seeded random weights and a `preprocessor_c
 written by transformers' own ViTImageProcessor, built here with no hub: what `hf_image` serves.
 The labels are a pet classifier's; with random weights the answers are arbitrary, but the
 decode, preprocessing, batching and the probabilities' agreement with transformers run directly
-are real. `python -m models.example_vision DIR [classifier|encoder] [size]` writes one: `tiny`
+are real. `python -m models.example_vision DIR [classifier|encoder] [tiny|small] [vit|bit]` writes one: `tiny`
 (64 x 64 images, 2 layers of 64, for tests) or `small` (224 x 224, ViT-Tiny's 12 layers of 192).
 """
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
+from transformers import BitImageProcessor, ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
 
 PET_LABELS = ["cat", "dog", "rabbit", "hamster", "parrot"]
 SIZES = {
@@ -25,8 +25,12 @@ SIZES = {
 }  # fmt: skip
 
 
-def write_vision_model(out: Path, kind: str = "classifier", size: str = "tiny", seed: int = 0) -> Path:
-    """Write a ViT `kind` ("classifier" or "encoder") of `size` (SIZES) with its processor config to `out`."""
+def write_vision_model(
+    out: Path, kind: str = "classifier", size: str = "tiny", seed: int = 0, processor: str = "vit"
+) -> Path:
+    """Write a ViT `kind` ("classifier" or "encoder") of `size` (SIZES) with its processor config to `out`:
+    `processor` "vit" resizes every image to the model's square, "bit" resizes the shortest edge and
+    crops the centre (as DINOv2's BitImageProcessor does)."""
     shape = SIZES[size]
     config = ViTConfig(**shape)
     if kind == "classifier":
@@ -41,10 +45,14 @@ def write_vision_model(out: Path, kind: str = "classifier", size: str = "tiny", 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     side = shape["image_size"]
-    ViTImageProcessor(size={"height": side, "width": side}).save_pretrained(out)
+    if processor == "vit":
+        ViTImageProcessor(size={"height": side, "width": side}).save_pretrained(out)
+    else:
+        BitImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(out)
     return out
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    print(write_vision_model(Path(args[0]), *(args[1:3])))
+    kind, size, processor = (args[1:] + ["classifier", "tiny", "vit"][len(args) - 1 :])[:3]
+    print(write_vision_model(Path(args[0]), kind, size, processor=processor))
