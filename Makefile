@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
 
-.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak gpu-check gpu-check-prepare lint load image docker-test replicas-test
+.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images gpu-check gpu-check-prepare lint load image docker-test replicas-test
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-generate: install
 # Worker RSS over a 100k-request soak of one server (bench/soak_bench.py)
 bench-soak: install
 	$(PY) -m bench.soak_bench --requests 100000
+
+# The raw vision model vs binserve with 640x480 JPEGs (binary and base64 JSON), decode cost (bench/image_bench.py)
+bench-images: install
+	$(PY) -m bench.image_bench
 
 # The GPU check (bench/gpu_check.sh): prepare here (wheels and MiniLM's small files into .gpu-carry/),
 # then run `bash bench/gpu_check.sh` on the GPU machine with .gpu-carry beside it; GPU_CHECK_ARGS=--cpu-dry-run

@@ -177,8 +177,8 @@ class RawClient:
 _CONTENT_LENGTH = re.compile(rb"(?i)content-length: *(\d+)")
 
 
-def http_request(body: bytes, path: str = "/infer") -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {MEDIA_TYPES[FRAMED]}\r\n"
+def http_request(body: bytes, path: str = "/infer", media: str = MEDIA_TYPES[FRAMED]) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {media}\r\n"
     return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -230,15 +230,16 @@ def drive(
     path: str = "/infer",
     model: str = "minilm",
     seconds: float | None = None,
+    media: str = MEDIA_TYPES[FRAMED],
 ) -> dict:
     """Send n_requests pre-encoded bodies to `path` with `concurrency` threads (one keep-alive
-    connection each), or as many as fit in `seconds`; with `check` (body index, reply bytes) ->
+    connection each; bodies of `media`), or as many as fit in `seconds`; with `check` (body index, reply bytes) ->
     None or what is wrong, check every reply. Batch figures are `model`'s."""
     latencies: list[float] = []
     failures: list[str] = []
     wrong: list[str] = []
     lock = threading.Lock()
-    requests_ = [http_request(b, path) for b in bodies]
+    requests_ = [http_request(b, path, media) for b in bodies]
 
     def one(client: RawClient, i: int) -> None:
         k = i % len(bodies)
