@@ -30,6 +30,13 @@ MiB, GiB = 1 << 20, 1 << 30
 INFLIGHT_WEIGHT = 5
 
 
+#: what the log and GET /models say when /update_model may not import directories
+PATH_IMPORTS_OFF = (
+    "path imports are off (import_root is empty): /update_model switches to versions already in the "
+    'repository ({"version": ...}); set import_root to let it import a directory ({"path": ...})'
+)
+
+
 def setting(default, doc: str, *, unit: str = "", ge=None, gt=None, le=None, choices=None, shown: str = ""):
     """A ServerConfig field with its description, unit and bounds (`ge`/`gt` low, `le` high, or
     `choices`); `shown` is how the README table shows a default that is computed or empty."""

@@ -89,20 +89,25 @@ class HFCausalLM(ModelAdapter):
     def example_payload(self) -> dict:
         return {"input_ids": self.tokenizer("binserve warms the model up").input_ids, "max_new_tokens": 4}
 
-    def sampling(self, values: dict) -> SamplingParams:
-        """SamplingParams from request values (native names), each checked; 400 naming a bad one."""
+    def sampling(self, values: dict, names: dict | None = None) -> SamplingParams:
+        """SamplingParams from request values (native names), each checked; 400 naming a bad one by
+        the name the caller used (`names`: native -> the protocol's, e.g. max_new_tokens -> max_tokens)."""
+
+        def called(key: str) -> str:
+            return (names or {}).get(key, key)
+
         n = values.get("max_new_tokens", 16)
         if type(n) is not int or not 1 <= n <= self.max_new_tokens:
-            raise InvalidInput(f"'max_new_tokens' must be an int in [1, {self.max_new_tokens}], got {n!r}")
+            raise InvalidInput(f"'{called('max_new_tokens')}' must be an int in [1, {self.max_new_tokens}], got {n!r}")
         t = values.get("temperature", 1.0)
         if type(t) not in (int, float) or not 0 <= t <= 2:
-            raise InvalidInput(f"'temperature' must be a number in [0, 2], got {t!r}")
+            raise InvalidInput(f"'{called('temperature')}' must be a number in [0, 2], got {t!r}")
         p = values.get("top_p", 1.0)
         if type(p) not in (int, float) or not 0 < p <= 1:
-            raise InvalidInput(f"'top_p' must be a number in (0, 1], got {p!r}")
+            raise InvalidInput(f"'{called('top_p')}' must be a number in (0, 1], got {p!r}")
         k = values.get("top_k", 0)
         if type(k) is not int or k < 0:
-            raise InvalidInput(f"'top_k' must be an int >= 0, got {k!r}")
+            raise InvalidInput(f"'{called('top_k')}' must be an int >= 0, got {k!r}")
         stop = values.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
         if (
@@ -110,35 +115,40 @@ class HFCausalLM(ModelAdapter):
             or len(stop) > MAX_STOPS
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
         ):
-            raise InvalidInput(f"'stop' must be a string or up to {MAX_STOPS} non-empty strings of <= {MAX_STOP_CHARS}")
+            raise InvalidInput(
+                f"'{called('stop')}' must be a string or up to {MAX_STOPS} non-empty strings of <= {MAX_STOP_CHARS}"
+            )
         seed = values.get("seed")
         if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
-            raise InvalidInput(f"'seed' must be a non-negative int, got {seed!r}")
+            raise InvalidInput(f"'{called('seed')}' must be a non-negative int, got {seed!r}")
         rep = values.get("repetition_penalty", 1.0)
         # bounded both ways by the same factor: near 0 it multiplies logits past float range (inf, NaN)
         if type(rep) not in (int, float) or not MIN_REPETITION_PENALTY <= rep <= 1 / MIN_REPETITION_PENALTY:
             raise InvalidInput(
-                f"'repetition_penalty' must be a number in [{MIN_REPETITION_PENALTY}, {1 / MIN_REPETITION_PENALTY:g}] "
-                f"(1: off), got {rep!r}"
+                f"'{called('repetition_penalty')}' must be a number in "
+                f"[{MIN_REPETITION_PENALTY}, {1 / MIN_REPETITION_PENALTY:g}] (1: off), got {rep!r}"
             )
         pres, freq = values.get("presence_penalty", 0.0), values.get("frequency_penalty", 0.0)
         for name, v in (("presence_penalty", pres), ("frequency_penalty", freq)):
             if type(v) not in (int, float) or not -2 <= v <= 2:
-                raise InvalidInput(f"'{name}' must be a number in [-2, 2] (OpenAI's range; 0: off), got {v!r}")
+                raise InvalidInput(f"'{called(name)}' must be a number in [-2, 2] (OpenAI's range; 0: off), got {v!r}")
         lp = values.get("logprobs")
         if lp is not None and (type(lp) is not int or not 0 <= lp <= MAX_TOP_LOGPROBS):
-            raise InvalidInput(f"'logprobs' must be an int in [0, {MAX_TOP_LOGPROBS}] (alternatives), got {lp!r}")
+            raise InvalidInput(
+                f"'{called('logprobs')}' must be an int in [0, {MAX_TOP_LOGPROBS}] (alternatives), got {lp!r}"
+            )
         return SamplingParams(n, float(t), float(p), k, tuple(stop), seed, float(rep), float(pres), float(freq), lp)
 
-    def check_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+    def check_prompt(self, ids: list[int], params: SamplingParams, names: dict | None = None) -> list[int]:
         """A prompt within the vocabulary and, with its new tokens, within the model's context."""
+        called = (names or {}).get("max_new_tokens", "max_new_tokens")
         if not ids:
             raise InvalidInput("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise InvalidInput(f"the prompt has token ids outside [0, {self.vocab_size})")
         if len(ids) + params.max_new_tokens > self.max_context:
             raise LimitExceeded(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) is over this model's "
+                f"prompt ({len(ids)} tokens) + {called} ({params.max_new_tokens}) is over this model's "
                 f"context of {self.max_context}"
             )
         return ids

@@ -149,12 +149,15 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None:
             values["max_new_tokens"] = max_tokens
+        # errors name the fields as this caller sent them
+        names = {"max_new_tokens": "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
+                 "logprobs": "top_logprobs" if kind == "chat" else "logprobs"}  # fmt: skip
         asked = _logprobs_asked(body, kind)
         if asked is not None:
             values["logprobs"] = asked
-        params = adapter.sampling(values)
+        params = adapter.sampling(values, names)
         n_choices = _choices(body)
-        ids = adapter.check_prompt(_prompt(adapter, body, kind), params)
+        ids = adapter.check_prompt(_prompt(adapter, body, kind), params, names)
         gen = Generation(pipeline, loaded, ids, params, n_choices)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())  # a timestamp for the client, as OpenAI's

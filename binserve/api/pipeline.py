@@ -38,7 +38,7 @@ from binserve.policy.gate import Policy
 from binserve.process import stamps
 from binserve.scheduling.contract import BatchResult
 from binserve.serving.contract import ModelHost, ServedModel
-from binserve.wire.media import is_json, media_type
+from binserve.wire.media import is_json, json_limit_hint, media_type
 from models.contract import Validated
 
 # How long a request thread waits past its deadline for a batch that already started.
@@ -64,14 +64,16 @@ def read_body(config: ServerConfig) -> bytes:
     what = "JSON body" if json_body else "body"
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise LimitExceeded(f"{what} of {declared} bytes is over the {limit}-byte limit")
+        hint = json_limit_hint(config.max_body_bytes) if json_body else ""
+        raise LimitExceeded(f"{what} of {declared} bytes is over the {limit}-byte limit{hint}")
     stream = request.environ["wsgi.input"]
     try:
         body = stream.read(limit + 1) if declared is None else stream.read(declared)
     except OSError:  # the socket timed out (client_timeout_s) or broke mid-body
         raise RequestTimeout(f"the body did not arrive within client_timeout_s={config.client_timeout_s}") from None
     if len(body) > limit:
-        raise LimitExceeded(f"{what} is over the {limit}-byte limit")
+        hint = json_limit_hint(config.max_body_bytes) if json_body else ""
+        raise LimitExceeded(f"{what} is over the {limit}-byte limit{hint}")
     if declared is not None and len(body) < declared:
         raise BadRequest(f"the body ended after {len(body)} of its {declared} declared bytes")
     return body

@@ -74,14 +74,15 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             raise BadRequest(f"model {loaded.name!r} does not generate text (it is a {adapter.adapter_name} model)")
         values = {ours: body[theirs] for theirs, ours in _SAMPLING.items() if body.get(theirs) is not None}
         values.setdefault("max_new_tokens", min(DEFAULT_MAX_TOKENS, adapter.max_new_tokens))
-        params = adapter.sampling(values)
+        names = {ours: theirs for theirs, ours in _SAMPLING.items()}  # errors name the seed's own fields
+        params = adapter.sampling(values, names)
         if kind == "chat":
             ids = adapter.chat_prompt(body.get("messages"))
         elif isinstance(body.get("prompt"), str):
             ids = adapter.text_prompt(body["prompt"])
         else:
             raise BadRequest("'prompt' must be a string")
-        gen = Generation(pipeline, loaded, adapter.check_prompt(ids, params), params)
+        gen = Generation(pipeline, loaded, adapter.check_prompt(ids, params, names), params)
         rid, meta = g.request_id, body.get("metadata")
         if body.get("stream"):
             gen.start()  # queued now, so that a full queue is a 429 before the 200 goes out

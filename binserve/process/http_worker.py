@@ -39,7 +39,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from binserve.config import INFLIGHT_WEIGHT, ServerConfig
 from binserve.process import stamps
-from binserve.wire.media import is_json
+from binserve.wire.media import is_json, json_limit_hint
 
 MAX_HEADER_BYTES = 64 * 1024
 _MAX_CHUNK_LINE = 1024
@@ -63,6 +63,7 @@ class RequestBuffer:
     def __init__(self, max_body_bytes: int, initial: bytes = b"", max_json_bytes: int | None = None) -> None:
         self.max_body = max_body_bytes
         self.max_json = max_json_bytes or max_body_bytes
+        self.json = False  # a JSON body: held to max_json_bytes
         self.buf = bytearray(initial)
         self.body_start = -1  # index after the header block, once seen
         self.length: int | None = None  # Content-Length
@@ -136,6 +137,7 @@ class RequestBuffer:
                 self.expect_continue = True
             elif name == b"content-type":
                 if is_json(value):
+                    self.json = True
                     self.max_body = min(self.max_body, self.max_json)  # the app's limit for JSON
         if self.chunked and self.length is not None:
             return MALFORMED  # both framings at once: request smuggling territory, gunicorn refuses it
@@ -295,8 +297,10 @@ class BufferingWorker(ThreadWorker):
             self._reject(
                 conn,
                 _error_reply(
-                    413, "Content Too Large", "payload_too_large", f"chunked body is over the {rb.max_body}-byte limit"
-                ),
+                    413, "Content Too Large", "payload_too_large",
+                    f"chunked {'JSON ' if rb.json else ''}body is over the {rb.max_body}-byte limit"
+                    + (json_limit_hint(self.max_body_bytes) if rb.json else ""),
+                ),  # fmt: skip
                 registered,
             )
             return True

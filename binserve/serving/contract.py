@@ -113,6 +113,9 @@ class ModelHost(Protocol):
     def not_ready_reasons(self) -> dict[str, str]:
         """Why each model that is not loaded is not."""
 
+    def loading(self) -> dict[str, dict]:
+        """The models this worker is loading now (version, seconds so far) or has yet to load."""
+
     def update(
         self, name: str, *, version: str | None, path: str | None, adapter: str | None, timeout_s: float
     ) -> dict:

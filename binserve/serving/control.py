@@ -36,7 +36,14 @@ class ModelControl:
             current = self.repo.current(name)
             serving = name in wanted
             ready = serving and bool(workers) and all(v == current for v in workers.values())
-            reason = "" if ready else ("unloaded" if not serving else "loading or failed (GET /readyz says why)")
+            if ready:
+                reason = ""
+            elif serving:
+                reason = "loading or failed (GET /readyz says why)"
+            elif self.repo.serving(name) is False:
+                reason = "unloaded (model control)"
+            else:  # in the repository, never loaded here: not among the configured models
+                reason = f"not loaded: not in this server's models (POST /v2/repository/models/{name}/load)"
             out.append(
                 {
                     "name": name,

@@ -82,6 +82,7 @@ class ModelManager:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._errors: dict[str, str] = {}  # model -> why it is not loaded, or why its last switch failed
+        self._loading: dict[str, tuple[str, float]] = {}  # model -> (version, monotonic start) while loading
         self._retry: dict[str, tuple[str | None, float, float]] = {}  # model -> (CURRENT then, when, backoff)
         self.draining = False  # set on SIGTERM: /readyz says 503 while accepted requests finish
         #: configured models not registered yet: their directory is missing, or the repository is
@@ -128,6 +129,18 @@ class ModelManager:
         """Why each model that is not loaded is not (empty while loading for the first time)."""
         return {name: self._errors[name] for name in self.names if name not in self._models and name in self._errors}
 
+    def loading(self) -> dict[str, dict]:
+        """The models not served yet that are not failing: the one loading now (its version and the
+        seconds so far) and those after it (models load one at a time)."""
+        now, out = time.monotonic(), {}
+        for name in self.names:
+            if name in self._models or name in self._errors:
+                continue
+            version, started = self._loading.get(name, (None, None))
+            out[name] = {"state": "waiting"} if started is None else {
+                "state": "loading", "version": version, "seconds": round(now - started, 1)}  # fmt: skip
+        return out
+
     def start(self, background: bool = True) -> ModelManager:
         """Load and warm all models (on the watcher thread unless `background` is False), then watch."""
         if not background:
@@ -152,7 +165,11 @@ class ModelManager:
 
     def _add(self, name: str, version: str) -> None:
         """Load `version` of a model this worker does not serve yet, and give it a scheduler."""
-        served = self.loader.load(name, version)
+        self._loading[name] = (version, time.monotonic())
+        try:
+            served = self.loader.load(name, version)
+        finally:
+            self._loading.pop(name, None)
         adapter, slot = served.adapter, ModelSlot(served)
         scheduler = self.loader.scheduler(adapter, slot, self.loader.batch_settings(name, version, adapter))
         self._models[name] = LoadedModel(name, slot, scheduler)

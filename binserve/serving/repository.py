@@ -131,6 +131,20 @@ class ModelRepository:
         with self.lock(name):  # another worker or replica may be registering it at this moment
             return self._register_locked(spec, manifest, path)
 
+    def preview(self, spec: ModelSpec) -> str:
+        """What `register` will do with a configured model, read only (the start-up banner says it)."""
+        path = str(Path(spec.path).resolve())
+        if not Path(path).is_dir() and self._version_of(spec.name, spec.adapter, path) is None:
+            return f"{spec.name}: {spec.adapter} {path} - MISSING: no such directory"
+        found = self._version_of(spec.name, spec.adapter, path)
+        before, configured = self._current_or_none(spec.name), self._configured(spec.name)
+        if found is None:
+            return f"{spec.name}: {spec.adapter} {path} - a new version, {self._next_version(spec.name)}"
+        if before is not None and configured in (found, None):
+            kept = f"version {before} (made current since)" if before != found else f"version {found}"
+            return f"{spec.name}: {spec.adapter} {path} - {kept}"
+        return f"{spec.name}: {spec.adapter} {path} - version {found}, made current again (was {before})"
+
     def _register_locked(self, spec: ModelSpec, manifest: dict, path: str) -> Registration:
         name, mdir = spec.name, self.model_dir(spec.name)
         before, configured = self._current_or_none(name), self._configured(name)

@@ -20,3 +20,9 @@ def is_json(content_type: str | bytes | None) -> bool:
     """Whether a Content-Type names JSON (`application/json`, or any `+json` type)."""
     media = media_type(content_type)
     return media == "application/json" or media.endswith("+json")
+
+
+def json_limit_hint(max_body_bytes: int) -> str:
+    """What the 413 of a JSON body over `max_json_bytes` adds: where larger inputs go instead."""
+    return (f" (max_json_bytes); the binary formats - framed, pickle, V2's binary tensors, a raw image - "
+            f"may be up to {max_body_bytes} bytes (max_body_bytes)")  # fmt: skip

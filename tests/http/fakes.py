@@ -187,6 +187,9 @@ class FakeManager:
     def not_ready_reasons(self) -> dict[str, str]:
         return {}
 
+    def loading(self) -> dict[str, dict]:
+        return {}
+
     def update(
         self, name: str, *, version: str | None, path: str | None, adapter: str | None, timeout_s: float
     ) -> dict:

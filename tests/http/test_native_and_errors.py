@@ -81,6 +81,8 @@ def test_json_over_its_limit_is_413_and_closes_the_connection(make_client):
     resp = client.post("/infer/double", data=json.dumps({"x": [1.0] * 600}), content_type="application/json")
     assert resp.status_code == 413
     assert resp.headers["Connection"] == "close"
+    message = resp.get_json()["error"]["message"]  # and says where larger inputs go
+    assert "1024-byte limit (max_json_bytes)" in message and "binary formats" in message and "max_body_bytes" in message
 
 
 def test_an_unexpected_error_is_500_with_a_request_id_and_no_internals(client, manager, monkeypatch):
@@ -157,6 +159,11 @@ def test_readiness_follows_the_manager(client, manager):
     manager.others_ready = True
     manager.ready = False
     assert client.get("/readyz").get_json()["status"] == "loading"
+    manager.loading = lambda: {"double": {"state": "loading", "version": "3", "seconds": 12.4},
+                               "other": {"state": "waiting"}}  # fmt: skip
+    body = client.get("/readyz").get_json()
+    assert body["status"] == "loading: double version 3 for 12s; then other"
+    assert body["loading"]["double"]["seconds"] == 12.4
     assert client.get("/v2/health/ready").status_code == 503
     assert client.get("/v2/health/live").status_code == 200
     manager.draining = True
@@ -184,3 +191,10 @@ def test_request_metrics_count_every_protocol_under_its_label(client):
         REGISTRY.get_sample_value("binserve_requests_total", {"model": "unserved-xyz", "code": "404", "protocol": "v2"})
         is None
     )
+
+
+def test_models_says_whether_update_model_may_import_directories(make_client, tmp_path):
+    off = make_client().get("/models").get_json()["path_imports"]
+    assert off["import_root"] is None and off["note"].startswith("path imports are off (import_root is empty)")
+    on = make_client(import_root=str(tmp_path)).get("/models").get_json()["path_imports"]
+    assert on == {"import_root": str(tmp_path), "note": None}

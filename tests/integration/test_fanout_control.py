@@ -101,7 +101,7 @@ def test_unload_and_load_under_load_fail_no_request_for_the_models_that_stay(srv
         assert gone.status_code == 404 and "unloaded" in gone.json()["error"]["message"]
         index = requests.post(f"{srv.base_url}/v2/repository/index", headers=ADMIN, timeout=10).json()
         tox = next(m for m in index if m["name"] == "toxicity")
-        assert tox["state"] == "UNAVAILABLE" and tox["reason"] == "unloaded" and not tox["workers"]
+        assert tox["state"] == "UNAVAILABLE" and tox["reason"] == "unloaded (model control)" and not tox["workers"]
         r = requests.post(f"{srv.base_url}/v2/repository/models/toxicity/load", headers=ADMIN, timeout=120)
         assert r.status_code == 200 and r.json()["converged"], r.text
         assert len(r.json()["workers"]) == srv.workers

@@ -136,13 +136,15 @@ def test_a_disconnected_stream_stops_its_sequence(srv):
 
 
 def test_bad_generation_requests_are_4xx(srv, oai):
-    with pytest.raises(openai.BadRequestError, match="max_new_tokens"):
+    with pytest.raises(openai.BadRequestError, match="'max_tokens' must be"):  # OpenAI's name, as it was sent
         oai.completions.create(model="tiny", prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="'max_completion_tokens' must be"):
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_completion_tokens=0)
     with pytest.raises(openai.BadRequestError, match="'n'"):
         oai.completions.create(model="tiny", prompt="x", n=17)
     with pytest.raises(openai.APIStatusError) as caught:
         oai.completions.create(model="tiny", prompt="x " * 10, max_tokens=2047)
-    assert caught.value.status_code == 413
+    assert caught.value.status_code == 413 and "+ max_tokens (2047)" in caught.value.message
     with pytest.raises(openai.APIStatusError) as caught:
         oai.completions.create(model="tiny", prompt="x" * 70_000, max_tokens=2)  # refused before tokenizing
     assert caught.value.status_code == 413 and "characters" in caught.value.message

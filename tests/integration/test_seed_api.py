@@ -153,11 +153,11 @@ def test_a_client_that_leaves_a_stream_stops_its_sequence(srv):
     ("body", "match"),
     [
         ({"prompt": 5}, "'prompt' must be a string"),
-        ({"prompt": "x", "max_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "x", "max_tokens": 0}, "'max_tokens' must be"),  # the seed's own name, not binserve's
         ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         # found by the fuzzing (tests/fuzz): a denormal penalty made the logits inf and the step 500
         ({"prompt": "x", "repetition_penalty": 5e-324}, "repetition_penalty"),
-        ({"prompt": "x", "stop_sequences": ["a"] * 9}, "'stop'"),
+        ({"prompt": "x", "stop_sequences": ["a"] * 9}, "'stop_sequences'"),
         ({"prompt": "x", "best_of": 2}, "unknown fields"),
         ({"prompt": "x", "model": "nope"}, "not served"),
     ],

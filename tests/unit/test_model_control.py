@@ -40,6 +40,67 @@ def test_a_worker_serves_configured_models_unless_unloaded_and_loaded_ones(tmp_p
         manager.get("never-heard-of")
 
 
+def test_the_repository_index_says_why_a_model_is_not_served(tmp_path):
+    from types import SimpleNamespace
+
+    from binserve.serving.control import ModelControl
+
+    repo = ModelRepository(tmp_path)
+    for name in ("configured", "unloaded", "imported"):
+        repo.register(ModelSpec(name, "hf_encoder", default_minilm_path()))
+    repo.set_serving("unloaded", False)
+    manager = SimpleNamespace(repo=repo, names=["configured"], configured=["configured", "unloaded"])
+    reasons = {m["name"]: m["reason"] for m in ModelControl(manager).index()}
+    assert reasons == {
+        "configured": "loading or failed (GET /readyz says why)",  # wanted, but no worker reports it yet
+        "unloaded": "unloaded (model control)",
+        "imported": "not loaded: not in this server's models (POST /v2/repository/models/imported/load)",
+    }
+
+
+def test_loading_names_the_model_being_loaded_its_version_and_for_how_long(tmp_path):
+    import threading
+
+    path = default_minilm_path()
+    config = ServerConfig(models=f"a=hf_encoder:{path},b=hf_encoder:{path}", model_repository=str(tmp_path))
+    manager = ModelManager(config, torch.device("cpu"))  # not started: nothing loads by itself
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_load(name, version):
+        entered.set()
+        release.wait(10)
+        raise RuntimeError("stop here")  # this test is about the state while loading
+
+    manager.loader.load = slow_load
+    assert manager.loading() == {"a": {"state": "waiting"}, "b": {"state": "waiting"}}
+    worker = threading.Thread(target=manager._try, args=("a", "1"))
+    worker.start()
+    assert entered.wait(10)
+    now = manager.loading()
+    assert now["a"]["state"] == "loading" and now["a"]["version"] == "1" and now["a"]["seconds"] >= 0
+    assert now["b"] == {"state": "waiting"}
+    release.set()
+    worker.join(10)
+    assert "a" not in manager.loading() and "stop here" in manager.not_ready_reasons()["a"]  # failing: said there
+
+
+def test_the_start_up_banner_previews_what_registering_will_do_without_writing(tmp_path):
+    import shutil
+
+    repo = ModelRepository(tmp_path / "repo")
+    one = ModelSpec("m", "hf_encoder", default_minilm_path())
+    assert repo.preview(one).endswith("- a new version, 1") and repo.models() == []  # nothing written
+    repo.register(one)
+    assert repo.preview(one).endswith(f"{default_minilm_path()} - version 1")
+    other = shutil.copytree(default_minilm_path(), tmp_path / "other", ignore=shutil.ignore_patterns("*.safetensors"))
+    repo.register(ModelSpec("m", "hf_encoder", str(other)))  # version 2, current
+    assert repo.preview(one).endswith("- version 1, made current again (was 2)")
+    repo.register(one)
+    repo.set_current("m", "2")  # a hot reload made since the configuration named version 1
+    assert repo.preview(one).endswith("- version 2 (made current since)")
+    assert "MISSING" in repo.preview(ModelSpec("x", "hf_encoder", str(tmp_path / "nowhere")))
+
+
 def test_batch_settings_are_per_version_and_bounded(tmp_path):
     assert check_settings({"max_batch_size": "8", "max_wait_ms": 5}, "x") == {"max_batch_size": 8, "max_wait_ms": 5.0}
     for bad in ({"max_batch_size": 0}, {"max_batch_tokens": 10**9}, {"max_wait_ms": -1}):
