@@ -19,15 +19,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # wheels/ holds a wheelhouse when building offline (deploy/build-image.sh fills it); it may be empty.
 COPY requirements.txt wheels/ /tmp/build/
 SHELL ["/bin/sh", "-eu", "-c"]
-# The runtime half of requirements.txt: everything above its "# --- dev" line. torch comes from the
+# requirements.txt is the runtime alone (tests and linters are in requirements-dev.txt). torch comes from the
 # wheelhouse when there is one, else from the PyTorch index of the wanted build (cpu, cu126, ...).
 RUN python3 -m venv /opt/venv \
-    && sed '/^# --- dev/,$d' /tmp/build/requirements.txt > /tmp/build/runtime.txt \
     && if ls /tmp/build/*.whl >/dev/null 2>&1; then \
-         /opt/venv/bin/pip install --no-index --find-links /tmp/build -r /tmp/build/runtime.txt; \
+         /opt/venv/bin/pip install --no-index --find-links /tmp/build -r /tmp/build/requirements.txt; \
        else \
          /opt/venv/bin/pip install "torch==2.13.0" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-         && /opt/venv/bin/pip install -r /tmp/build/runtime.txt; \
+         && /opt/venv/bin/pip install -r /tmp/build/requirements.txt; \
        fi \
     && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
     && rm -rf /tmp/build

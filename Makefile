@@ -6,75 +6,97 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 0
 IMAGE ?= binserve:0.3.0
+# the examples server's admin token (it listens on HOST, 127.0.0.1 by default; set your own elsewhere)
+ADMIN_TOKEN ?= s3cret
 
-.PHONY: install serve test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images gpu-check gpu-check-prepare lint load image docker-test replicas-test
+.PHONY: install install-dev serve examples serve-examples test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images gpu-check gpu-check-prepare lint load image docker-test replicas-test
 
+# The server's runtime (requirements.txt), then, for the tests, load tests and linters, requirements-dev.txt.
+# pip prints what it collects and installs; a fresh machine takes a few minutes (torch is the largest).
 $(VENV)/.installed: requirements.txt
+	@echo "== binserve: installing the server's requirements (requirements.txt) into $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --progress-bar off -r requirements.txt
 	@# A CUDA torch from the registry would pull multi-GB nvidia-* wheels; the pin must give the CPU wheel.
-	@if $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-'; then echo "nvidia-* packages were installed: torch did not resolve to the CPU wheel" >&2; exit 1; fi
+	@if $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-'; then echo "nvidia-* packages were installed: torch did not resolve to the CPU wheel (README: Set up)" >&2; exit 1; fi
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	@echo "== binserve: installing the test, load-test and lint tools (requirements-dev.txt) into $(VENV)"
+	$(PY) -m pip install --progress-bar off -r requirements-dev.txt
 	touch $@
 
 install: $(VENV)/.installed
 
-serve: install
-	$(PY) server.py --host $(HOST) --port $(PORT) --workers $(WORKERS)
+install-dev: $(VENV)/.installed-dev
 
-test: install
+serve: install
+	$(PY) server.py --host $(HOST) --port $(PORT) --workers $(WORKERS) $(ARGS)
+
+# Every example model the README calls (models/examples.py), then a server of all of them: MiniLM (the
+# default), topics, toxicity, lm, pets; /update_model with ADMIN_TOKEN, path imports from ./incoming.
+examples: install
+	$(PY) -m models.examples
+
+serve-examples: examples
+	$(PY) server.py --host $(HOST) --port $(PORT) --workers $(WORKERS) --models "$$($(PY) -m models.examples --spec)" \
+		--admin-token $(ADMIN_TOKEN) --import-root incoming $(ARGS)
+
+test: install-dev
 	$(PY) -m pytest
 
-lint: install
+lint: install-dev
 	$(PY) -m ruff check .
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/kubernetes-validate --strict --quiet deployment.yaml
 
-bench-protocol: install
+bench-protocol: install-dev
 	$(PY) -m bench.protocol
 
-bench-serve: install
+bench-serve: install-dev
 	$(PY) -m bench.serve_bench
 
-bench-plan: install
+bench-plan: install-dev
 	$(PY) -m bench.plan_bench
 
-bench-policy: install
+bench-policy: install-dev
 	$(PY) -m bench.policy_bench
 
 # Two server configurations interleaved: make bench-ab AB_ARGS="--b env.GOMP_SPINCOUNT=300000"
-bench-ab: install
+bench-ab: install-dev
 	$(PY) -m bench.ab_bench $(AB_ARGS)
 
-bench-fanout: install
+bench-fanout: install-dev
 	$(PY) -m bench.fanout_bench
 
-bench-generate: install
+bench-generate: install-dev
 	$(PY) -m bench.generate_bench
 
 # Worker RSS over a 100k-request soak of one server (bench/soak_bench.py)
-bench-soak: install
+bench-soak: install-dev
 	$(PY) -m bench.soak_bench --requests 100000
 
 # The raw vision model vs binserve with 640x480 JPEGs (binary and base64 JSON), decode cost (bench/image_bench.py)
-bench-images: install
+bench-images: install-dev
 	$(PY) -m bench.image_bench
 
 # The GPU check (bench/gpu_check.sh): prepare here (wheels and MiniLM's small files into .gpu-carry/),
 # then run `bash bench/gpu_check.sh` on the GPU machine with .gpu-carry beside it; GPU_CHECK_ARGS=--cpu-dry-run
 # runs every step on the CPU (make test does).
-gpu-check-prepare: install
+gpu-check-prepare: install-dev
 	PYTHON=$(PY) bash bench/gpu_check.sh --prepare
 
-gpu-check: install
+gpu-check: install-dev
 	PYTHON=$(PY) bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # Locust against a running server (make serve in another terminal); add LOCUST_ARGS=--headless ...
-load: install
+load: install-dev
+	@echo "== locust against http://$(HOST):$(PORT) (make load HOST=... PORT=... for another server)"
 	$(VENV)/bin/locust -f locustfile.py --host http://$(HOST):$(PORT) $(LOCUST_ARGS)
 
 # The container image, built without a registry (debootstrap base + host wheelhouse; see README).
-image: install
+image: install-dev
 	PYTHON=$(PY) bash deploy/build-image.sh $(IMAGE)
 
 # Build the image, then run it as users do: tests/container (needs a running Docker daemon).

@@ -21,7 +21,7 @@ from flask import Flask
 from binserve.api import admin, docs, failures, health, native, openai_compat, openai_generate, seed, v2
 from binserve.api.hooks import install_hooks
 from binserve.api.pipeline import Pipeline
-from binserve.config import ServerConfig
+from binserve.config import PATH_IMPORTS_OFF, ServerConfig
 from binserve.policy.gate import Policy
 from binserve.process import coreshare
 
@@ -50,7 +50,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
         openai_generate.blueprint(pipeline),
         seed.blueprint(pipeline),
         admin.blueprint(pipeline),
-        health.blueprint(manager),
+        health.blueprint(manager, config.import_root),
         docs.blueprint(page=config.docs),
     ):
         app.register_blueprint(bp)
@@ -68,19 +68,38 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def banner(config: ServerConfig) -> str:
+    """What the server will serve: the model repository and each configured model's version and path
+    (read only: the workers register them as they start)."""
+    from binserve.serving.repository import ModelRepository  # loads torch: only in the launcher
+    from models.registry import parse_specs
+
+    root = os.path.abspath(config.model_repository)
+    try:
+        specs = parse_specs(config.models)
+        repo = ModelRepository(root)
+        lines = [f"  {repo.preview(spec)}" for spec in specs]
+    except (OSError, ValueError) as exc:
+        lines = [f"  (cannot read the configuration or the repository: {exc})"]
+    imports = f"path imports from {config.import_root}" if config.import_root else PATH_IMPORTS_OFF
+    return f"model repository {root}:\n" + "\n".join(lines) + f"\n{imports}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python server.py [--flags]`: run Gunicorn with gunicorn.conf.py and this config."""
+    """`python server.py [--flags]` or the `binserve` command: run Gunicorn with binserve's settings
+    (binserve/launch.py) and this config, in the current directory (relative paths are the caller's)."""
     config = ServerConfig.from_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, **config.to_env()}
+    # a checkout run from elsewhere: its modules must stay importable for Gunicorn and the workers
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     workers = coreshare.worker_count(config.workers)
     print(
-        f"binserve: starting {workers} Gunicorn worker(s) on http://{config.host}:{config.port} "
-        f"(models: {config.models or 'minilm (default)'}); ready when GET /readyz answers 200",
+        f"binserve: starting {workers} Gunicorn worker(s) on http://{config.host}:{config.port}; "
+        f"ready when GET /readyz answers 200\n{banner(config)}",
         flush=True,
     )
-    os.chdir(here)
-    os.execvpe(sys.executable, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"], env)
+    os.execvpe(sys.executable, [sys.executable, "-m", "gunicorn", "-c", "python:binserve.launch", "server:app"], env)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ fi
 
 echo "build-image: wheelhouse in wheels/"
 find wheels -name '*.whl' -delete
-sed '/^# --- dev/,$d' requirements.txt > wheels/runtime.txt
-"$PY" -m pip download -qq --only-binary=:all: -r wheels/runtime.txt -d wheels
-rm wheels/runtime.txt
+"$PY" -m pip download -qq --only-binary=:all: -r requirements.txt -d wheels
 
 echo "build-image: docker build -t $TAG"
 docker build --quiet --build-arg BASE_IMAGE="$BASE" -t "$TAG" . >/dev/null
