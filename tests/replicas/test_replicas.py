@@ -125,8 +125,14 @@ def test_an_update_on_the_writer_reaches_every_replica_under_load_and_each_reply
         assert r.status_code == 200, r.text
         body = r.json()
         converged_at = time.monotonic()
-        # replies to requests sent after the update converged
-        poll(lambda: sum(1 for *_, sent in load.served_by if sent > converged_at) >= 50, timeout_s=30, every_s=0.05)
+        # replies to requests sent after the update converged: at least 50, and some from every replica
+        # (leastconn steers the first ones away from a replica whose first batches on the new weights
+        # are still slow: all three are not always among the first 50, seen twice on a 2-core machine)
+        def after_convergence():
+            after = [who for _, who, sent in load.served_by if sent > converged_at]
+            return len(after) >= 50 and set(after) == {"r0", "r1", "r2"}
+
+        poll(after_convergence, timeout_s=30, every_s=0.05)
     print(f"\n/update_model on the writer under load: converged={body['converged']} in {converged_s:.1f} s over "
           f"{len(set(w.split(':')[0] for w in body['workers']))} replicas; {load.summary()}")  # fmt: skip
     assert body["version"] == "2" and body["converged"], body
