@@ -52,10 +52,15 @@ def test_tritonclient_policy_equals_native_infer(server, triton, n, binary):
         tensor = th.InferInput(name, list(arrays[name].shape), datatype)
         tensor.set_data_from_numpy(arrays[name], binary_data=binary)
         inputs.append(tensor)
-    result = triton.infer("policy", inputs, outputs=[th.InferRequestedOutput("action", binary_data=binary)])
-    native = send_inference_request(arrays, f"{server.base_url}/infer/policy")
-    # equal up to float rounding: the plan's online check runs a batch now and then on another
-    # engine that passed the accuracy gate (models/plans.py), which may differ in the last bit
+    # equal up to float rounding, on the same engine: the plan's online check runs about one batch in 32
+    # on another engine that passed the accuracy gate (models/plans.py), and a bf16 one differs by
+    # ~1e-3 (seen in CI: -0.302734 against -0.301763), so a pair that met different engines is asked
+    # again; three such pairs in a row is ~2e-4 by chance, while a V2 translation error fails every time
+    for _ in range(3):
+        result = triton.infer("policy", inputs, outputs=[th.InferRequestedOutput("action", binary_data=binary)])
+        native = send_inference_request(arrays, f"{server.base_url}/infer/policy")
+        if np.allclose(result.as_numpy("action"), native["action"], rtol=1e-5, atol=1e-7):
+            break
     np.testing.assert_allclose(result.as_numpy("action"), native["action"], rtol=1e-5, atol=1e-7)
 
 
