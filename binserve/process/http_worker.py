@@ -53,6 +53,11 @@ HEADERS_TOO_LARGE = "headers_too_large"
 MALFORMED = "malformed"  # gunicorn's parser answers it (400), from what is buffered
 
 
+#: bytes a request may still have to come and keep being read while the budget is full: small
+#: requests are not held behind large uploads, and each can overshoot the budget by this much at most
+_SMALL_REST = 64 << 10
+
+
 class RequestBuffer:
     """Bytes of one HTTP/1.x request read so far, and whether the request is complete.
 
@@ -84,6 +89,12 @@ class RequestBuffer:
         self.buf += data
         self.status = self._scan()
         return self.status
+
+    def remaining(self) -> int:
+        """Bytes of the request still to come, as far as the headers say (unknown: very many)."""
+        if self.body_start < 0 or self.length is None or self.chunked:
+            return 1 << 62
+        return max(0, self.body_start + self.length - len(self.buf))
 
     @property
     def needs_continue(self) -> bool:
@@ -205,6 +216,7 @@ class BufferingWorker(ThreadWorker):
         self._running = 0  # the weight of requests handed to threads that have not finished
         self._waiting: deque = deque()  # complete requests held back by the budget: (conn, buffer, weight)
         self._paused: deque = deque()
+        self._exempt = None  # the one connection that may read past the budget (see _unstall)
         self._next_scan = 0.0
 
     @classmethod
@@ -260,9 +272,11 @@ class BufferingWorker(ThreadWorker):
         self._buffering[conn] = (rb, deadline)
         if self._progress(conn, rb, registered=True):
             return
-        if self._over_budget():
+        # a request with little left to come finishes arriving (at most _SMALL_REST more per connection)
+        if self._over_budget() and conn is not self._exempt and rb.remaining() > _SMALL_REST:
             self.poller.unregister(sock)
             self._paused.append(conn)
+            self._unstall()
 
     def _over_budget(self) -> bool:
         return self._buffered + self._running > self.max_inflight_bytes
@@ -309,9 +323,15 @@ class BufferingWorker(ThreadWorker):
         if registered:
             self.poller.unregister(conn.sock)
         del self._buffering[conn]
+        if conn is self._exempt:
+            self._exempt = None
         conn.binserve_arrived = time.monotonic()
         weight = INFLIGHT_WEIGHT * len(rb.buf)
-        if self._waiting or not self._fits(weight):
+        # a small request that fits runs at once even while large ones wait: it would otherwise
+        # queue for seconds behind uploads it does not compete with (seen: 128-text requests 504 behind
+        # 64 MiB bodies); it holds little of the budget, so the large ones still run in arrival order
+        small = weight <= self.max_inflight_bytes // 16
+        if (self._waiting and not small) or not self._fits(weight):
             # complete, but running it now would pass the budget: it waits (its bytes stay counted,
             # so reading pauses) until running requests finish, in arrival order
             self._waiting.append((conn, rb, weight))
@@ -346,6 +366,8 @@ class BufferingWorker(ThreadWorker):
             except (KeyError, ValueError, OSError):
                 pass
         rb, _ = self._buffering.pop(conn)
+        if conn is self._exempt:
+            self._exempt = None
         self._release(len(rb.buf))
         self.nr_conns -= 1
         conn.close()
@@ -361,11 +383,28 @@ class BufferingWorker(ThreadWorker):
     def _release(self, nbytes: int) -> None:
         self._buffered -= nbytes
         while self._paused and not self._over_budget():
-            conn = self._paused.popleft()
-            if conn in self._buffering:
-                rb, _ = self._buffering[conn]
-                self._buffering[conn] = (rb, time.monotonic() + self.client_timeout_s)
-                self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+            self._resume(self._paused.popleft())
+        self._unstall()
+
+    def _resume(self, conn) -> None:
+        if conn in self._buffering:
+            rb, _ = self._buffering[conn]
+            self._buffering[conn] = (rb, time.monotonic() + self.client_timeout_s)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+
+    def _unstall(self) -> None:
+        """Partial bodies alone can pass the budget (many large uploads at once): then every
+        connection is paused, nothing is complete or running, and no bytes would ever be given back.
+        The paused connection closest to complete reads on past the budget until its request is whole
+        (at most one body more: max_inflight_bytes >= 5 x max_body_bytes), then runs and frees them."""
+        if self._running or self._waiting or self._exempt is not None or not self._paused:
+            return
+        if any(c not in self._paused for c in self._buffering):
+            return  # a connection still reading can complete and move things on
+        conn = min(self._paused, key=lambda c: self._buffering[c][0].remaining() if c in self._buffering else 0)
+        self._paused.remove(conn)
+        self._exempt = conn
+        self._resume(conn)
 
     def murder_pending(self) -> None:
         """Cut connections whose request stalled past client_timeout_s (408); idle ones at shutdown."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import requests
 
+from binary_protocol import dict_to_binary
 from binserve import errors
 from request_tools import InferenceClient
 from tests.serverproc import ServerProcess
@@ -91,3 +92,41 @@ def test_large_bodies_sent_at_once_are_run_as_the_memory_budget_allows(budget_mi
         assert held == 1  # room for one: the others waited in their sockets, not in memory
     else:
         assert held >= 4  # the control: without the budget they are all held at once
+
+
+def test_partial_bodies_over_the_budget_cannot_stall_the_worker():
+    """Eight uploads of ~1.9 MB under a 10 MiB budget, each sending 1.6 MB and then pausing (a slow
+    client, as many large ones arriving at once): the partial bodies alone pass the budget, so every
+    connection pauses with nothing complete and nothing running. Reading must go on (the one closest
+    to complete first) or no bytes are ever given back: seen as a hang of the image's memory-limit
+    test, 29 bodies of 64 MiB against 1 GiB per worker. Every upload gets its answer."""
+    import socket
+
+    body = dict_to_binary({"input_ids": np.full((232, 1024), 40_000, np.int64)})  # ids outside the vocabulary
+    assert 1_800_000 < len(body) < 2 << 20
+    head = (f"POST /infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-binserve\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    first = 1_600_000
+    with ServerProcess(workers=1, max_body_bytes=2 << 20, max_inflight_bytes=10 << 20) as srv:
+        socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(8)]
+        for s in socks:
+            s.sendall(head + body[:first])
+        # the server reads what has come and pauses on the budget; the clients send the rest after
+        # a moment (each sendall returns once the kernel took the bytes or blocks if it cannot)
+        time.sleep(1.0)  # the slow clients' pause, not a wait for the server
+
+        def finish(s: socket.socket) -> bytes:
+            s.settimeout(60)
+            s.sendall(body[first:])
+            reply = b""
+            while b"\r\n" not in reply:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            s.close()
+            return reply.split(b"\r\n", 1)[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            lines = list(pool.map(finish, socks))
+    assert [line.split()[1] for line in lines] == [b"400"] * 8, lines  # refused (ids outside the vocabulary)
