@@ -17,6 +17,7 @@ import abc
 import contextlib
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,9 @@ class ModelAdapter(abc.ABC):
         self.limits = self.options.limits
         #: staging buffers and streams for this model's batches
         self.runner = DeviceRunner(device, pinned=self.options.pinned_staging)
+        self._record_file: Path | None = None
+        self._record_seen: int | None = None
+        self._follow_at = 0.0
         self.plan: Plan | None = None
         self.load(self.model_dir)
 
@@ -268,11 +272,13 @@ class ModelAdapter(abc.ABC):
                 # asked for another engine explicitly: fp32 torch is the reference, used only as a fallback
                 reference_eligible=not explicit or (s.runtime in ("auto", "torch") and s.precision in ("auto", "fp32")),
                 record=load_record(record_file) if record_file else None,
+                boot=os.environ.get("BINSERVE_SERVER_STARTED"),  # set by the Gunicorn master: one per server start
             )
             if record_file:
                 save_record(record_file, self.plan.record())
                 # what the online check learns while serving is what the next load starts from
                 self.plan.on_change = lambda plan: save_record(record_file, plan.record())
+        self._record_file, self._record_seen, self._follow_at = record_file, _mtime(record_file), 0.0
         for name, why in skipped:
             self.plan.note_skipped(name, why)
 
@@ -288,7 +294,20 @@ class ModelAdapter(abc.ABC):
             started = time.perf_counter()
             outputs = engine(host)
             self.plan.observe(len(samples), engine, time.perf_counter() - started)
+        self._follow_siblings()
         return self.split(outputs, len(samples))
+
+    def _follow_siblings(self) -> None:
+        """At most once a second: when a sibling worker's online check moved a step (it saved the
+        record), move it here too, so every worker of the server runs a batch on the same engine."""
+        now = time.monotonic()
+        if self._record_file is None or now < self._follow_at:
+            return
+        self._follow_at = now + 1.0
+        seen = _mtime(self._record_file)
+        if seen != self._record_seen:
+            self._record_seen = seen
+            self.plan.follow(load_record(self._record_file))
 
     def join(self, outputs: list[dict], batched: bool, options: dict | None = None) -> dict:
         """One request's reply from its per-sample output dicts: stacked, or the lone sample's."""
@@ -322,6 +341,13 @@ class ModelAdapter(abc.ABC):
             "parameters": sum(p.numel() for p in params),
             "inputs": self.input_spec(),
         }
+
+
+def _mtime(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:
+        return None
 
 
 def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

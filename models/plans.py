@@ -15,6 +15,13 @@ to an alternative once the median of its pairs is below `SWITCH_MARGIN`. The alt
 answers are served (they passed the same gate). A plan timed next to a busy neighbour so ends up
 with engines as fast as a quiet machine's, and `describe()` shows the live figures beside the
 load-time ones. Each process checks its own plan; what it learns is saved in the version's record.
+
+The workers of one server (one `boot`: the Gunicorn master's start) serve with one plan, so a request
+gets the same engine whichever worker it lands on: the first worker to load times the engines and
+saves the record, its siblings adopt that record even when it is provisional (a second, concurrent
+timing would disagree with the first by chance, and the replies would then differ by engine), and a
+step the online check moves in one worker is followed by the others (`Plan.follow`). A later boot
+trusts a provisional record no more than before: it times again.
 """
 
 from __future__ import annotations
@@ -126,8 +133,11 @@ class Plan:
         alternatives: list[list] | None = None,
         provisional: bool = False,
         foreign_cores: float = 0.0,
+        boot: str | None = None,
     ) -> None:
         self.steps = list(steps)
+        #: the server start this plan was made in (the workers of one boot share one plan)
+        self.boot = boot
         self.trials = trials
         #: per step, the other engines that passed the gate, fastest at load first: tried now and then
         self.alternatives = [list(a) for a in alternatives] if alternatives else [[] for _ in steps]
@@ -190,7 +200,7 @@ class Plan:
             if self.on_change is not None:
                 self.on_change(self)
 
-    def _switch(self, i: int, chosen, faster, ratio: float) -> dict:
+    def _switch(self, i: int, chosen, faster, ratio: float | None, source: str = "live") -> dict:
         """Under the lock: step i runs on `faster` from now on; what was chosen becomes an alternative."""
         self.steps[i] = (self.steps[i][0], faster)
         self.alternatives[i] = [chosen] + [a for a in self.alternatives[i] if a is not faster]
@@ -211,7 +221,8 @@ class Plan:
                 t.note = ""
             elif not t.used and t.seq_per_s and not t.note:
                 t.note = "slower than the engines used (live)"
-        switch = {"max_batch": _limit(self.steps[i][0]), "from": chosen.name, "to": faster.name, "ratio": ratio}
+        switch = {"max_batch": _limit(self.steps[i][0]), "from": chosen.name, "to": faster.name, "ratio": ratio,
+                  "source": source}
         self.switches.append(switch)
         return switch
 
@@ -228,7 +239,28 @@ class Plan:
             for t in self.trials
         }  # fmt: skip
         rec["_meta"] = {"provisional": self.provisional, "foreign_cores": round(self.foreign_cores, 2)}
+        with self._lock:
+            rec["_meta"]["steps"] = [e.name for _, e in self.steps]
+        if self.boot is not None:
+            rec["_meta"]["boot"] = self.boot
         return rec
+
+    def follow(self, record: dict) -> bool:
+        """Take each step's engine from a sibling worker's record (its online check moved it), when
+        that engine is one this plan has; True when a step changed. The engine this step had becomes
+        an alternative, as after a switch of our own."""
+        names = record.get("_meta", {}).get("steps")
+        if not isinstance(names, list) or len(names) != len(self.steps):
+            return False
+        changed = False
+        with self._lock:
+            for i, name in enumerate(names):
+                chosen = self.steps[i][1]
+                faster = next((a for a in self.alternatives[i] if a.name == name), None)
+                if chosen.name != name and faster is not None:
+                    self._switch(i, chosen, faster, ratio=None, source="sibling")
+                    changed = True
+        return changed
 
     def note_skipped(self, engine: str, why: str) -> None:
         """Record a candidate that was not tried (not native here, not applicable)."""
@@ -308,6 +340,7 @@ def make_plan(
     accuracy: Callable[[dict, dict], tuple[bool, str]],
     reference_eligible: bool = True,
     record: dict | None = None,
+    boot: str | None = None,
 ) -> Plan:
     """Gate every candidate against `reference` on `gate_sets`, time those that pass, pick per batch size.
 
@@ -319,18 +352,26 @@ def make_plan(
     this machine: then only the engines it used, and each step's runner-up, are built and gated again
     (the others failed the gate or were slower, which the same files cannot change), and its
     timings are reused. If one of them now fails, or the record was provisional (timed under
-    foreign load), everything is evaluated afresh.
+    foreign load) and not made in this `boot` by a sibling worker, everything is evaluated afresh.
     """
     names = [reference.name] + [name for name, _ in candidates]
     meta = (record or {}).get("_meta", {})
-    if record and set(names) <= set(record) and not meta.get("provisional"):
+    sibling = boot is not None and meta.get("boot") == boot
+    if record and set(names) <= set(record) and (sibling or not meta.get("provisional")):
         wanted = _used_and_runners_up(record, names)
         plan = _evaluate(reference, [(n, m) for n, m in candidates if n in wanted], collate, gate_sets, accuracy,
                          reference_eligible or reference.name in wanted, record)  # fmt: skip
         if plan is not None:
             plan.trials += [Trial.from_record(n, record[n]) for n in names if n not in wanted and n != reference.name]
+            if sibling:  # the sibling's verdict on how trustworthy its timing was stands
+                plan.provisional = bool(meta.get("provisional"))
+                plan.foreign_cores = float(meta.get("foreign_cores", 0.0))
+            plan.boot = boot
+            plan.follow(record)  # steps the sibling's online check has moved since
             return plan
-    return _evaluate(reference, candidates, collate, gate_sets, accuracy, reference_eligible, None)
+    plan = _evaluate(reference, candidates, collate, gate_sets, accuracy, reference_eligible, None)
+    plan.boot = boot
+    return plan
 
 
 def _used_and_runners_up(record: dict, names: list[str]) -> set[str]:

@@ -52,10 +52,12 @@ def test_tritonclient_policy_equals_native_infer(server, triton, n, binary):
         tensor = th.InferInput(name, list(arrays[name].shape), datatype)
         tensor.set_data_from_numpy(arrays[name], binary_data=binary)
         inputs.append(tensor)
-    # equal up to float rounding, on the same engine: the plan's online check runs about one batch in 32
-    # on another engine that passed the accuracy gate (models/plans.py), and a bf16 one differs by
-    # ~1e-3 (seen in CI: -0.302734 against -0.301763), so a pair that met different engines is asked
-    # again; three such pairs in a row is ~2e-4 by chance, while a V2 translation error fails every time
+    # equal up to float rounding, on the same engine: every worker serves one plan (models/plans.py:
+    # siblings adopt the first worker's), but its online check runs about one batch in 32 on another
+    # engine that passed the accuracy gate, and a bf16 one differs by ~1e-3, so a pair that met
+    # different engines is asked again; three such pairs in a row is ~1e-4 by chance, while a V2
+    # translation error fails every time. (Before the plan was shared, the two workers could each pick
+    # another engine and this failed three times in a row in CI: -0.302734 against -0.301763.)
     for _ in range(3):
         result = triton.infer("policy", inputs, outputs=[th.InferRequestedOutput("action", binary_data=binary)])
         native = send_inference_request(arrays, f"{server.base_url}/infer/policy")

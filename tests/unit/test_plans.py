@@ -1,5 +1,6 @@
 """Plans that hold up: interleaved timing, a plan timed under foreign load is provisional and not
-reused, and the online check gives a batch size to an alternative once real batches show it faster."""
+reused by a later start (but is by the sibling workers of its own, so every worker runs a batch on
+the same engine), and the online check gives a batch size to an alternative once real batches show it faster."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_an_alternative_takes_the_batch_size_once_real_batches_show_it_faster():
     run(plan, 2 * plans.LIVE_MIN * plans.EXPLORE_FIRST, times)
     assert plan.steps[1][1] is quick and plan.steps[0][1] is slow and plan.engines == ["slow-at-load", "quick"]
     assert plan.alternatives[1] == [slow, other]
-    assert plan.switches == [{"max_batch": None, "from": "slow-at-load", "to": "quick", "ratio": 0.5}]
+    assert plan.switches == [{"max_batch": None, "from": "slow-at-load", "to": "quick", "ratio": 0.5, "source": "live"}]
     assert saved and saved[-1]["quick"]["used"] and saved[-1]["quick"]["seq_per_s"]["4"] == pytest.approx(1000)
     live = plan.describe()["live"][1]
     assert live["engine"] == "quick" and live["recent"]["quick"]["ms_per_sample"] == pytest.approx(1.0)
@@ -78,7 +79,8 @@ def test_a_plan_timed_under_foreign_load_is_provisional_and_timed_again(monkeypa
     monkeypatch.setattr(plans, "_time_call", lambda engine, host, budget: {"ref": 2.0, "a": 1.0}[engine.name])
     monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 1.7)  # a busy neighbour
     busy = make_plan(fake("ref"), [("a", make("a"))], lambda n: {"x": np.arange(n)}, [{"x": np.arange(3)}], always_ok)
-    assert busy.provisional and busy.record()["_meta"] == {"provisional": True, "foreign_cores": 1.7}
+    meta = busy.record()["_meta"]
+    assert busy.provisional and meta["provisional"] is True and meta["foreign_cores"] == 1.7 and "boot" not in meta
     assert busy.describe()["provisional"] is True
     monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 0.0)
     monkeypatch.setattr(plans, "_time_call", lambda engine, host, budget: {"ref": 2.0, "a": 0.5}[engine.name])
@@ -127,3 +129,52 @@ def test_a_load_that_comes_and_goes_does_not_move_the_plan():
         engine = plan.engine_for(4)
         plan.observe(4, engine, load * 0.004)
     assert plan.switches == [] and plan.steps[0][1] is chosen
+
+
+def _provisional_plan(monkeypatch, made: list, boot: str | None) -> tuple[Plan, object]:
+    def make(name):
+        def factory():
+            made.append(name)
+            return fake(name)
+
+        return factory
+
+    monkeypatch.setattr(plans, "_time_call", lambda engine, host, budget: {"ref": 2.0, "a": 1.0}[engine.name])
+    monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 1.7)  # the sibling worker was loading too
+    return make_plan(fake("ref"), [("a", make("a"))], lambda n: {"x": np.arange(n)}, [{"x": np.arange(3)}],
+                     always_ok, boot=boot), make  # fmt: skip
+
+
+def test_sibling_workers_of_one_start_share_a_provisional_plan_and_a_later_start_times_again(monkeypatch):
+    """The CI failure of issue 36: two workers timed concurrently, each saw the other as foreign
+    load, the second did not trust the first's provisional record and timed again, and the two
+    picked different engines, so one request's answer depended on the worker it landed on."""
+    made: list = []
+    first, make = _provisional_plan(monkeypatch, made, boot="start-1")
+    assert first.provisional and first.record()["_meta"]["boot"] == "start-1"
+    # the sibling's timing would disagree: were it to time, it would pick "ref" everywhere
+    monkeypatch.setattr(plans, "_time_call", lambda engine, host, budget: {"ref": 0.1, "a": 1.0}[engine.name])
+    sibling = make_plan(fake("ref"), [("a", make("a"))], lambda n: {"x": np.arange(n)}, [{"x": np.arange(3)}],
+                        always_ok, record=first.record(), boot="start-1")  # fmt: skip
+    assert sibling.engines == first.engines == ["a"]
+    assert sibling.provisional  # still timed under load: the next start must not trust it
+    monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 0.0)
+    later = make_plan(fake("ref"), [("a", make("a"))], lambda n: {"x": np.arange(n)}, [{"x": np.arange(3)}],
+                      always_ok, record=sibling.record(), boot="start-2")  # fmt: skip
+    assert later.engines == ["ref"] and not later.provisional  # timed afresh
+
+
+def test_a_step_moved_by_one_workers_online_check_is_followed_by_its_siblings():
+    slow, quick = fake("slow-at-load"), fake("quick")
+    trials = [Trial("slow-at-load", used=True, passed=True), Trial("quick", passed=True)]
+    mover = Plan([(float("inf"), slow)], list(trials), alternatives=[[quick]], boot="b")
+    twin_slow, twin_quick = fake("slow-at-load"), fake("quick")  # the sibling's own engine objects
+    follower = Plan([(float("inf"), twin_slow)], [Trial("slow-at-load", used=True, passed=True),
+                    Trial("quick", passed=True)], alternatives=[[twin_quick]], boot="b")  # fmt: skip
+    assert not follower.follow(mover.record())  # nothing moved yet
+    run(mover, 400, {"slow-at-load": 1.0, "quick": 0.5})
+    assert mover.engines == ["quick"]
+    assert follower.follow(mover.record())
+    assert follower.engines == ["quick"] and follower.steps[0][1] is twin_quick
+    assert follower.alternatives[0] == [twin_slow]
+    assert follower.switches[-1]["source"] == "sibling"
