@@ -333,6 +333,7 @@ class ModelAdapter(abc.ABC):
             "name": self.name,
             "version": self.version,
             "adapter": self.adapter_name,
+            "model_type": type(self.module).__name__,
             "device": str(self.device),
             "dtype": str(params[0].dtype).replace("torch.", "") if params else None,
             "engines": self.plan.engines if self.plan else [],

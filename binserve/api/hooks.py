@@ -91,6 +91,8 @@ def install_hooks(app: Flask, config: ServerConfig, policy: Policy) -> None:
             for model in g.get("fanout_models") or [label]:  # a fan-out is answered by each of its models
                 metrics.REQUESTS.labels(model, str(response.status_code), protocol).inc()
                 metrics.REQUEST_DURATION.labels(model).observe(elapsed)
+            metrics.CARD_REQUESTS.inc()
+            metrics.CARD_LATENCY.observe(elapsed)
             metrics.REQUEST_BYTES.labels(label).inc(request.content_length or 0)
             if not response.is_streamed:
                 metrics.RESPONSE_BYTES.labels(label).inc(response.calculate_content_length() or 0)

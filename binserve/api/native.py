@@ -5,7 +5,9 @@ name to its outputs.
 
 design: decode with the safe decoder (`binary_protocol`), run through the shared pipeline, and
 answer in the request's format (or the one `Accept` names) with the model's outputs only; the
-metadata travels in headers.
+metadata travels in headers. Beside the outputs every one-model reply carries `"status": "ok"` (the Flask
+card's client checks `result["status"] == "ok"`; an output of the model's own named `status` keeps its
+value); a fan-out reply stays a map of model names, which its clients iterate.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             reply = outcome.replies
         else:
             outcome = pipeline.infer(loaded if model is not None else pipeline.model(None), payload, deadline)
-            reply = outcome.reply
+            reply = outcome.reply if "status" in outcome.reply else {**outcome.reply, "status": "ok"}
         encode_start = time.monotonic()
         body, content_type = encode_body(reply, reply_format(fmt, request.headers.get("Accept")))
         return Response(body, content_type=content_type, headers=outcome.headers(time.monotonic() - encode_start))

@@ -79,12 +79,23 @@ def read_body(config: ServerConfig) -> bytes:
     return body
 
 
+def authorization() -> str:
+    """The caller's credentials as an Authorization value: the header itself, or `X-API-Key: <key>`
+    (the header the Flask card's clients send) read as `Bearer <key>`; the same keys, scopes and quotas."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        key = request.headers.get("X-API-Key")
+        if key:
+            return f"Bearer {key}"
+    return header or ""
+
+
 def check_token(expected: str) -> None:
     """Bearer-token check in constant time; 401 without a token, 403 with a wrong one."""
-    header = request.headers.get("Authorization", "")
+    header = authorization()
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("this endpoint needs 'Authorization: Bearer <token>'")
+        raise Unauthorized("this endpoint needs 'Authorization: Bearer <token>' (or 'X-API-Key: <token>')")
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise Forbidden("the bearer token is not valid")
 
@@ -162,7 +173,7 @@ class Pipeline:
     def authorize(self, family: str) -> None:
         """The caller's API key, when the server has keys: 401 without one, 403 when it may not use
         this `family` of routes (native, v2, openai, generate)."""
-        self.policy.identify(g.admission, request.headers.get("Authorization", ""), family)
+        self.policy.identify(g.admission, authorization(), family)
 
     def admit(self, family: str) -> None:
         """`authorize`, then one request of the key's quota (429 when spent), before anything is decoded."""

@@ -1,5 +1,6 @@
-"""The seed LLM server's API: `POST /generate`, `POST /chat`, `GET /stats`, `GET /health`, on the
-same continuous batcher, limits, keys, deadlines and metrics as the OpenAI routes.
+"""The seed LLM server's API: `POST /generate`, `POST /chat`, `GET /stats` (its `GET /health` is every
+document's, in `health.py`), on the same continuous batcher, limits, keys, deadlines and metrics as
+the OpenAI routes.
 
 design: the shapes are the seed's. /generate takes `prompt`, `max_tokens`, `temperature`, `top_p`,
 `top_k`, `repetition_penalty`, `stop_sequences`, `stream`, `metadata` (echoed) and answers `{text,
@@ -21,6 +22,7 @@ from flask import Blueprint, Response, g, jsonify
 
 from binserve.api.failures import failure_of
 from binserve.api.generation import SSE_HEADERS, Generation
+from binserve.api.health import not_ready_status
 from binserve.api.hooks import inference_view
 from binserve.api.pipeline import Pipeline
 from binserve.errors import BadRequest, ModelNotFound, ServingError
@@ -39,6 +41,14 @@ STARTED_AT = float(os.environ.get("BINSERVE_SERVER_STARTED", time.time()))
 _REQUESTS, _TOKENS, _SECONDS = (
     "binserve_generation_requests_total", "binserve_generated_tokens_total", "binserve_generation_seconds_total"
 )  # fmt: skip
+
+
+def uptime_text(seconds: float) -> str:
+    """The seed document's uptime: "2 days, 14 hours, 32 minutes" (singular for one; minutes always)."""
+    minutes = int(seconds // 60)
+    parts = [(minutes // 1440, "day"), (minutes // 60 % 24, "hour"), (minutes % 60, "minute")]
+    shown = [(n, unit) for n, unit in parts[:2] if n] + [parts[2]]
+    return ", ".join(f"{n} {unit}{'' if n == 1 else 's'}" for n, unit in shown)
 
 
 def _event(obj: dict) -> str:
@@ -113,28 +123,29 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     def stats():
         t = metrics.totals({_REQUESTS, _TOKENS, _SECONDS})
         requests_, tokens, seconds = t[_REQUESTS], t[_TOKENS], t[_SECONDS]
+        uptime = time.time() - STARTED_AT
+        per_request = round(tokens / requests_, 2) if requests_ else 0.0
+        per_second = round(tokens / seconds, 2) if seconds else 0.0
+        lm = next((m for m in manager.served() if m.adapter.generates), None)
+        engines = next((d.get("engines") for d in manager.describe() if lm and d.get("name") == lm.name), None)
+        ready = not_ready_status(manager) is None
         return jsonify(
             total_requests=int(requests_),
             total_tokens_generated=int(tokens),
             total_inference_time=round(seconds, 4),
-            average_tokens_per_request=round(tokens / requests_, 2) if requests_ else 0.0,
-            average_tokens_per_second=round(tokens / seconds, 2) if seconds else 0.0,
-            uptime_seconds=round(time.time() - STARTED_AT, 1),
+            average_tokens_per_request=per_request,
+            average_tokens_per_second=per_second,
+            uptime_seconds=round(uptime, 1),
+            # the seed document's names for the same figures
+            is_loaded=lm is not None,
+            is_ready=ready and lm is not None,
+            backend_type=engines[0] if engines else None,
+            request_count=int(requests_),
+            avg_tokens_per_request=per_request,
+            avg_time_per_request=round(seconds / requests_, 4) if requests_ else 0.0,
+            avg_tokens_per_second=per_second,
+            uptime=uptime_text(uptime),
         )
-
-    @bp.get("/health")
-    def health():
-        lms = [m for m in manager.served() if m.adapter.generates]
-        memory = metrics.totals({"binserve_device_memory_bytes"})["binserve_device_memory_bytes"]
-        ready = manager.ready and not manager.draining and bool(lms)
-        body = {
-            "status": "healthy" if ready else ("draining" if manager.draining else "loading"),
-            "model_loaded": bool(lms),
-            "tokenizer_loaded": bool(lms),  # a causal LM is served only with its tokenizer
-            "models": [m.name for m in lms],
-            "gpu_memory_bytes": memory if memory else None,
-        }
-        return jsonify(body), 200 if ready else 503
 
     return bp
 

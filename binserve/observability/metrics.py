@@ -50,6 +50,11 @@ REQUEST_DURATION = Histogram(
     ["model"],
     buckets=LATENCY_BUCKETS,
 )
+# The Flask card's own two metrics (seed 004's Monitoring section), under its names, unlabelled and with
+# prometheus_client's default buckets as there, so its dashboards and alerts read binserve unchanged:
+# every inference request of every protocol, once (a fan-out is one request), from receipt to reply.
+CARD_REQUESTS = Counter("inference_requests_total", "Total inference requests")
+CARD_LATENCY = Histogram("inference_latency_seconds", "Inference latency")
 QUEUE_DURATION = Histogram(
     "binserve_queue_duration_seconds",
     "Time a request waited before its batch started.",
@@ -261,6 +266,18 @@ def _registry():
 def exposition() -> tuple[bytes, str]:
     """The /metrics body (all workers' values under Gunicorn) and its Content-Type."""
     return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+def totals_by_model(sample_names: set[str], models: list[str]) -> dict[str, dict[str, float]]:
+    """The named samples summed over every worker and every other label, per `model` label."""
+    out = {m: dict.fromkeys(sample_names, 0.0) for m in models}
+    for family in _registry().collect():
+        for sample in family.samples:
+            if sample.name in sample_names:
+                per = out.get(sample.labels.get("model"))
+                if per is not None:
+                    per[sample.name] += sample.value
+    return out
 
 
 def totals(sample_names: set[str], **labels: str) -> dict[str, float]:

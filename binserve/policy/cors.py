@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 #: request headers a page may send to an inference route
-ALLOW_HEADERS = "Authorization, Content-Type, Accept, Cache-Control, X-Request-Id, X-Request-Timeout-Ms"
+ALLOW_HEADERS = "Authorization, X-API-Key, Content-Type, Accept, Cache-Control, X-Request-Id, X-Request-Timeout-Ms"
 #: reply headers a page may read
 EXPOSE_HEADERS = (
     "X-Request-Id, X-Model, X-Model-Version, X-Batch-Size, X-Cache, Server-Timing, Retry-After, retry-after-ms, "

@@ -69,7 +69,7 @@ class Policy:
         scheme, _, token = authorization.partition(" ")
         admission.outcome = "unauthorized"
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("this endpoint needs 'Authorization: Bearer <API key>'")
+            raise Unauthorized("this endpoint needs 'Authorization: Bearer <API key>' (or 'X-API-Key: <API key>')")
         key = self.ring.find(token.strip())
         if key is None:
             raise Unauthorized("the API key is not valid")

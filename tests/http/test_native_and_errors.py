@@ -14,7 +14,7 @@ from binary_protocol import binary_to_dict, dict_to_binary
 def test_native_infer_answers_outputs_and_metadata_headers(client):
     resp = client.post("/infer/double", json={"x": [1.0, 2.0, 3.0]}, headers={"X-Request-Id": "abc-1"})
     assert resp.status_code == 200
-    assert resp.get_json() == {"y": [2.0, 4.0, 6.0]}
+    assert resp.get_json() == {"y": [2.0, 4.0, 6.0], "status": "ok"}
     assert resp.headers["X-Request-Id"] == "abc-1"
     assert resp.headers["X-Model"] == "double"
     assert resp.headers["X-Model-Version"] == "1"

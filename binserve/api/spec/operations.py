@@ -112,6 +112,25 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             errs={"503": {"description": _STATUS["503"], "content": _json(s.OBJECT)}},
         )
     },
+    "health.health": {
+        "get": op(
+            "Every source document's health probe: 200 \"healthy\" once every model is ready (any kind), else 503 "
+            "naming what is loading; with per-model stats",
+            "health",
+            _json(s.HEALTH),
+            auth=None,
+            errs={"503": {"description": _STATUS["503"], "content": _json(s.HEALTH)}},
+        )
+    },  # fmt: skip
+    "health.model_info": {
+        "get": op(
+            "The default model's class, device and parameter count (the Flask card's /model_info)",
+            "health",
+            _json(s.MODEL_INFO),
+            auth=None,
+            errs={"503": {"description": _STATUS["503"], "content": _json(s.MODEL_INFO_ERROR)}},
+        )
+    },  # fmt: skip
     "health.models": {
         "get": op("Every model: version, adapter, device, inputs, batching", "health", _json(s.OBJECT), auth=None)
     },  # fmt: skip
@@ -205,15 +224,6 @@ OPERATIONS: dict[str, dict[str, dict]] = {
     "seed.stats": {
         "get": op(
             "Generation counts since the server started (the seed API)", "generation", _json(s.SEED_STATS), auth=None
-        )
-    },  # fmt: skip
-    "seed.health": {
-        "get": op(
-            "Health of the generative models (the seed API)",
-            "generation",
-            _json(s.SEED_HEALTH),
-            auth=None,
-            errs={"503": {"description": _STATUS["503"], "content": _json(s.SEED_HEALTH)}},
         )
     },  # fmt: skip
     "admin.update_model": {

@@ -83,7 +83,9 @@ NATIVE_REQUEST = {
 NATIVE_REPLY = {
     "type": "object",
     "description": "The model's outputs by name (embeddings, logits, probabilities, labels, scores, "
-    "...); a fan-out nests one such object per model name.",
+    "...) and `status: \"ok\"` (the Flask card's clients check it); a fan-out nests one such object "
+    "(without `status`) per model name.",
+    "properties": {"status": {"const": "ok"}},
     "additionalProperties": {"oneOf": [{"type": "array"}, {"type": "object"}, {"type": "number"}]},
 }
 
@@ -340,18 +342,50 @@ SEED_CHAT_REPLY = {
 }  # fmt: skip
 SEED_STATS = {
     "type": "object",
-    "required": ["total_requests", "total_tokens_generated", "uptime_seconds"],
-    "properties": {k: {"type": "number", "minimum": 0} for k in (
-        "average_tokens_per_request", "average_tokens_per_second", "total_inference_time", "total_requests",
-        "total_tokens_generated", "uptime_seconds")},
+    "required": ["total_requests", "total_tokens_generated", "uptime_seconds", "request_count", "uptime"],
+    "properties": {
+        **{k: {"type": "number", "minimum": 0} for k in (
+            "average_tokens_per_request", "average_tokens_per_second", "total_inference_time", "total_requests",
+            "total_tokens_generated", "uptime_seconds", "request_count", "avg_tokens_per_request",
+            "avg_time_per_request", "avg_tokens_per_second")},
+        "is_loaded": {"type": "boolean"},
+        "is_ready": {"type": "boolean"},
+        "backend_type": {"type": ["string", "null"], "description": "the engine of the generative model"},
+        "uptime": {"type": "string", "description": "e.g. \"2 days, 14 hours, 32 minutes\""},
+    },
 }  # fmt: skip
-SEED_HEALTH = {
+_MODEL_STATS = {
     "type": "object",
-    "required": ["status", "models"],
-    "properties": {"status": {"type": "string"}, "models": {"type": "array", "items": {"type": "string"}},
-                   "model_loaded": {"type": "boolean"}, "tokenizer_loaded": {"type": "boolean"},
-                   "gpu_memory_bytes": {"type": ["integer", "null"]}},
+    "properties": {"total_requests": {"type": "integer", "minimum": 0},
+                   "total_batches": {"type": "integer", "minimum": 0},
+                   "avg_batch_size": {"type": "number"}, "avg_latency": {"type": "number", "description": "seconds"},
+                   "throughput": {"type": "number", "description": "samples/s: avg_batch_size / avg_latency"}},
 }  # fmt: skip
+HEALTH = {
+    "type": "object",
+    "required": ["status", "is_ready", "model_loaded", "models", "models_loaded", "stats"],
+    "properties": {
+        "status": {"type": "string", "description": "\"healthy\" when ready; else draining, failed or loading, naming "
+                                                    "the model"},
+        "is_loaded": {"type": "boolean"}, "is_ready": {"type": "boolean"},
+        "backend_type": {"type": ["string", "null"], "description": "the engine of the default model's small batches"},
+        "model_loaded": {"type": "boolean"}, "tokenizer_loaded": {"type": "boolean"},
+        "gpu_available": {"type": "boolean"}, "gpu_count": {"type": "integer", "minimum": 0},
+        "gpu_memory": {"type": ["object", "null"]}, "gpu_memory_bytes": {"type": ["integer", "null"]},
+        "models": {"type": "array", "items": {"type": "string"}},
+        "models_loaded": {"type": "array", "items": {"type": "string"}},
+        "default_model": {"type": ["string", "null"]},
+        "stats": {"type": "object", "additionalProperties": _MODEL_STATS},
+    },
+}  # fmt: skip
+MODEL_INFO = {
+    "type": "object",
+    "required": ["model_type", "device", "parameters"],
+    "properties": {"model_type": {"type": ["string", "null"]}, "device": {"type": ["string", "null"]},
+                   "parameters": {"type": ["integer", "null"]}, "name": {"type": "string"},
+                   "version": {"type": "string"}},
+}  # fmt: skip
+MODEL_INFO_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 
 UPDATE_MODEL_REQUEST = {
     "type": "object",
