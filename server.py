@@ -72,11 +72,11 @@ def banner(config: ServerConfig) -> str:
     """What the server will serve: the model repository and each configured model's version and path
     (read only: the workers register them as they start)."""
     from binserve.serving.repository import ModelRepository  # loads torch: only in the launcher
-    from models.registry import parse_specs
+    from models.registry import configured_specs
 
-    root = os.path.abspath(config.model_repository)
+    root = os.path.abspath(config.repository_root)
     try:
-        specs = parse_specs(config.models)
+        specs = configured_specs(config.models, config.model_path)
         repo = ModelRepository(root)
         lines = [f"  {repo.preview(spec)}" for spec in specs]
     except (OSError, ValueError) as exc:

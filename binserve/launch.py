@@ -25,6 +25,7 @@ from binserve.policy import buckets
 from binserve.policy.cors import Cors
 from binserve.policy.keys import KeyRing
 from binserve.process import coreshare
+from models.layout import detect_adapter
 
 # prometheus_client's multiprocess mode: every worker writes its metrics to files in this
 # directory, and a scrape of any worker reads all of them. It must be in the environment before
@@ -35,6 +36,11 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="binse
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # e.g. /tmp/metrics on an emptyDir
 
 _config = ServerConfig.from_env()
+if _config.model_path:  # a directory that holds no model stops the server now, naming what it holds
+    try:
+        detect_adapter(_config.model_path)
+    except (OSError, ValueError) as _exc:
+        raise SystemExit(f"binserve: --model-path: {_exc}") from None
 # when the server started, for the seed API's /stats uptime (every worker inherits it)
 os.environ["BINSERVE_SERVER_STARTED"] = str(time.time())
 

@@ -10,6 +10,7 @@ needed). A version's settings (`SETTINGS`) override the server's flags for that 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from models.base import AdapterOptions, ModelAdapter
 from models.hf_causal_lm import HFCausalLM
 from models.hf_encoder import HFEncoder
 from models.hf_image import HFImage
+from models.layout import detect_adapter
 from models.torch_module import TorchModule
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -117,6 +119,31 @@ def parse_specs(text: str) -> list[ModelSpec]:
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
+    return specs
+
+
+_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def model_path_spec(path: str) -> ModelSpec:
+    """The spec of `--model-path DIR`: named after the directory (its name, with any character a
+    model name may not hold replaced by '-'; "model" when nothing is left), its adapter detected."""
+    resolved = Path(path).resolve()
+    name = _NAME.sub("-", resolved.name).strip("-.")[:64] or "model"
+    return ModelSpec(name, detect_adapter(str(resolved)), str(resolved))
+
+
+def configured_specs(models: str, model_path: str = "") -> list[ModelSpec]:
+    """The models a configuration names: `model_path`'s first (it is the default), then `models`'
+    (none beside a model path means only it, not the default MiniLM)."""
+    if not model_path:
+        return parse_specs(models)
+    first = model_path_spec(model_path)
+    specs = [first] + (parse_specs(models) if models.strip() else [])
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique: model_path {model_path!r} is named {first.name!r}, as "
+                         f"one of models {names[1:]}")  # fmt: skip
     return specs
 
 

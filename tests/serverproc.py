@@ -65,11 +65,15 @@ class ServerProcess:
         log_path: Path | None = None,
         env: dict | None = None,
         root: Path | None = None,
+        command: list[str] | None = None,
+        port: int | None = None,
         **settings,
     ) -> None:
         #: the checkout whose server.py runs (benchmarks compare two checkouts side by side)
         self.root = Path(root) if root else ROOT
-        self.port = free_port()
+        self.port = port or free_port()
+        #: a command line of a source document's, as written (then `settings` travel as BINSERVE_* variables)
+        self.command = command
         # each server gets its own model repository unless a test shares one on purpose
         settings.setdefault("model_repository", tempfile.mkdtemp(prefix="binserve-repo-"))
         # Test servers share one cache of ONNX exports and engine timings (content-keyed, so safe to
@@ -89,13 +93,15 @@ class ServerProcess:
         self.log_path = log_path or Path(os.environ.get("BINSERVE_TEST_LOG_DIR", "/tmp")) / f"binserve-{self.port}.log"
         self.proc: subprocess.Popen | None = None
         self.extra_env = env or {}
+        if command is not None:
+            self.extra_env = {f"BINSERVE_{k.upper()}": str(v) for k, v in settings.items()} | self.extra_env
 
     def start(self, timeout_s: float = 180.0, wait: bool = True) -> ServerProcess:
         """Start the server; with `wait`, return once every worker is ready (else at once)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("BINSERVE_")} | self.extra_env
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, str(self.root / "server.py"), *self.args],
+            self.command or [sys.executable, str(self.root / "server.py"), *self.args],
             cwd=self.root,
             env=env,
             stdout=self._log,

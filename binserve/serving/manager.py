@@ -43,7 +43,7 @@ from binserve.process.runtime import in_fresh_thread
 from binserve.serving.loader import VersionLoader
 from binserve.serving.repository import ModelRepository
 from binserve.serving.served import LoadedModel, ModelSlot
-from models.registry import parse_specs
+from models.registry import configured_specs
 
 log = logging.getLogger("binserve.models")
 
@@ -58,7 +58,7 @@ class ModelManager:
     def __init__(self, config: ServerConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        specs = parse_specs(config.models)
+        specs = configured_specs(config.models, config.model_path)
         #: the models the configuration names; model control may unload them or load others
         self.configured = [s.name for s in specs]
         #: the models this worker should serve now (configured, plus loaded, minus unloaded)
@@ -68,7 +68,7 @@ class ModelManager:
             raise ValueError(f"default_model {self.default_name!r} is not among the models {self.names}")
         self.pid = os.getpid()
         self.repo = ModelRepository(
-            config.model_repository,
+            config.repository_root,
             replica=config.replica_id or None,
             report_root=config.report_dir or None,
             poll_s=config.repository_poll_ms / 1000.0,

@@ -1,0 +1,105 @@
+"""The source documents' probes and credentials on the real app (Flask's test client, fake models):
+`GET /health` on a server with no generative model, `GET /model_info`, the Flask card's `X-API-Key`
+header, its two metrics, and `"status": "ok"` in /infer replies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client import REGISTRY
+
+from binserve.config import ServerConfig
+from binserve.policy import buckets
+from server import create_app
+
+KEY = "your-secret-key-0123"  # a keys file's key (16 characters at least)
+
+
+def test_health_is_200_on_a_server_without_a_generative_model(client, manager):
+    assert not any(m.adapter.generates for m in manager.served())
+    client.post("/infer/embed", json={"texts": ["one", "two"]})
+    r = client.get("/health")
+    assert r.status_code == 200
+    body = r.json
+    assert body["status"] == "healthy" and body["is_ready"] is True and body["model_loaded"] is True
+    assert body["models_loaded"] == body["models"] == ["double", "embed", "shout", "broken"]
+    assert body["default_model"] == "double" and body["gpu_available"] is False and body["gpu_count"] == 0
+    stats = body["stats"]["embed"]
+    assert set(stats) == {"total_requests", "total_batches", "avg_batch_size", "avg_latency", "throughput"}
+    assert stats["total_requests"] >= 1
+
+
+@pytest.mark.parametrize(("state", "status"), [("loading", "loading"), ("draining", "draining"),
+                                               ("others", "loading: other workers")])  # fmt: skip
+def test_health_is_503_naming_the_state_until_every_worker_is_ready(client, manager, state, status):
+    if state == "loading":
+        manager.ready = False
+    elif state == "draining":
+        manager.draining = True
+    else:
+        manager.others_ready = False
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json["status"].startswith(status) and r.json["is_ready"] is False
+    assert client.get("/readyz").status_code == 503  # the two always agree
+
+
+def test_model_info_describes_the_default_model_and_is_503_before_it_is_ready(client, manager):
+    r = client.get("/model_info")
+    assert r.status_code == 200 and r.json["name"] == "double" and set(r.json) >= {"model_type", "device", "parameters"}
+    manager.ready = False
+    r = client.get("/model_info")
+    assert r.status_code == 503 and r.json == {"error": "Model not loaded"}
+
+
+@pytest.fixture
+def keyed(manager, tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"name": "card", "key": KEY, "models": ["embed"], "routes": ["native"]}]}))
+    buckets._table = None
+    return create_app(ServerConfig(api_keys_file=str(path)), manager=manager).test_client()
+
+
+def test_x_api_key_is_a_bearer_key_with_its_scopes(keyed):
+    ok = keyed.post("/infer/embed", json={"texts": "hi"}, headers={"X-API-Key": KEY})
+    assert ok.status_code == 200 and ok.json["status"] == "ok"
+    wrong = keyed.post("/infer/embed", json={"texts": "hi"}, headers={"X-API-Key": "not-the-key"})
+    assert wrong.status_code == 401 and wrong.json["error"]["message"] == "the API key is not valid"
+    none = keyed.post("/infer/embed", json={"texts": "hi"})
+    assert none.status_code == 401 and "X-API-Key" in none.json["error"]["message"]
+    scoped = keyed.post("/infer/double", json={"x": [1.0, 2.0, 3.0]}, headers={"X-API-Key": KEY})
+    assert scoped.status_code == 403  # the key's model scope holds for the header too
+    routes = keyed.post("/v1/embeddings", json={"model": "embed", "input": "hi"}, headers={"X-API-Key": KEY})
+    assert routes.status_code == 403  # and its route families
+    # Authorization, when sent, is what counts (a wrong bearer is not rescued by a right X-API-Key)
+    both = keyed.post("/infer/embed", json={"texts": "hi"}, headers={"Authorization": "Bearer nope", "X-API-Key": KEY})
+    assert both.status_code == 401
+
+
+def test_the_cards_own_key_works_as_the_servers_token(make_client):
+    c = make_client(auth_token="your-secret-key")  # the card's API_KEY, sent as its decorator reads it
+    ok = c.post("/infer/double", json={"x": [1.0, 2.0, 3.0]}, headers={"X-API-Key": "your-secret-key"})
+    assert ok.status_code == 200
+    r = c.post("/infer/double", json={"x": [1.0, 2.0, 3.0]}, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401  # as the card's decorator answers an invalid key
+
+
+def test_x_api_key_opens_the_admin_routes_as_the_bearer_does(make_client):
+    c = make_client(admin_token="adm1n")
+    assert c.post("/update_model", json={"model": "double", "version": "2"}, headers={"X-API-Key": "bad"}).status_code \
+        == 403  # fmt: skip
+    r = c.post("/update_model", json={"model": "double", "version": "2"}, headers={"X-API-Key": "adm1n"})
+    assert r.status_code == 200, r.get_data()
+
+
+def test_the_cards_metrics_count_each_inference_request_once(client):
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    before = (sample("inference_requests_total"), sample("inference_latency_seconds_count"))
+    client.post("/infer/double", json={"x": [1.0, 2.0, 3.0]})
+    client.post("/infer", json={"texts": ["a"], "models": ["embed", "shout"]})  # a fan-out: one request
+    client.post("/infer/nope", json={"x": [1.0, 2.0, 3.0]})  # refused requests are requests too
+    client.get("/models")  # not an inference request
+    assert sample("inference_requests_total") - before[0] == 3
+    assert sample("inference_latency_seconds_count") - before[1] == 3
