@@ -18,7 +18,7 @@ import sys
 
 from flask import Flask
 
-from binserve.api import admin, docs, failures, health, native, openai_compat, openai_generate, seed, v2
+from binserve.api import admin, docs, failures, health, native, openai_compat, openai_generate, routing, seed, v2
 from binserve.api.hooks import install_hooks
 from binserve.api.pipeline import Pipeline
 from binserve.config import PATH_IMPORTS_OFF, ServerConfig
@@ -39,6 +39,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
 
         manager = start_worker(config)
     app = Flask("binserve")
+    routing.install(app)  # model names in URLs may be hub ids (org/name)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["binserve"] = manager
     pipeline = Pipeline(config, manager, policy)
@@ -76,7 +77,7 @@ def banner(config: ServerConfig) -> str:
 
     root = os.path.abspath(config.repository_root)
     try:
-        specs = configured_specs(config.models, config.model_path)
+        specs = configured_specs(config.models, config.served_model_path)
         repo = ModelRepository(root)
         lines = [f"  {repo.preview(spec)}" for spec in specs]
     except (OSError, ValueError) as exc:

@@ -60,7 +60,8 @@ class ServerConfig:
         "the directory, its adapter read from its files: `manifest.json` (torch_module) or a Hugging Face "
         "`config.json` (hf_causal_lm, hf_image or hf_encoder by its architecture); `models` may add more. When "
         "`model_repository` is this directory or inside it (the image mounts models at /models), the "
-        "repository goes to a directory of its own in the temp dir",
+        "repository goes to a directory of its own in the temp dir. With neither this nor `models`, a "
+        "`model_repository` that is itself one model directory is served so (`docker run -v DIR:/models`)",
         shown="empty",
     )  # fmt: skip
     default_model: str = setting(
@@ -247,14 +248,28 @@ class ServerConfig:
     log_level: str = setting("info", "Gunicorn's (and binserve's) log level", choices=LOG_LEVELS)
 
     @property
+    def served_model_path(self) -> str:
+        """`model_path`; or, when neither it nor `models` is set and the model repository is itself one
+        model directory (it holds `manifest.json` or `config.json` at its top, where a repository
+        holds one folder per model), that directory: the Flask card's `docker run -v
+        /path/to/models:/models` with the image's own command serves the model it mounts."""
+        if self.model_path:
+            return self.model_path
+        if not self.models.strip() and any(
+            os.path.isfile(os.path.join(self.model_repository, f)) for f in ("manifest.json", "config.json")
+        ):
+            return self.model_repository
+        return ""
+
+    @property
     def repository_root(self) -> str:
         """The model repository's directory: `model_repository`, unless that is `model_path` or inside
         it (the Flask card's image mounts one plain model directory at /models, where binserve's image
         keeps its repository). Then the repository must not write into the user's model directory (it
         may be read-only): it goes to the temp dir, named after the model path, so every worker of the
         server (each computes this) finds the same one."""
-        if self.model_path:
-            served = os.path.realpath(self.model_path)
+        if self.served_model_path:
+            served = os.path.realpath(self.served_model_path)
             repo = os.path.realpath(self.model_repository)
             if repo == served or repo.startswith(served + os.sep):
                 digest = hashlib.sha256(served.encode()).hexdigest()[:12]

@@ -36,9 +36,9 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="binse
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # e.g. /tmp/metrics on an emptyDir
 
 _config = ServerConfig.from_env()
-if _config.model_path:  # a directory that holds no model stops the server now, naming what it holds
+if _config.served_model_path:  # a directory that holds no model stops the server now, naming what it holds
     try:
-        detect_adapter(_config.model_path)
+        detect_adapter(_config.served_model_path)
     except (OSError, ValueError) as _exc:
         raise SystemExit(f"binserve: --model-path: {_exc}") from None
 # when the server started, for the seed API's /stats uptime (every worker inherits it)

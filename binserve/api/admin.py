@@ -56,7 +56,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         admin_only("/v2/repository")
         return jsonify(ModelControl(manager).index())
 
-    @bp.post("/v2/repository/models/<model>/<any(load, unload):action>")
+    @bp.post("/v2/repository/models/<model:model>/<any(load, unload):action>")
     def control_model(model: str, action: str):
         admin_only("/v2/repository")
         control = ModelControl(manager)

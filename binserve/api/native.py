@@ -28,7 +28,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     bp = Blueprint("native", __name__)
 
     @bp.post("/infer", defaults={"model": None})
-    @bp.post("/infer/<model>")
+    @bp.post("/infer/<model:model>")
     @inference_view("native")
     def infer(model: str | None):
         pipeline.admit("native")

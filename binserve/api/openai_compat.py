@@ -71,7 +71,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         visible = set(pipeline.policy.visible(g.admission, [m.name for m in manager.served()]))
         return jsonify(object="list", data=[_model_object(m) for m in manager.served() if m.name in visible])
 
-    @bp.get("/models/<model>")
+    @bp.get("/models/<model:model>")
     @cors_view
     def get_model(model: str):
         pipeline.authorize("openai")

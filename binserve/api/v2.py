@@ -100,19 +100,19 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             raise NotReady("the server is not ready (GET /readyz says why)", retry_after_s=1.0)
         return Response(status=200)
 
-    @bp.get("/models/<model>", defaults={"version": None})
-    @bp.get("/models/<model>/versions/<version>")
+    @bp.get("/models/<model:model>", defaults={"version": None})
+    @bp.get("/models/<model:model>/versions/<version>")
     def metadata(model: str, version: str | None):
         return jsonify(model_metadata(pipeline.model(model, version)))
 
-    @bp.get("/models/<model>/ready", defaults={"version": None})
-    @bp.get("/models/<model>/versions/<version>/ready")
+    @bp.get("/models/<model:model>/ready", defaults={"version": None})
+    @bp.get("/models/<model:model>/versions/<version>/ready")
     def model_ready(model: str, version: str | None):
         pipeline.model(model, version)  # 404 unknown, 503 loading
         return Response(status=200)
 
-    @bp.post("/models/<model>/infer", defaults={"version": None})
-    @bp.post("/models/<model>/versions/<version>/infer")
+    @bp.post("/models/<model:model>/infer", defaults={"version": None})
+    @bp.post("/models/<model:model>/versions/<version>/infer")
     @inference_view("v2")
     def infer(model: str, version: str | None):
         pipeline.admit("v2")

@@ -58,7 +58,7 @@ class ModelManager:
     def __init__(self, config: ServerConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        specs = configured_specs(config.models, config.model_path)
+        specs = configured_specs(config.models, config.served_model_path)
         #: the models the configuration names; model control may unload them or load others
         self.configured = [s.name for s in specs]
         #: the models this worker should serve now (configured, plus loaded, minus unloaded)

@@ -35,6 +35,39 @@ from models.registry import ADAPTERS, ModelSpec, check_settings
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: one part of a Hugging Face hub id used as a model name (`wandb/WeaveFluencyScorerV1`: the encoder
+#: server's names): as the hub allows, no `--` or `..` inside, no `-` or `.` at either end
+_HUB_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?$")
+
+
+def _hub_parts(name: str, sep: str) -> tuple[str, str] | None:
+    parts = name.split(sep)
+    if len(parts) != 2 or any(not _HUB_PART.match(p) or "--" in p or ".." in p for p in parts):
+        return None
+    return parts[0], parts[1]
+
+
+def valid_model_name(name: str) -> bool:
+    """A model name: 1-64 letters, digits, '.', '_' or '-' (not first), or a hub id `org/name`."""
+    return bool(_NAME.match(name) or _hub_parts(name, "/"))
+
+
+def _dirname(name: str) -> str:
+    """The repository directory of model `name`: the name, or `_<org>--<name>` for a hub id (a plain
+    name never starts with `_`, and a hub id holds no `--`, so no two names share a directory)."""
+    if _NAME.match(name):
+        return name
+    hub = _hub_parts(name, "/")
+    if hub is None:
+        raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-', or a hub id 'org/name'")
+    return f"_{hub[0]}--{hub[1]}"
+
+
+def _name_of(dirname: str) -> str | None:
+    if _NAME.match(dirname):
+        return dirname
+    hub = _hub_parts(dirname[1:], "--") if dirname.startswith("_") else None
+    return f"{hub[0]}/{hub[1]}" if hub else None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -98,9 +131,7 @@ class ModelRepository:
         self.live_age_s = LIVE_POLLS * poll_s + 1
 
     def model_dir(self, model: str) -> Path:
-        if not _NAME.match(model):
-            raise ValueError(f"model name {model!r} must be letters, digits, '.', '_' or '-'")
-        return self.root / model
+        return self.root / _dirname(model)
 
     def register(self, spec: ModelSpec) -> Registration:
         """Follow the configuration: the version whose directory and adapter the configuration names
@@ -215,7 +246,8 @@ class ModelRepository:
 
     def models(self) -> list[str]:
         """Every model in the repository (a directory with a CURRENT version), sorted."""
-        return sorted(p.parent.name for p in self.root.glob("*/CURRENT") if _NAME.match(p.parent.name))
+        names = (_name_of(p.parent.name) for p in self.root.glob("*/CURRENT"))
+        return sorted(n for n in names if n is not None)
 
     def serving(self, model: str) -> bool | None:
         """Whether model control says the model is served (True: loaded, False: unloaded), or None
@@ -306,8 +338,7 @@ class ModelRepository:
         return f"{self.replica}:{pid}"
 
     def _reports(self, model: str) -> Path:
-        self.model_dir(model)  # validates the name
-        return self.report_root / model / ".workers"
+        return self.report_root / _dirname(model) / ".workers"
 
     def report(self, model: str, pid: int, version: str) -> None:
         """Record (and keep fresh) that worker `pid` of this replica serves `version`."""

@@ -49,14 +49,14 @@ def docker(*args: str, check: bool = True, timeout: float = 180) -> str:
 class Container:
     """`docker run -d` of the image with a read-only root and a size-limited /tmp; removed on exit."""
 
-    def __init__(self, *args: str, env: dict | None = None) -> None:
+    def __init__(self, *args: str, env: dict | None = None, command: tuple = (), listens: int = 8000) -> None:
         self.name = f"binserve-test-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
         self.args = [
             "run", "-d", "--name", self.name, "--read-only", "--tmpfs", "/tmp:size=256m",
-            "-p", f"127.0.0.1:{self.port}:8000", *env_args, *args, IMAGE,
+            "-p", f"127.0.0.1:{self.port}:{listens}", *env_args, *args, IMAGE, *command,
         ]  # fmt: skip
 
     def __enter__(self) -> Container:
@@ -122,6 +122,35 @@ def test_it_runs_as_non_root_on_a_read_only_root_filesystem(container):
     assert docker("exec", container.name, "id", "-u") == "10001"
     proc = subprocess.run(["docker", "exec", container.name, "touch", "/app/x"], capture_output=True, text=True)
     assert proc.returncode != 0 and "Read-only file system" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory) -> Path:
+    """A plain model directory, as the Flask card mounts at /models: the example policy."""
+    d = tmp_path_factory.mktemp("card") / "policy"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "policy_v1", d)
+    for p in [d, *d.iterdir()]:
+        p.chmod(0o755 if p.is_dir() else 0o644)  # readable by the image's user
+    return d
+
+
+#: the Flask card's Dockerfile CMD, as written
+CARD_CMD = ("python", "server.py", "--model-path", "/models", "--device", "cpu", "--port", "50000", "--host", "0.0.0.0")
+
+
+@pytest.mark.parametrize("command", [CARD_CMD, ()], ids=["the card's CMD", "the image's CMD"])
+def test_a_plain_model_directory_mounted_at_models_is_the_served_model(plain_model, command):
+    """The card's `docker run -p 50000:50000 -v /path/to/models:/models inference-server`, read-only."""
+    with Container("-v", f"{plain_model}:/models:ro", command=command, listens=50000 if command else 8000) as c:
+        listing = requests.get(f"{c.url}/models", timeout=10).json()
+        assert [(m["name"], m["adapter"]) for m in listing["models"]] == [("models", "torch_module")]
+        rng = np.random.default_rng(0)
+        data = {"state": rng.standard_normal(6).astype(np.float32),
+                "image": rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)}  # fmt: skip
+        with InferenceClient(c.url) as client:
+            result = client.request(data).outputs
+        assert result["status"] == "ok" and result["action"].shape == (2,)
+        assert requests.get(f"{c.url}/model_info", timeout=10).json()["model_type"] == "PolicyNet"
 
 
 def test_binary_and_json_inference_match_the_reference(container, reference):

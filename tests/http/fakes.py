@@ -204,6 +204,14 @@ class FakeManager:
             m.scheduler.close()
 
 
+def add_model(manager: FakeManager, adapter) -> None:
+    """Serve one more fake model (its batcher closed with the manager)."""
+    batcher = Batcher(lambda samples: Tagged(adapter.run(samples), adapter.version), BatchSettings(max_batch_size=8),
+                      name=adapter.name).start()  # fmt: skip
+    manager._models[adapter.name] = FakeLoaded(adapter.name, adapter, batcher)
+    manager.names.append(adapter.name)
+
+
 def add_tiny_lm(manager: FakeManager, path) -> None:
     """Serve the causal LM at `path` as model "lm" (closed with the manager)."""
     from types import SimpleNamespace

@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 from binserve.config import ServerConfig
 from binserve.policy import buckets
 from server import create_app
+from tests.http.fakes import DoubleAdapter, add_model
 
 KEY = "your-secret-key-0123"  # a keys file's key (16 characters at least)
 
@@ -103,3 +104,22 @@ def test_the_cards_metrics_count_each_inference_request_once(client):
     client.get("/models")  # not an inference request
     assert sample("inference_requests_total") - before[0] == 3
     assert sample("inference_latency_seconds_count") - before[1] == 3
+
+
+def test_a_hub_id_is_a_model_name_on_every_route(client, manager):
+    add_model(manager, DoubleAdapter("org/double-v1"))
+    x = {"x": [1.0, 2.0, 3.0]}
+    assert client.post("/infer/org/double-v1", json=x).json == {"y": [2.0, 4.0, 6.0], "status": "ok"}
+    assert client.get("/v2/models/org/double-v1").json["name"] == "org/double-v1"
+    assert client.get("/v2/models/org/double-v1/ready").status_code == 200
+    assert client.get("/v2/models/org/double-v1/versions/1/ready").status_code == 200
+    v2 = client.post("/v2/models/org/double-v1/infer",
+                     json={"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]})  # fmt: skip
+    assert v2.status_code == 200 and v2.json["model_name"] == "org/double-v1"
+    assert client.get("/v1/models/org/double-v1").json["id"] == "org/double-v1"
+    # the plain names' routes read as before: "double/ready" is double's readiness, not a model
+    assert client.get("/v2/models/double/ready").status_code == 200
+    assert client.get("/v2/models/double").json["name"] == "double"
+    missing = client.post("/infer/org/nope", json=x)
+    assert missing.status_code == 404 and "'org/nope'" in missing.json["error"]["message"]
+    assert client.post("/infer/a/b/c", json=x).status_code == 404  # three segments: no route

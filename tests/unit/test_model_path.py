@@ -75,3 +75,17 @@ def test_the_cards_command_line_parses():
     config = ServerConfig.from_args(["--model-path", "/models", "--device", "cpu", "--port", "50000",
                                      "--host", "0.0.0.0"])  # fmt: skip
     assert (config.model_path, config.device, config.port, config.host) == ("/models", "cpu", 50000, "0.0.0.0")
+
+
+def test_a_repository_that_is_one_model_directory_serves_that_model(tmp_path):
+    """The card's `docker run -v /path/to/models:/models` with the image's own command (its
+    repository is /models): the mounted model is served, not MiniLM."""
+    plain = tmp_path / "models"
+    plain.mkdir()
+    (plain / "manifest.json").write_text("{}")
+    config = ServerConfig(model_repository=str(plain))
+    assert config.served_model_path == str(plain) and "binserve-repository-" in config.repository_root
+    assert ServerConfig(model_repository=str(plain), models="m=hf_encoder:/m").served_model_path == ""
+    repository = tmp_path / "repo"
+    (repository / "minilm" / "1").mkdir(parents=True)  # a real repository: one folder per model
+    assert ServerConfig(model_repository=str(repository)).served_model_path == ""

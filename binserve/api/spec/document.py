@@ -27,6 +27,8 @@ def _path(rule: str) -> tuple[str, list[dict]]:
         schema = {"type": "string"}
         if converter == "any":
             schema = {"enum": [a.strip().strip("'\"") for a in args.split(",")]}
+        elif converter == "model":
+            schema = {"type": "string", "description": "a model name, or a hub id 'org/name'"}
         params.append({"name": var, "in": "path", "required": True, "schema": schema})
         return "{" + var + "}"
 
