@@ -118,6 +118,11 @@ class ServerConfig:
         0.0, "extra wait for a fuller batch once a request is queued; 0 adds no latency at low load",
         unit="ms", ge=0, le=10_000,
     )  # fmt: skip
+    preferred_batch_size: int = setting(
+        0, "with `max_wait_ms`, stop waiting once this many samples are queued (the encoder server's "
+        "`--preferred-batch-size`); 0: wait for `max_batch_size`",
+        ge=0, le=4096,
+    )  # fmt: skip
     max_queue_samples: int = setting(
         2048, "samples waiting in one model's queue before new requests get 429 (and the most one request may "
         "hold: more is 413)",

@@ -212,8 +212,8 @@ class Batcher(SchedulerThread):
                 if self._closed:
                     return None
                 self._cond.wait()
-            # Optional: wait a little for a fuller batch, measured from the oldest request.
-            while (s := self._settings).max_wait_ms and self._queued_samples < s.max_batch_size and not self._closed:
+            # Optional: wait a little for a fuller batch (up to the preferred size), from the oldest request.
+            while (s := self._settings).max_wait_ms and self._queued_samples < s.wait_for_samples and not self._closed:
                 left = self._parts[0].request.enqueued + s.max_wait_s - self.clock()
                 if left <= 0:
                     break

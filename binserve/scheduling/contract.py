@@ -30,7 +30,7 @@ log = logging.getLogger("binserve.scheduling")
 BATCH_BOUNDS: dict[str, tuple[float, float]] = {
     f.name: (f.metadata["ge"], f.metadata["le"])
     for f in fields(ServerConfig)
-    if f.name in ("max_batch_size", "max_batch_tokens", "max_wait_ms")
+    if f.name in ("max_batch_size", "max_batch_tokens", "max_wait_ms", "preferred_batch_size")
 }
 
 
@@ -45,6 +45,8 @@ class BatchSettings:
     max_batch_tokens: int | None = None
     #: how long the batch thread may wait for a fuller batch after the first request; 0: not at all
     max_wait_ms: float = 0.0
+    #: with max_wait_ms, the queued samples that end the wait early; 0: max_batch_size
+    preferred_batch_size: int = 0
 
     def __post_init__(self) -> None:
         for name, (low, high) in BATCH_BOUNDS.items():
@@ -53,6 +55,11 @@ class BatchSettings:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+    @property
+    def wait_for_samples(self) -> int:
+        """How many queued samples end a `max_wait_ms` wait."""
+        return min(self.preferred_batch_size or self.max_batch_size, self.max_batch_size)
 
     @property
     def max_wait_s(self) -> float:

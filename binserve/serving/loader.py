@@ -74,6 +74,7 @@ class VersionLoader:
             max_batch_size=own.get("max_batch_size", c.max_batch_size),
             max_batch_tokens=tokens,
             max_wait_ms=own.get("max_wait_ms", c.max_wait_ms),
+            preferred_batch_size=c.preferred_batch_size,
         )
 
     def scheduler(self, adapter: ModelAdapter, slot: ModelSlot, settings: BatchSettings) -> Scheduler:

@@ -188,6 +188,34 @@ def test_max_wait_gives_up_after_max_wait_ms():
     b.close()
 
 
+@pytest.mark.parametrize(("preferred", "waits"), [(2, 1), (0, 5)])
+def test_a_preferred_batch_size_ends_the_wait_early(preferred, waits):
+    """The encoder server's --preferred-batch-size: with 2 queued the batch runs at once, where
+    max_batch_size (8) alone keeps waiting out max_wait_ms (woken every 10 ms here)."""
+    clock = FakeClock()
+    timeouts = []
+    b = None
+
+    def wait(cond, timeout_s):
+        timeouts.append(round(timeout_s, 6))
+        if len(timeouts) == 1:
+            cond.release()
+            try:
+                late.append(b.submit([1], deadline=1e9))
+            finally:
+                cond.acquire()
+        clock.now += 0.01  # woken early (a new arrival would notify)
+
+    late = []
+    b = Batcher(lambda xs: xs, BatchSettings(max_batch_size=8, max_wait_ms=50, preferred_batch_size=preferred),
+                clock=clock, wait=wait)  # fmt: skip
+    first = b.submit([0], deadline=1e9)
+    b.start()
+    assert first.result(timeout=5).batch_size == 2 and late[0].result(timeout=5).outputs == [1]
+    assert len(timeouts) == waits
+    b.close()
+
+
 def test_no_wait_by_default():
     clock = FakeClock()
     wait = ScriptedWait(clock)
