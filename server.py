@@ -18,7 +18,19 @@ import sys
 
 from flask import Flask
 
-from binserve.api import admin, docs, failures, health, native, openai_compat, openai_generate, routing, seed, v2
+from binserve.api import (
+    admin,
+    docs,
+    failures,
+    health,
+    native,
+    openai_compat,
+    openai_generate,
+    predict,
+    routing,
+    seed,
+    v2,
+)
 from binserve.api.hooks import install_hooks
 from binserve.api.pipeline import Pipeline
 from binserve.config import PATH_IMPORTS_OFF, ServerConfig
@@ -46,6 +58,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
     install_hooks(app, config, policy)
     for bp in (
         native.blueprint(pipeline),
+        predict.blueprint(pipeline),
         v2.blueprint(pipeline),
         openai_compat.blueprint(pipeline),
         openai_generate.blueprint(pipeline),

@@ -147,7 +147,7 @@ class HFEncoder(ModelAdapter):
             "texts": "str or list of str (tokenized on the server)",
             "input_ids": f"int token ids, 1-D (one sample) or 2-D/ragged lists (a batch); 0 <= id < {self.vocab_size}",
             "attention_mask": "optional, with input_ids: 1 for tokens to keep",
-            "max_length": self.max_length,
+            "max_length": self.max_length,  # a request's own `max_length` (1..this) cuts its rows shorter
             "max_text_chars": self.max_text_chars,
             "truncate": self.limits.truncate,
             "outputs": ["embeddings"] if self.task == "embedding" else ["logits", "probabilities"],
@@ -172,20 +172,30 @@ class HFEncoder(ModelAdapter):
 
     # --- request thread --------------------------------------------------------------------
     def validate(self, payload: dict, shared: dict | None = None) -> Validated:
-        extra = set(OPTION_KEYS) if self.labels else set()
+        extra = (set(OPTION_KEYS) if self.labels else set()) | {"max_length"}
         options = parse_options(payload, len(self.labels)) if self.labels else {}
+        length = self._max_length_option(payload.get("max_length"))
         if "texts" in payload:
             _only(payload, {"texts"} | extra)
-            return self._from_texts(payload["texts"], shared, options)
+            return self._from_texts(payload["texts"], shared, options, length)
         if "input_ids" in payload:
             _only(payload, {"input_ids", "attention_mask"} | extra)
             validated = self._from_ids(payload["input_ids"], payload.get("attention_mask"))
-            return Validated(validated.samples, validated.batched, options)
+            rows = validated.samples if length == self.max_length else [r[:length] for r in validated.samples]
+            return Validated(rows, validated.batched, options)
         raise InvalidInput(
             f"expected 'texts' (str or list of str) or 'input_ids' (token ids); got keys {sorted(payload)}"
         )
 
-    def _from_texts(self, texts, shared: dict | None, options: dict) -> Validated:
+    def _max_length_option(self, value) -> int:
+        """A request's `max_length` (the encoder server's): tokens per row, cut to it; at most the model's."""
+        if value is None:
+            return self.max_length
+        if type(value) is not int or not 1 <= value <= self.max_length:
+            raise InvalidInput(f"'max_length' must be an int in [1, {self.max_length}] (this model's), got {value!r}")
+        return value
+
+    def _from_texts(self, texts, shared: dict | None, options: dict, length: int | None = None) -> Validated:
         batched = not isinstance(texts, str)
         texts = [texts] if not batched else texts
         if not isinstance(texts, (list, tuple)):
@@ -195,16 +205,19 @@ class HFEncoder(ModelAdapter):
             raise InvalidInput("'texts' must be a str or a list of str")
         if not texts:
             raise InvalidInput("'texts' is an empty list; send at least one text")
+        length = length or self.max_length
         if shared is None:
-            return Validated(self._tokenize(texts), batched, options)
+            return Validated(self._tokenize(texts, length), batched, options)
         # the same texts object, the same tokenizer file and the same cutting rules: the same rows
-        key = ("hf_encoder.tokens", id(texts), self.tokenizer_key, self.max_length, self.max_text_chars, self.limits)
+        key = ("hf_encoder.tokens", id(texts), self.tokenizer_key, length, self.max_text_chars, self.limits)
         if key not in shared:
-            shared[key] = (texts, self._tokenize(texts))  # holding `texts` keeps its id unique
+            shared[key] = (texts, self._tokenize(texts, length))  # holding `texts` keeps its id unique
         return Validated(shared[key][1], batched, options)
 
-    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
-        """Token rows of `texts`, cut or refused as the limits say (per-text checks, not the count)."""
+    def _tokenize(self, texts: list[str], length: int | None = None) -> list[np.ndarray]:
+        """Token rows of `texts`, cut or refused as the limits say (per-text checks, not the count);
+        a request's own `length` (its max_length) always cuts."""
+        asked = length is not None and length < self.max_length
         truncate, limit = self.limits.truncate, self.max_text_chars
         too_long = next((i for i, t in enumerate(texts) if len(t) > limit), None)
         if too_long is not None:
@@ -216,13 +229,13 @@ class HFEncoder(ModelAdapter):
             texts = [t[:limit] for t in texts]
         enc = self.tokenizer(
             list(texts),
-            truncation=truncate,
-            max_length=self.max_length if truncate else None,
+            truncation=truncate or asked,
+            max_length=length if asked else (self.max_length if truncate else None),
             return_attention_mask=False,
             return_token_type_ids=False,
         )
         rows = [np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]]
-        if not truncate:
+        if not truncate and not asked:
             self._check_row_lengths(rows, "text")
         return rows
 

@@ -41,7 +41,7 @@ FANOUT_MODEL = "_fanout"  # bytes of requests to several models, and fan-outs na
 
 REQUESTS = Counter(
     "binserve_requests_total",
-    "Inference requests answered, by model, HTTP status and protocol (native, v2, openai, seed).",
+    "Inference requests answered, by model, HTTP status and protocol (native, predict, v2, openai, seed).",
     ["model", "code", "protocol"],
 )
 REQUEST_DURATION = Histogram(

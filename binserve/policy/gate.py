@@ -23,7 +23,9 @@ from binserve.policy.quotas import Quotas, Standing
 #: how long a request waits on Redis before the store counts as down
 REDIS_TIMEOUT_S = 0.25
 OUTCOMES = ("admitted", "unauthorized", "forbidden", "rate_limited")
-FAMILY_WORDS = {"native": "native /infer", "v2": "KServe V2", "openai": "OpenAI", "generate": "text generation"}
+FAMILY_WORDS = {
+    "native": "native /infer and /predict", "v2": "KServe V2", "openai": "OpenAI", "generate": "text generation"
+}
 
 
 def redis_client(url: str):

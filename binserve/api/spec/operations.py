@@ -102,6 +102,15 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             "X-Request-Id, X-Model-Version, X-Batch-Size, Server-Timing.",
         )
     },  # fmt: skip
+    "predict.predict": {
+        "post": op(
+            "Classify texts (the encoder server's /predict) or one base64 image (LitServe's default route)",
+            "native",
+            _json(s.PREDICT_REPLY),
+            body=_json(s.PREDICT_REQUEST),
+            errs=errors(s.NATIVE_ERROR),
+        )
+    },  # fmt: skip
     "health.healthz": {"get": op("200 while the process is alive", "health", _json(s.OBJECT), auth=None)},
     "health.readyz": {
         "get": op(

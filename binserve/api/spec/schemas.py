@@ -387,6 +387,41 @@ MODEL_INFO = {
 }  # fmt: skip
 MODEL_INFO_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 
+_TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+PREDICT_REQUEST = {
+    "oneOf": [
+        {"type": "object", "required": ["texts"], "additionalProperties": False,
+         "description": "the encoder server's: a text classifier (model_name, else the default)",
+         "properties": {"texts": _TEXTS, "model_name": {"type": "string"},
+                        "max_length": {"type": "integer", "minimum": 1, "description": "tokens per text, cut"}}},
+        {"type": "object", "required": ["image"], "additionalProperties": False,
+         "description": "LitServe's: an image classifier (the default model, else the first that takes images)",
+         "properties": {"image": {"type": "string", "description": "one image, base64 (or a data URL)"},
+                        "top_k": {"type": "integer", "minimum": 1}}},
+    ]
+}  # fmt: skip
+_PREDICTION = {
+    "type": "object",
+    "required": ["prediction", "probabilities", "text"],
+    "properties": {"prediction": {"type": "integer", "minimum": 0, "description": "the argmax label index"},
+                   "probabilities": {"type": "array", "items": {"type": "number"}}, "text": {"type": "string"}},
+}  # fmt: skip
+PREDICT_REPLY = {
+    "oneOf": [
+        {"type": "object", "required": ["request_id", "results", "processing_time", "model_used"],
+         "properties": {"request_id": {"type": "string"},
+                        "results": {"oneOf": [_PREDICTION, {"type": "array", "items": _PREDICTION}],
+                                    "description": "one object for one string, a list for a list"},
+                        "processing_time": {"type": "number", "description": "seconds"},
+                        "model_used": {"type": "string"}}},
+        {"type": "object", "required": ["predictions"],
+         "properties": {"predictions": {"type": "array", "items": {
+             "type": "object", "required": ["label", "probability"],
+             "properties": {"label": {"type": "string"}, "probability": {"type": "number"}}}},
+             "model_used": {"type": "string"}}},
+    ]
+}  # fmt: skip
+
 UPDATE_MODEL_REQUEST = {
     "type": "object",
     "properties": {
