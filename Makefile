@@ -13,11 +13,13 @@ ADMIN_TOKEN ?= s3cret
 
 # The server's runtime (requirements.txt), then, for the tests, load tests and linters, requirements-dev.txt.
 # pip prints what it collects and installs; a fresh machine takes a few minutes (torch is the largest).
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@echo "== binserve: installing the server's requirements (requirements.txt) into $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --progress-bar off -r requirements.txt
+	@# this checkout itself, editable (`pip install -e .`): the `binserve` and `encoder-server` commands
+	$(PY) -m pip install --progress-bar off --no-deps --no-build-isolation -e .
 	@# A CUDA torch from the registry would pull multi-GB nvidia-* wheels; the pin must give the CPU wheel.
 	@if $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-'; then echo "nvidia-* packages were installed: torch did not resolve to the CPU wheel (README: Set up)" >&2; exit 1; fi
 	touch $@

@@ -64,7 +64,7 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
         openai_generate.blueprint(pipeline),
         seed.blueprint(pipeline),
         admin.blueprint(pipeline),
-        health.blueprint(manager, config.import_root),
+        health.blueprint(manager, config.import_root, config.models_listing),
         docs.blueprint(page=config.docs),
     ):
         app.register_blueprint(bp)

@@ -26,6 +26,8 @@ VERSION = "0.3.0"
 RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: the shapes GET /models answers in: binserve's list, or the encoder server's map by model name
+MODELS_LISTINGS = ("binserve", "encoder-server")
 MiB, GiB = 1 << 20, 1 << 30
 #: a running request's weight against max_inflight_bytes, per byte of its body: the body itself and
 #: what decoding may produce from it (binserve.wire.safe_pickle.Limits.decode_ratio, 4 per byte)
@@ -91,6 +93,10 @@ class ServerConfig:
     pinned_staging: bool = setting(
         True, "on a GPU, collate batches into reusable pinned host buffers and copy them on a stream of their "
         "own; false: pageable arrays on the default stream (what it is worth: `bench/gpu_check.sh`)",
+    )  # fmt: skip
+    flash_attention: bool = setting(
+        True, "let PyTorch's scaled-dot-product attention use its flash kernel (CPU and CUDA); false: its "
+        "memory-efficient or math kernels (the encoder server's `--disable-flash-attention`)",
     )  # fmt: skip
     torch_threads: int = setting(
         0, "intra-op threads of a batch (torch and ONNX Runtime); 0: the usable cores (affinity, capped by the "
@@ -171,6 +177,11 @@ class ServerConfig:
     max_text_chars: int = setting(
         0, "characters per text before tokenizing; 0: 32 x the model's maximum tokens", unit="chars", ge=0
     )
+    max_text_tokens: int = setting(
+        0, "tokens per text or token row at most, below the model's own maximum (the encoder server's "
+        "`--max-sequence-length`); longer ones are cut or refused as `truncate` says; 0: the model's maximum",
+        unit="tokens", ge=0, le=1 << 20,
+    )  # fmt: skip
     max_image_bytes: int = setting(
         16 * MiB, "bytes of one encoded image (JPEG, PNG, WebP); a base64 image in JSON is also held to "
         "`max_json_bytes`",
@@ -251,6 +262,11 @@ class ServerConfig:
         shown="empty",
     )  # fmt: skip
     log_level: str = setting("info", "Gunicorn's (and binserve's) log level", choices=LOG_LEVELS)
+    models_listing: str = setting(
+        "binserve", "the shape of `GET /models`: binserve's (a list with every detail), or the encoder server's "
+        "(`{name: {num_parameters, device, dtype}}`; what `encoder-server` sets)",
+        choices=MODELS_LISTINGS,
+    )  # fmt: skip
 
     @property
     def served_model_path(self) -> str:

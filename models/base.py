@@ -54,6 +54,8 @@ class RequestLimits:
     max_samples: int = 2048
     #: characters per text before tokenizing; 0: 32 x the model's maximum tokens
     max_text_chars: int = 0
+    #: tokens per text or token row at most; 0: the model's own maximum
+    max_text_tokens: int = 0
     #: cut texts and token rows to the model's maximum length (True), or refuse them with 413
     truncate: bool = True
     #: one encoded image: its bytes, and the pixels its header may declare (models/images.py)

@@ -125,6 +125,8 @@ class HFEncoder(ModelAdapter):
         st_config = next((c for d in (root, top) if (c := _read_json(d / "sentence_bert_config.json"))), {})
         limit = getattr(config, "max_position_embeddings", 512)
         self.max_length = int(min(st_config.get("max_seq_length", self.tokenizer.model_max_length), limit))
+        if self.limits.max_text_tokens:  # the operator's cap (the encoder server's --max-sequence-length)
+            self.max_length = min(self.max_length, self.limits.max_text_tokens)
         self.vocab_size = int(config.vocab_size)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if self.task == "classification" else None

@@ -81,8 +81,39 @@ def _gpu_memory(devices: set[str]) -> dict | None:
             "total_bytes": total, "used_bytes": total - free, "free_bytes": free}  # fmt: skip
 
 
-def blueprint(manager, import_root: str = "") -> Blueprint:
-    """The health routes for `manager`; `import_root` (the setting) is shown by GET /models."""
+#: an engine's precision as the encoder server's /models names a dtype
+_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16", "int8": "torch.qint8"}
+
+
+def encoder_server_listing(described: list[dict]) -> dict:
+    """The encoder server's GET /models: `{name: {num_parameters, device, dtype}}`, the dtype that of
+    the engine running the model's small batches (what one request runs on)."""
+    out = {}
+    for d in described:
+        engines = d.get("engines") or []
+        precision = engines[0].rsplit("-", 1)[-1] if engines else None
+        dtype = _DTYPES.get(precision) or (f"torch.{d['dtype']}" if d.get("dtype") else None)
+        out[d["name"]] = {"num_parameters": d.get("parameters"), "device": d.get("device"), "dtype": dtype}
+    return out
+
+
+def llm_server_fields(d: dict, ready: bool) -> dict:
+    """The seed LLM server's per-model fields of GET /models: type, context_length, loaded, backend
+    (its `parameters`, "3B" there, stays binserve's integer)."""
+    engines = d.get("engines") or []
+    inputs = d.get("inputs") or {}
+    context = inputs.get("max_length") or inputs.get("max_context")
+    return {
+        "type": "causal_lm" if d.get("adapter") == "hf_causal_lm" else d.get("adapter"),
+        "context_length": context if isinstance(context, int) else None,
+        "loaded": ready,
+        "backend": engines[0] if engines else None,
+    }
+
+
+def blueprint(manager, import_root: str = "", listing: str = "binserve") -> Blueprint:
+    """The health routes for `manager`; `import_root` (the setting) is shown by GET /models, in the
+    `listing` shape (the `models_listing` setting)."""
     imports = {"import_root": import_root or None, "note": None if import_root else PATH_IMPORTS_OFF}
     bp = Blueprint("health", __name__)
 
@@ -141,8 +172,12 @@ def blueprint(manager, import_root: str = "") -> Blueprint:
 
     @bp.get("/models")
     def models():
-        return jsonify(
-            default=manager.default_name, ready=manager.ready, models=manager.describe(), path_imports=imports
-        )
+        described = manager.describe()
+        if listing == "encoder-server":
+            return jsonify(encoder_server_listing(described))
+        ready = manager.ready
+        models = [{**llm_server_fields(d, ready), **d} for d in described]  # binserve's own fields win
+        return jsonify(default=manager.default_name, default_model=manager.default_name, ready=ready, models=models,
+                       path_imports=imports)  # fmt: skip
 
     return bp

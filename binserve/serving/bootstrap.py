@@ -19,4 +19,9 @@ def start_worker(config: ServerConfig) -> ModelManager:
     worker_index = int(os.environ.get("BINSERVE_WORKER_INDEX", "0"))
     configure_threads(config, worker_index)
     device = select_device(config, worker_index)
+    if not config.flash_attention:
+        import torch
+
+        # one process-wide switch: scaled_dot_product_attention's flash kernel, on the CPU as on CUDA
+        torch.backends.cuda.enable_flash_sdp(False)
     return ModelManager(config, device).start(background=True)

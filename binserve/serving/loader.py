@@ -30,6 +30,21 @@ from models.registry import load_model
 log = logging.getLogger("binserve.models")
 
 
+def adapter_options(config: ServerConfig) -> AdapterOptions:
+    """What the operator's settings say about serving any version: request limits, runtimes, trust."""
+    limits = RequestLimits(
+        max_samples=config.max_queue_samples,
+        max_text_chars=config.max_text_chars,
+        max_text_tokens=config.max_text_tokens,
+        truncate=config.truncate,
+        max_image_bytes=config.max_image_bytes,
+        max_image_pixels=config.max_image_pixels,
+        max_decoded_bytes=config.max_decoded_bytes,
+    )
+    runtime = RuntimeSettings(config.runtime, config.precision, config.min_cosine, cache_dir=config.cache_dir or None)
+    return AdapterOptions(runtime, limits, config.trusted_module_prefixes, config.pinned_staging)
+
+
 class VersionLoader:
     """Loads, warms and checks versions from `repo` on `device`, and gives each its scheduler."""
 
@@ -37,17 +52,7 @@ class VersionLoader:
         self.config = config
         self.device = device
         self.repo = repo
-        limits = RequestLimits(
-            max_samples=config.max_queue_samples,
-            max_text_chars=config.max_text_chars,
-            truncate=config.truncate,
-            max_image_bytes=config.max_image_bytes,
-            max_image_pixels=config.max_image_pixels,
-            max_decoded_bytes=config.max_decoded_bytes,
-        )
-        cache = config.cache_dir or None
-        runtime = RuntimeSettings(config.runtime, config.precision, config.min_cosine, cache_dir=cache)
-        self.adapter_options = AdapterOptions(runtime, limits, config.trusted_module_prefixes, config.pinned_staging)
+        self.adapter_options = adapter_options(config)
 
     def load(self, name: str, version: str) -> ServedVersion:
         """`version` of model `name`, loaded, warm and checked (raises whatever its load raised)."""
