@@ -3,8 +3,9 @@ document's, in `health.py`), on the same continuous batcher, limits, keys, deadl
 the OpenAI routes.
 
 design: the shapes are the seed's. /generate takes `prompt`, `max_tokens`, `temperature`, `top_p`,
-`top_k`, `repetition_penalty`, `stop_sequences`, `stream`, `metadata` (echoed) and answers `{text,
-request_id, tokens_generated, generation_time, tokens_per_second, finish_reason, metadata}`; /chat
+`top_k`, `repetition_penalty`, `stop_sequences`, `stream`, `metadata` (an object) and answers `{text,
+request_id, tokens_generated, generation_time, tokens_per_second, finish_reason, metadata}` (the
+request's metadata plus `model_name` and `backend`, the engine); /chat
 takes `messages` and answers `{message: {role, content}, ...}`. Streams are server-sent events
 `{"text", "request_id", "tokens_generated"}` ending with `{"text": "", "finish_reason", "final":
 true}`. `model` (binserve's addition) names the model; without it, the default model when it
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 
 from flask import Blueprint, Response, g, jsonify
 
@@ -41,6 +43,17 @@ STARTED_AT = float(os.environ.get("BINSERVE_SERVER_STARTED", time.time()))
 _REQUESTS, _TOKENS, _SECONDS = (
     "binserve_generation_requests_total", "binserve_generated_tokens_total", "binserve_generation_seconds_total"
 )  # fmt: skip
+
+
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _backend(adapter) -> str | None:
+    """The engine a generative version runs on (from its description, read once per version)."""
+    if adapter not in _BACKENDS:
+        engines = adapter.describe()["engines"]
+        _BACKENDS[adapter] = engines[0] if engines else None
+    return _BACKENDS[adapter]
 
 
 def uptime_text(seconds: float) -> str:
@@ -92,8 +105,13 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             ids = adapter.text_prompt(body["prompt"])
         else:
             raise BadRequest("'prompt' must be a string")
+        meta = body.get("metadata")
+        if meta is not None and not isinstance(meta, dict):
+            raise BadRequest(f"'metadata' must be an object, got {type(meta).__name__}")
         gen = Generation(pipeline, loaded, adapter.check_prompt(ids, params, names), params)
-        rid, meta = g.request_id, body.get("metadata")
+        rid = g.request_id
+        # the document's reply metadata: the request's, plus which model and engine answered
+        meta = {**(meta or {}), "model_name": loaded.name, "backend": _backend(adapter)}
         if body.get("stream"):
             gen.start()  # queued now, so that a full queue is a 429 before the 200 goes out
             headers = {**SSE_HEADERS, "X-Model": loaded.name}

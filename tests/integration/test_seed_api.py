@@ -63,7 +63,8 @@ def test_generate_answers_in_the_seeds_shape(srv, hf):
     assert set(reply) == {"text", "request_id", "tokens_generated", "generation_time", "tokens_per_second",
                           "finish_reason", "metadata"}  # fmt: skip
     assert reply["text"] == _reference(hf, tok(EXAMPLE_PROMPTS[0]).input_ids, 20)
-    assert reply["metadata"] == {"user": "u-1", "tags": ["a"]}
+    # the request's metadata, plus the document's {model_name, backend}
+    assert reply["metadata"] == {"user": "u-1", "tags": ["a"], "model_name": "tiny", "backend": "torch-fp32"}
     assert 0 < reply["tokens_generated"] <= 20 and reply["finish_reason"] in ("length", "stop")
     assert reply["generation_time"] > 0 and reply["tokens_per_second"] > 0 and reply["request_id"]
 
@@ -86,7 +87,8 @@ def test_the_seeds_javascript_client_runs_unmodified_with_nodes_fetch(srv, hf):
                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["whole"]["text"] == out["streamed"]["text"] == _reference(hf, tok(prompt).input_ids, 16)
-    assert out["whole"]["metadata"] == {"client": "js"} and 0 < out["whole"]["tokens_generated"] <= 16
+    assert out["whole"]["metadata"] == {"client": "js", "model_name": "tiny", "backend": "torch-fp32"}
+    assert 0 < out["whole"]["tokens_generated"] <= 16
     final = out["streamed"]["final"]
     assert out["streamed"]["events"] >= 2 and final["finish_reason"] == out["whole"]["finish_reason"]
     assert out["chat"]["message"]["role"] == "assistant" and out["chat"]["tokens_generated"] <= 8
@@ -132,9 +134,12 @@ def test_stats_count_every_workers_requests(srv):
 def test_health_says_what_is_loaded(srv):
     r = requests.get(f"{srv.base_url}/health", timeout=10)
     assert r.status_code == 200
-    assert r.json() | {"gpu_memory_bytes": None} == {"status": "healthy", "model_loaded": True,
-                                                    "tokenizer_loaded": True, "models": ["tiny"],
-                                                    "gpu_memory_bytes": None}  # fmt: skip
+    body = r.json()
+    assert {k: body[k] for k in ("status", "model_loaded", "tokenizer_loaded", "models")} == {
+        "status": "healthy", "model_loaded": True, "tokenizer_loaded": True, "models": ["tiny"]}  # fmt: skip
+    # the document's other fields, with their types
+    assert body["is_loaded"] is True and body["is_ready"] is True and body["backend_type"] == "torch-fp32"
+    assert body["gpu_available"] is False and body["gpu_count"] == 0 and body["gpu_memory"] is None
 
 
 def test_a_client_that_leaves_a_stream_stops_its_sequence(srv):

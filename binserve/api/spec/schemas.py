@@ -314,7 +314,7 @@ _SEED_SAMPLING = {
     "stop_sequences": {"type": "array", "items": _STOP_STRING, "maxItems": 4},
     "seed": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807},
     "stream": {"type": "boolean"},
-    "metadata": {"type": "object", "description": "echoed back, not used"},
+    "metadata": {"type": "object", "description": "echoed back in the reply's metadata, not used"},
 }
 _SEED_GENERATE_FIELDS = {**_SEED_SAMPLING, "prompt": {"type": "string"}}
 _SEED_CHAT_FIELDS = {**_SEED_SAMPLING, "messages": MESSAGES}
@@ -325,7 +325,8 @@ SEED_CHAT_REQUEST = {"type": "object", "required": ["messages"], "properties": _
 _SEED_COMMON = {
     "finish_reason": {"enum": ["stop", "length", "cancelled", "deadline"]},
     "generation_time": {"type": "number", "description": "seconds"},
-    "metadata": {"description": "the request's metadata, echoed"},
+    "metadata": {"type": "object", "description": "the request's metadata, plus model_name and backend (the engine)",
+                 "properties": {"model_name": {"type": "string"}, "backend": {"type": ["string", "null"]}}},
     "request_id": {"type": "string"},
     "tokens_generated": {"type": "integer", "minimum": 0},
 }
