@@ -262,6 +262,10 @@ class ServerConfig:
         shown="empty",
     )  # fmt: skip
     log_level: str = setting("info", "Gunicorn's (and binserve's) log level", choices=LOG_LEVELS)
+    openai_any_model: bool = setting(
+        False, "the OpenAI generation routes answer a `model` no served model has with the one served "
+        "generative model (LitServe's OpenAI example: \"the name doesn't matter\"); off: such a name is a 404",
+    )  # fmt: skip
     models_listing: str = setting(
         "binserve", "the shape of `GET /models`: binserve's (a list with every detail), or the encoder server's "
         "(`{name: {num_parameters, device, dtype}}`; what `encoder-server` sets)",

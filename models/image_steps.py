@@ -44,8 +44,14 @@ class ImageSteps:
 
     @classmethod
     def from_processor_config(cls, cfg: dict, where: str) -> ImageSteps:
-        """The steps a `preprocessor_config.json` describes; ValueError for a processor not reproduced."""
-        kind = str(cfg.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
+        """The steps a `preprocessor_config.json` describes; ValueError for a processor not reproduced.
+        A legacy config names a `feature_extractor_type` (google/vit-base-patch16-224's
+        `ViTFeatureExtractor`) and no image processor: transformers loads it as the image processor
+        of the same name (`...FeatureExtractor` -> `...ImageProcessor`), and so does this."""
+        kind = cfg.get("image_processor_type") or str(cfg.get("feature_extractor_type") or "").replace(
+            "FeatureExtractor", "ImageProcessor"
+        )
+        kind = str(kind).removesuffix("Fast").removesuffix("Pil")
         if kind not in PROCESSORS:
             raise ValueError(
                 f"{where}: image processor {kind or '(none)'!r} is not one binserve reproduces; "

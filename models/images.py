@@ -129,7 +129,9 @@ def open_image(data: bytes, where: str, limits: ImageLimits) -> Image.Image:
         )
     if w == 0 or h == 0:
         raise InvalidInput(f"{where} is {w} x {h}: an image needs pixels")
-    if getattr(img, "n_frames", 1) > 1:
+    # a multi-picture JPEG (MPO: what many cameras write, a full image and its previews or stereo
+    # pair) is one photo: its first picture is what every viewer shows, and all that is decoded
+    if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
         raise InvalidInput(f"{where} is animated ({img.n_frames} frames); send one still image")
     _check_exif(img, where)
     return img
@@ -141,18 +143,29 @@ def _check_exif(img: Image.Image, where: str) -> None:
         raise InvalidInput(f"{where} carries an EXIF block of {size} bytes; at most {MAX_EXIF_BYTES} are read")
 
 
-def decode_image(value, where: str, limits: ImageLimits) -> Image.Image:
-    """One request value as a decoded RGB image, upright (EXIF), within the limits."""
+def decode_image(value, where: str, limits: ImageLimits, steps: ImageSteps | None = None):
+    """One request value as a decoded RGB image, upright (EXIF), within the limits; with `steps`,
+    the model's input array made from it. The process's pixel budget holds the image's pixels and,
+    with `steps`, what the resize makes of it (a small image can be resized to a large one), from
+    before decoding until the array is made."""
     img = open_image(image_bytes(value, where, limits), where, limits)
     pixels = img.size[0] * img.size[1]
+    if steps is not None:  # the resize's size is the same whichever way EXIF turns the image
+        rh, rw = steps.resized((img.size[1], img.size[0]))
+        if rh * rw > limits.max_pixels:
+            raise LimitExceeded(
+                f"{where} ({img.size[0]} x {img.size[1]}) would be resized to {rw} x {rh} pixels, over the "
+                f"{limits.max_pixels}-pixel limit (max_image_pixels): its aspect ratio is too extreme"
+            )
+        pixels += rh * rw
     budget = budget_for(limits)
     budget.take(pixels)
     try:
         img.load()
         _check_exif(img, where)  # a PNG's eXIf chunk after the pixels is read only now
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except InvalidInput:
+        img = to_rgb(ImageOps.exif_transpose(img))
+        return img if steps is None else steps.apply(img, where, limits.max_pixels)
+    except (InvalidInput, LimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt data surfaces here, in many kinds
         raise InvalidInput(f"{where} could not be decoded: {_short(exc)}") from None
@@ -197,5 +210,5 @@ def prepared(value, name: str, steps: ImageSteps, limits: ImageLimits, max_decod
     samples = []
     for i, v in enumerate(values):
         where = f"'{name}'[{i}]" if batched else f"'{name}'"
-        samples.append(steps.apply(decode_image(v, where, limits), where, limits.max_pixels))
+        samples.append(decode_image(v, where, limits, steps))
     return samples, batched, time.perf_counter() - started

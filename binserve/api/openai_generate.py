@@ -121,6 +121,16 @@ def _choices(body: dict) -> int:
     return n
 
 
+def _any_model(pipeline: Pipeline, name: str) -> str:
+    """`name`, or - with the `openai_any_model` setting, for a name no model has - the one served
+    generative model (LitServe's OpenAI example: `model="smol-lm"  # Model name doesn't matter`)."""
+    manager = pipeline.manager
+    if not pipeline.config.openai_any_model or name in manager.names:
+        return name
+    generative = [m.name for m in manager.served() if m.adapter.generates]
+    return generative[0] if len(generative) == 1 else name  # none or several: the name must say which
+
+
 def blueprint(pipeline: Pipeline) -> Blueprint:
     """The generation routes under /v1 on `pipeline`."""
     bp = Blueprint("openai_generate", __name__, url_prefix="/v1")
@@ -131,7 +141,8 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         name = body.get("model")
         if not isinstance(name, str):
             raise BadRequest("'model' must name a served model (GET /v1/models lists them)")
-        loaded = pipeline.model(name)
+        loaded = pipeline.model(_any_model(pipeline, name))
+        name = loaded.name  # the replies name the model that answered
         adapter = loaded.adapter
         if not adapter.generates:
             raise BadRequest(f"model {name!r} does not generate text (it is a {adapter.adapter_name} model)")

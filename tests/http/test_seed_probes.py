@@ -123,3 +123,15 @@ def test_a_hub_id_is_a_model_name_on_every_route(client, manager):
     missing = client.post("/infer/org/nope", json=x)
     assert missing.status_code == 404 and "'org/nope'" in missing.json["error"]["message"]
     assert client.post("/infer/a/b/c", json=x).status_code == 404  # three segments: no route
+
+
+def test_openai_any_model_answers_any_name_with_the_one_generative_model(lm_manager, make_client):
+    body = {"model": "smol-lm", "messages": [{"role": "user", "content": "What is the capital of Australia?"}],
+            "max_tokens": 3}  # fmt: skip
+    strict = make_client().post("/v1/chat/completions", json=body)
+    assert strict.status_code == 404 and "'smol-lm'" in strict.json["error"]["message"]
+    loose = make_client(openai_any_model=True)
+    r = loose.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json["model"] == "lm"
+    # a served model's own name still means that model, generative or not
+    assert loose.post("/v1/chat/completions", json=body | {"model": "embed"}).status_code == 400

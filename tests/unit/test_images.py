@@ -205,3 +205,54 @@ def test_prepared_mirrors_one_image_or_a_list_and_times_the_work():
     many, batched, _ = prepared([encode(photo(30, 40, s), "JPEG") for s in range(3)], "images", steps, LIMITS,
                                 1 << 30, lambda n, w: None)  # fmt: skip
     assert len(many) == 3 and batched
+
+
+def test_a_multi_picture_jpeg_decodes_its_first_picture():
+    """MPO (many cameras write it: the photo and its previews) is one photo, not an animation."""
+    import io
+
+    first, second = photo(48, 64), photo(48, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second], quality=95)
+    data = buf.getvalue()
+    opened = Image.open(io.BytesIO(data))
+    assert opened.format == "MPO" and opened.n_frames == 2
+    np.testing.assert_array_equal(decoded(data), np.asarray(opened.convert("RGB")))  # frame 0
+    gif = io.BytesIO()  # a real animation is still refused
+    first.save(gif, "WEBP", save_all=True, append_images=[second])
+    with pytest.raises(InvalidInput, match="animated"):
+        decoded(gif.getvalue())
+
+
+def test_a_legacy_feature_extractor_config_is_read_as_transformers_reads_it():
+    """google/vit-base-patch16-224's preprocessor_config.json names only `feature_extractor_type`."""
+    legacy = {"feature_extractor_type": "ViTFeatureExtractor", "do_resize": True, "size": 32, "resample": 2,
+              "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+    steps = ImageSteps.from_processor_config(legacy, "legacy")
+    modern = ImageSteps.from_processor_config({**legacy, "image_processor_type": "ViTImageProcessor"}, "modern")
+    assert steps == modern
+    img = photo(40, 70)
+    want = transformers.ViTImageProcessor(**legacy)(img, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(steps.apply(img, "x", LIMITS.max_pixels), want, atol=1e-5)
+    with pytest.raises(ValueError, match="'MagicImageProcessor' is not one binserve reproduces"):
+        ImageSteps.from_processor_config({"feature_extractor_type": "MagicFeatureExtractor"}, "x")
+
+
+def test_the_pixel_budget_holds_what_the_resize_makes_until_the_array_is_made(monkeypatch):
+    """A 10 x 10 image resized to 200 x 200 holds 100 + 40,000 pixels, not 100."""
+    held = []
+
+    class Recording(PixelBudget):
+        def take(self, pixels):
+            held.append(pixels)
+            super().take(pixels)
+
+    budget = Recording(2 * LIMITS.max_pixels)
+    monkeypatch.setattr(images, "budget_for", lambda limits: budget)
+    steps = ImageSteps(("exact", (200, 200)), rescale=1 / 255)
+    out = decode_image(encode(photo(10, 10), "PNG"), "'images'", LIMITS, steps)
+    assert out.shape == (3, 200, 200) and held == [100 + 200 * 200] and budget.used == 0
+    tiny = ImageLimits(max_pixels=30_000)  # the resize alone would be over the limit: refused before decoding
+    with pytest.raises(LimitExceeded, match="would be resized to 200 x 200"):
+        decode_image(encode(photo(10, 10), "PNG"), "'images'", tiny, steps)
+    assert held == [100 + 200 * 200]
