@@ -77,9 +77,19 @@ def test_the_server_wheel_runs_from_any_directory_with_its_binserve_command(sour
         assert expected in names, expected
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "binserve = server:main" in zf.read(entry).decode()
+    assert "encoder-server = binserve.encoder_server:main" in zf.read(entry).decode()
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)  # fmt: skip
+    # document 001's command, from the installed package: every option it lists is documented
+    env_only = {k: v for k, v in os.environ.items() if not k.startswith("BINSERVE_")} | {"PYTHONPATH": str(site)}
+    helped = subprocess.run([str(site / "bin" / "encoder-server"), "--help"], env=env_only, capture_output=True,
+                            text=True, timeout=60, check=True).stdout  # fmt: skip
+    for option in ("--models", "--cache-dir", "--host", "--port", "--workers", "--log-level", "--max-batch-size",
+                   "--max-wait-time", "--preferred-batch-size", "--max-sequence-length",
+                   "--disable-adaptive-batching", "--disable-flash-attention", "--disable-compile",
+                   "--disable-better-transformer", "--benchmark", "--benchmark-texts"):  # fmt: skip
+        assert option in helped, option
     elsewhere = tmp_path / "srv"
     elsewhere.mkdir()
     port = free_port()
