@@ -99,8 +99,8 @@ class Server:
                 raise RuntimeError(f"the server exited: {Path(self.log.name).read_text()[-3000:]}")
             try:
                 return requests.get(f"{self.base}/readyz", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
+            except (requests.ConnectionError, requests.Timeout):
+                return False  # not listening yet, or a worker still booting (its imports) holds the connection
 
         poll(ready, timeout_s=600, every_s=0.5)
 

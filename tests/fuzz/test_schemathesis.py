@@ -68,7 +68,8 @@ def _modes(operation) -> list[GenerationMode]:
     """Schema-shaped requests always; schema-breaking ones where there is something to break."""
     raw = operation.definition.raw
     # a plain string path parameter has no wrong value a URL can carry; an enum one has
-    negatable = "requestBody" in raw or any(p["schema"] != {"type": "string"} for p in raw.get("parameters", []))
+    plain = [{k: v for k, v in p["schema"].items() if k != "description"} for p in raw.get("parameters", [])]
+    negatable = "requestBody" in raw or any(schema != {"type": "string"} for schema in plain)
     return [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if negatable else [GenerationMode.POSITIVE]
 
 

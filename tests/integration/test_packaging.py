@@ -108,8 +108,8 @@ def test_the_server_wheel_runs_from_any_directory_with_its_binserve_command(sour
                 assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
                 try:
                     return requests.get(f"{base}/readyz", timeout=2).status_code == 200
-                except requests.ConnectionError:
-                    return False
+                except (requests.ConnectionError, requests.Timeout):
+                    return False  # not listening yet, or the worker still booting
 
             poll(ready, timeout_s=180, every_s=0.5)
             arrays = {"image": np.zeros((480, 640, 3), np.uint8), "state": np.zeros(6, np.float32)}

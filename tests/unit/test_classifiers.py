@@ -99,7 +99,7 @@ def test_models_with_one_tokenizer_tokenize_a_request_once(adapters, monkeypatch
     calls = []
     for a in adapters.values():
         real = a._tokenize
-        monkeypatch.setattr(a, "_tokenize", lambda texts, real=real: calls.append(1) or real(texts))
+        monkeypatch.setattr(a, "_tokenize", lambda texts, *rest, real=real: calls.append(1) or real(texts, *rest))
     texts, shared = list(TEXTS), {}
     first = adapters["topics"].validate({"texts": texts}, shared)
     second = adapters["toxicity"].validate({"texts": texts, "top_k": 1}, shared)

@@ -1,8 +1,6 @@
 import unittest
-
 import numpy as np
-
-from binary_protocol import binary_to_dict, dict_to_binary
+from binary_protocol import dict_to_binary, binary_to_dict
 
 
 class TestBinaryProtocol(unittest.TestCase):

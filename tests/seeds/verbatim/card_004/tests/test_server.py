@@ -1,7 +1,5 @@
 import unittest
-
 import numpy as np
-
 from request_tools import send_inference_request
 
 
