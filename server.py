@@ -20,6 +20,7 @@ from flask import Flask
 
 from binserve.api import (
     admin,
+    classify,
     docs,
     failures,
     health,
@@ -55,10 +56,16 @@ def create_app(config: ServerConfig | None = None, *, manager=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["binserve"] = manager
     pipeline = Pipeline(config, manager, policy)
+    capabilities = None
+    if config.config:  # a bad file stops the worker naming the field (the master checked it first)
+        from binserve.capabilities.service import CapabilityService  # the executor's models: a serving process
+
+        capabilities = CapabilityService.configured(config, manager)
     install_hooks(app, config, policy)
     for bp in (
         native.blueprint(pipeline),
         predict.blueprint(pipeline),
+        classify.blueprint(pipeline, capabilities),
         v2.blueprint(pipeline),
         openai_compat.blueprint(pipeline),
         openai_generate.blueprint(pipeline),

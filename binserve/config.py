@@ -266,6 +266,32 @@ class ServerConfig:
         False, "the OpenAI generation routes answer a `model` no served model has with the one served "
         "generative model (LitServe's OpenAI example: \"the name doesn't matter\"); off: such a name is a 404",
     )  # fmt: skip
+    config: str = setting(
+        "", "a capability server's configuration (document 000's `--config topics.json`): its causal LM, topics, "
+        "prompts and alert rules (README: The capability server); empty: no POST /classify",
+        shown="empty",
+    )  # fmt: skip
+    batch_timeout: float = setting(
+        0.1, "POST /classify: how long the first request of a batch waits for others (document 000's "
+        "`--batch-timeout`)", unit="s", ge=0, le=10,
+    )  # fmt: skip
+    batch_size: int = setting(
+        25, "POST /classify: texts per batch at most (document 000's `--batch-size`)", ge=1, le=4096
+    )
+    max_length: int = setting(
+        4096, "POST /classify: tokens of a text the capabilities read at most, cut beyond (document 000's "
+        "`--max-length`)", unit="tokens", ge=1, le=1 << 20,
+    )  # fmt: skip
+    gpu_list: str = setting(
+        "", "comma-separated GPU indices the workers take in turn (worker i: the (i mod n)-th; document 000's "
+        "`--gpu-list`); empty: every GPU; no effect on a CPU",
+        shown="empty",
+    )  # fmt: skip
+    gpu_memory: float = setting(
+        0.0, "the share of its GPU's memory one worker may allocate (torch's per-process memory fraction; "
+        "document 000's `--gpu-memory`); 0: no cap; on a CPU it has no effect (a worker logs so)",
+        ge=0, le=1,
+    )  # fmt: skip
     models_listing: str = setting(
         "binserve", "the shape of `GET /models`: binserve's (a list with every detail), or the encoder server's "
         "(`{name: {num_parameters, device, dtype}}`; what `encoder-server` sets)",
@@ -319,6 +345,8 @@ class ServerConfig:
         for prefix in self.trusted_module_prefixes:
             if not all(part.isidentifier() for part in prefix.split(".")):
                 raise ValueError(f"trusted_modules must be dotted package names, got {prefix!r}")
+        if self.gpu_list and not re.fullmatch(r"\d+(,\d+)*", self.gpu_list.replace(" ", "")):
+            raise ValueError(f"gpu_list must be comma-separated GPU indices (0,1,2), got {self.gpu_list!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from binserve.capabilities.config import CapabilityConfig
 from binserve.config import PATH_IMPORTS_OFF, ServerConfig
 from binserve.policy import buckets
 from binserve.policy.cors import Cors
@@ -43,6 +44,13 @@ if _config.served_model_path:  # a directory that holds no model stops the serve
         raise SystemExit(f"binserve: --model-path: {_exc}") from None
 # when the server started, for the seed API's /stats uptime (every worker inherits it)
 os.environ["BINSERVE_SERVER_STARTED"] = str(time.time())
+
+# A capability server's configuration is checked here too: a bad file stops the server naming the field.
+if _config.config:
+    try:
+        CapabilityConfig.from_file(_config.config)
+    except ValueError as _exc:
+        raise SystemExit(f"binserve: --config: {_exc}") from None
 
 # The cores' share between workers' running batches lives in shared memory made here, in the
 # master, so that every worker forked from it sees the same slots (coreshare.py).

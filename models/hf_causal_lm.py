@@ -26,6 +26,7 @@ from binserve.scheduling.sequences import SamplingParams, Sequence
 from models.base import ModelAdapter
 from models.contract import TensorSpec, Validated
 from models.engines import native
+from models.lm_scoring import continuation_logprobs
 
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repetition_penalty",
@@ -203,6 +204,12 @@ class HFCausalLM(ModelAdapter):
         """Each token's own text, as logprobs show it: decoded as the reply's text is (special tokens
         skipped, so the tokens join into the text); a token inside a character shows U+FFFD."""
         return [self.tokenizer.decode([i], skip_special_tokens=True) for i in ids]
+
+    def continuation_logprobs(self, prefixes: list[list[int]], continuations: list[list[int]]) -> np.ndarray:
+        """(T, K) log P(continuation | prefix) for every pair, each prefix computed once
+        (models/lm_scoring.py); on the calling thread, with its share of the cores."""
+        with batch_threads():
+            return continuation_logprobs(self._model, prefixes, continuations, self.tokenizer.pad_token_id or 0)
 
     def text_prompt(self, prompt: str) -> list[int]:
         """Token ids of a completion prompt."""

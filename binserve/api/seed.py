@@ -56,6 +56,20 @@ def _backend(adapter) -> str | None:
     return _BACKENDS[adapter]
 
 
+def classify_stats() -> dict:
+    """Document 000's batching proof: /classify requests and texts, and per capability the
+    executions and the texts they covered, summed over every worker."""
+    names = {"binserve_classify_requests_total", "binserve_classify_texts_total"}
+    t = metrics.totals(names)
+    per = {}
+    for cap in ("classification", "recommendations", "alerts"):
+        c = metrics.totals({"binserve_capability_executions_total", "binserve_capability_texts_total"}, capability=cap)
+        per[cap] = {"executions": int(c["binserve_capability_executions_total"]),
+                    "texts": int(c["binserve_capability_texts_total"])}  # fmt: skip
+    return {"requests": int(t["binserve_classify_requests_total"]), "texts": int(t["binserve_classify_texts_total"]),
+            "capabilities": per}  # fmt: skip
+
+
 def uptime_text(seconds: float) -> str:
     """The seed document's uptime: "2 days, 14 hours, 32 minutes" (singular for one; minutes always)."""
     minutes = int(seconds // 60)
@@ -163,6 +177,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
             avg_time_per_request=round(seconds / requests_, 4) if requests_ else 0.0,
             avg_tokens_per_second=per_second,
             uptime=uptime_text(uptime),
+            classify=classify_stats(),
         )
 
     return bp

@@ -55,6 +55,14 @@ REQUEST_DURATION = Histogram(
 # every inference request of every protocol, once (a fan-out is one request), from receipt to reply.
 CARD_REQUESTS = Counter("inference_requests_total", "Total inference requests")
 CARD_LATENCY = Histogram("inference_latency_seconds", "Inference latency")
+# The capability server (POST /classify): requests and texts, and per capability its executions and
+# the texts they covered - executions fewer than requests is the batching document 000 promises.
+CLASSIFY_REQUESTS = Counter("binserve_classify_requests", "POST /classify requests answered.")
+CLASSIFY_TEXTS = Counter("binserve_classify_texts", "Texts of POST /classify requests answered.")
+CAPABILITY_EXECUTIONS = Counter(
+    "binserve_capability_executions", "Capability executions (one per batch that needs it).", ["capability"]
+)
+CAPABILITY_TEXTS = Counter("binserve_capability_texts", "Texts capability executions covered.", ["capability"])
 QUEUE_DURATION = Histogram(
     "binserve_queue_duration_seconds",
     "Time a request waited before its batch started.",

@@ -124,7 +124,8 @@ def select_device(config: ServerConfig, worker_index: int = 0) -> torch.device:
         return torch.device(config.device)
     if not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU")
-    return torch.device("cuda", worker_index % torch.cuda.device_count())
+    gpus = [int(g) for g in config.gpu_list.replace(" ", "").split(",") if g] or list(range(torch.cuda.device_count()))
+    return torch.device("cuda", gpus[worker_index % len(gpus)])
 
 
 class DeviceRunner:

@@ -7,11 +7,14 @@ configured models in the background; the app answers /readyz 503 until they are 
 
 from __future__ import annotations
 
+import logging
 import os
 
 from binserve.config import ServerConfig
 from binserve.process.runtime import configure_threads, select_device
 from binserve.serving.manager import ModelManager
+
+log = logging.getLogger("binserve")
 
 
 def start_worker(config: ServerConfig) -> ModelManager:
@@ -24,4 +27,11 @@ def start_worker(config: ServerConfig) -> ModelManager:
 
         # one process-wide switch: scaled_dot_product_attention's flash kernel, on the CPU as on CUDA
         torch.backends.cuda.enable_flash_sdp(False)
+    if config.gpu_memory:
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(config.gpu_memory, device)
+        else:
+            log.warning("gpu_memory %.2f has no effect: this worker serves on the %s", config.gpu_memory, device)
     return ModelManager(config, device).start(background=True)

@@ -111,6 +111,16 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             errs=errors(s.NATIVE_ERROR),
         )
     },  # fmt: skip
+    "classify.classify": {
+        "post": op(
+            "Document 000's capability server: classification, recommendations and alerts for each text, each "
+            "capability run once per batch over the texts that need it (needs --config)",
+            "native",
+            _json(s.CLASSIFY_REPLY),
+            body=_json(s.CLASSIFY_REQUEST),
+            errs=errors(s.NATIVE_ERROR),
+        )
+    },  # fmt: skip
     "health.healthz": {"get": op("200 while the process is alive", "health", _json(s.OBJECT), auth=None)},
     "health.readyz": {
         "get": op(

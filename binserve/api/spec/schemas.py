@@ -353,6 +353,9 @@ SEED_STATS = {
         "is_ready": {"type": "boolean"},
         "backend_type": {"type": ["string", "null"], "description": "the engine of the generative model"},
         "uptime": {"type": "string", "description": "e.g. \"2 days, 14 hours, 32 minutes\""},
+        "classify": {"type": "object", "description": "POST /classify: requests, texts, and per capability its "
+                                                      "executions and texts (fewer executions than requests: "
+                                                      "batching)"},
     },
 }  # fmt: skip
 _MODEL_STATS = {
@@ -421,6 +424,34 @@ PREDICT_REPLY = {
              "properties": {"label": {"type": "string"}, "probability": {"type": "number"}}}},
              "model_used": {"type": "string"}}},
     ]
+}  # fmt: skip
+
+CLASSIFY_REQUEST = {
+    "type": "object",
+    "required": ["texts"],
+    "additionalProperties": False,
+    "properties": {
+        "texts": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+        "capabilities": {"type": "array", "minItems": 1, "description": "default: [\"classification\"]",
+                         "items": {"enum": ["classification", "recommendations", "alerts"]}},
+    },
+}  # fmt: skip
+CLASSIFY_REPLY = {
+    "type": "object",
+    "required": ["request_id", "results", "processing_time"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "processing_time": {"type": "number", "description": "seconds"},
+        "results": {"type": "array", "description": "one per text, in order, with the capabilities asked",
+                    "items": {"type": "object", "required": ["text"], "properties": {
+                        "text": {"type": "string"},
+                        "classification": {"type": "object", "properties": {"topics": {"type": "array", "items": {
+                            "type": "object", "properties": {"name": {"type": "string"},
+                                                             "score": {"type": "number"}}}}}},
+                        "recommendations": {"type": "object", "properties": {
+                            "text": {"type": "string"}, "topics": {"type": "array", "items": {"type": "string"}}}},
+                        "alerts": {"type": "array", "items": {"type": "object"}}}}},
+    },
 }  # fmt: skip
 
 UPDATE_MODEL_REQUEST = {

@@ -1,0 +1,5 @@
+tasks = [
+    client.classify(texts=[text], capabilities=["classification"])
+    for text in my_texts
+]
+results = await asyncio.gather(*tasks)
