@@ -9,7 +9,7 @@ IMAGE ?= binserve:0.3.0
 # the examples server's admin token (it listens on HOST, 127.0.0.1 by default; set your own elsewhere)
 ADMIN_TOKEN ?= s3cret
 
-.PHONY: install install-dev serve examples serve-examples test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images gpu-check gpu-check-prepare lint load image docker-test replicas-test
+.PHONY: install install-dev serve examples serve-examples test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images bench-classify gpu-check gpu-check-prepare lint load image docker-test replicas-test
 
 # The server's runtime (requirements.txt), then, for the tests, load tests and linters, requirements-dev.txt.
 # pip prints what it collects and installs; a fresh machine takes a few minutes (torch is the largest).
@@ -68,6 +68,10 @@ bench-policy: install-dev
 # Two server configurations interleaved: make bench-ab AB_ARGS="--b env.GOMP_SPINCOUNT=300000"
 bench-ab: install-dev
 	$(PY) -m bench.ab_bench $(AB_ARGS)
+
+# Document 000's capability batching against its traditional execution (bench/classify_bench.py)
+bench-classify: install-dev
+	$(PY) -m bench.classify_bench
 
 bench-fanout: install-dev
 	$(PY) -m bench.fanout_bench

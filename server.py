@@ -92,12 +92,13 @@ def __getattr__(name: str):
 def banner(config: ServerConfig) -> str:
     """What the server will serve: the model repository and each configured model's version and path
     (read only: the workers register them as they start)."""
+    from binserve.capabilities.config import served_models
     from binserve.serving.repository import ModelRepository  # loads torch: only in the launcher
     from models.registry import configured_specs
 
     root = os.path.abspath(config.repository_root)
     try:
-        specs = configured_specs(config.models, config.served_model_path)
+        specs = configured_specs(served_models(config.models, config.config), config.served_model_path)
         repo = ModelRepository(root)
         lines = [f"  {repo.preview(spec)}" for spec in specs]
     except (OSError, ValueError) as exc:

@@ -43,6 +43,7 @@ def measure(adapter, n: int, batch_size: int) -> dict:
 
 def run(config: ServerConfig, n: int) -> list[dict]:
     """Load every configured model, measure it, print the table; the rows."""
+    from binserve.capabilities.config import served_models
     from binserve.process.runtime import configure_threads, select_device
     from binserve.serving.loader import adapter_options
     from models.registry import configured_specs, load_model
@@ -51,7 +52,7 @@ def run(config: ServerConfig, n: int) -> list[dict]:
     device, options = select_device(config, 0), adapter_options(config)
     rows = []
     print(f"benchmark: {n} texts per run, batches of {config.max_batch_size}, best of {ROUNDS} interleaved rounds")
-    for spec in configured_specs(config.models, config.served_model_path):
+    for spec in configured_specs(served_models(config.models, config.config), config.served_model_path):
         adapter = load_model(spec, device, options)
         adapter.warmup()
         row = {"model": spec.name, **measure(adapter, n, config.max_batch_size)}

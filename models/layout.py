@@ -4,7 +4,16 @@ the Gunicorn master can refuse a `--model-path` that holds no model before any w
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def directory_model_name(path: str) -> str:
+    """The name a model directory is served under: its own name, with any character a model name
+    may not hold replaced by '-' ("model" when nothing is left)."""
+    return _NOT_IN_NAMES.sub("-", Path(path).resolve().name).strip("-.")[:64] or "model"
 
 #: a config.json larger than this is not a Hugging Face configuration (read whole to detect the adapter)
 _MAX_CONFIG_BYTES = 4 << 20

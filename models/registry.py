@@ -10,7 +10,6 @@ needed). A version's settings (`SETTINGS`) override the server's flags for that 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from models.base import AdapterOptions, ModelAdapter
 from models.hf_causal_lm import HFCausalLM
 from models.hf_encoder import HFEncoder
 from models.hf_image import HFImage
-from models.layout import detect_adapter
+from models.layout import detect_adapter, directory_model_name
 from models.torch_module import TorchModule
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -122,15 +121,11 @@ def parse_specs(text: str) -> list[ModelSpec]:
     return specs
 
 
-_NAME = re.compile(r"[^A-Za-z0-9._-]")
-
-
 def model_path_spec(path: str) -> ModelSpec:
     """The spec of `--model-path DIR`: named after the directory (its name, with any character a
     model name may not hold replaced by '-'; "model" when nothing is left), its adapter detected."""
     resolved = Path(path).resolve()
-    name = _NAME.sub("-", resolved.name).strip("-.")[:64] or "model"
-    return ModelSpec(name, detect_adapter(str(resolved)), str(resolved))
+    return ModelSpec(directory_model_name(path), detect_adapter(str(resolved)), str(resolved))
 
 
 def configured_specs(models: str, model_path: str = "") -> list[ModelSpec]:

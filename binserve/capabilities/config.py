@@ -17,8 +17,11 @@ executor reads. The minimal file is `{"model": "<a served causal LM>", "topics":
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from models.layout import detect_adapter, directory_model_name
 
 CAPABILITIES = ("classification", "recommendations", "alerts")
 MAX_TOPICS = 64
@@ -66,6 +69,19 @@ class CapabilityConfig:
     judge_question: str | None = None
     judge_message: str = ""
     judge_prompt: str = DEFAULT_JUDGE_PROMPT
+
+    @property
+    def served_model(self) -> str:
+        """The name of the LLM the capabilities run on: `model`, or - when `model` is a model directory
+        (so `--config topics.json` alone serves one, as document 000's command line does) - the name
+        that directory is served under."""
+        return directory_model_name(self.model) if os.path.isdir(self.model) else self.model
+
+    def model_spec(self) -> str:
+        """`name=adapter:path` for a `model` that is a directory (served beside `models`), else ""."""
+        if not os.path.isdir(self.model):
+            return ""
+        return f"{self.served_model}={detect_adapter(self.model)}:{os.path.abspath(self.model)}"
 
     @property
     def topic_names(self) -> list[str]:
@@ -191,3 +207,12 @@ def _template(value, at: str, fields: set[str]) -> str:
     if "{text}" not in text:
         raise ValueError(f"{at} must contain {{text}}")
     return text
+
+
+def served_models(models: str, config_path: str) -> str:
+    """The `models` setting plus the capability config's LLM when that is a directory to serve
+    (`models` empty: only it, not the default MiniLM - the config names what the server is for)."""
+    spec = CapabilityConfig.from_file(config_path).model_spec() if config_path else ""
+    if not spec:
+        return models
+    return f"{models},{spec}" if models.strip() else spec

@@ -68,7 +68,7 @@ class CapabilityExecutor:
 
     # --- the capabilities ---------------------------------------------------------------------------
     def _lm(self):
-        loaded = self.manager.get(self.config.model)
+        loaded = self.manager.get(self.config.served_model)
         if not loaded.adapter.generates:
             raise BadRequest(f"config 'model' {self.config.model!r} is not a causal LM (it is a "
                              f"{loaded.adapter.adapter_name} model)")  # fmt: skip

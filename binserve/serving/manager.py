@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from binserve.capabilities.config import served_models
 from binserve.config import ServerConfig
 from binserve.errors import (
     BadRequest,
@@ -58,7 +59,7 @@ class ModelManager:
     def __init__(self, config: ServerConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        specs = configured_specs(config.models, config.served_model_path)
+        specs = configured_specs(served_models(config.models, config.config), config.served_model_path)
         #: the models the configuration names; model control may unload them or load others
         self.configured = [s.name for s in specs]
         #: the models this worker should serve now (configured, plus loaded, minus unloaded)

@@ -196,3 +196,21 @@ def test_a_bad_config_stops_the_server_naming_the_field(lm, tmp_path):
     server = ServerProcess(workers=1, models=f"lm=hf_causal_lm:{lm}", config=bad, model_repository=tmp_path / "r")
     with pytest.raises(RuntimeError, match=r"topics\[0\]: unknown fields \['colour'\]"):
         server.start(timeout_s=120)
+
+
+def test_the_documents_command_line_serves_a_config_whose_model_is_a_directory(lm, tmp_path):
+    """`python classifier_server.py --config topics.json --gpu-list 0,1,2,3` with nothing else."""
+    import sys
+
+    from tests.serverproc import ROOT, free_port
+
+    config = tmp_path / "topics.json"
+    config.write_text(json.dumps({"model": str(lm), "topics": TOPICS[:2]}))
+    port = free_port()
+    command = [sys.executable, str(ROOT / "classifier_server.py"), "--config", str(config), "--gpu-list", "0,1,2,3",
+               "--port", str(port), "--workers", "1"]  # fmt: skip
+    with ServerProcess(command=command, port=port, workers=1, model_repository=tmp_path / "repo") as server:
+        listing = requests.get(f"{server.base_url}/models", timeout=10).json()
+        assert [m["name"] for m in listing["models"]] == ["lm"]  # the config's LLM, and nothing else
+        r = requests.post(f"{server.base_url}/classify", json={"texts": ["hello"]}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["results"][0]["classification"]["topics"]) == 2

@@ -59,3 +59,13 @@ def test_the_minimal_config_gives_every_capability_its_defaults():
     cfg = CapabilityConfig.parse({"model": "lm", "topics": [{"name": "a", "description": "about a"}, {"name": "b"}]})
     assert cfg.topic_names == ["a", "b"] and cfg.topics_text() == "- a: about a\n- b"
     assert "{text}" in cfg.classify_prompt and cfg.recommend_max_tokens == 32 and cfg.rules == ()
+
+
+def test_the_readmes_topics_json_is_a_valid_config():
+    import json
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("```json\n", readme.index("`topics.json` (checked at start")) + len("```json\n")
+    cfg = CapabilityConfig.parse(json.loads(readme[start : readme.index("```", start)]), "README")
+    assert cfg.topic_names == ["training", "billing"] and cfg.rules[0].topic == "billing" and cfg.judge_question
