@@ -16,7 +16,7 @@ from flask import Blueprint, g, jsonify, request
 from binserve.api.hooks import inference_view
 from binserve.api.pipeline import Pipeline, client_gone_check
 from binserve.capabilities.config import CAPABILITIES, Sample
-from binserve.errors import BadRequest, DeadlineExceeded, LimitExceeded, NotReady
+from binserve.errors import BadRequest, DeadlineExceeded, LimitExceeded, ModelNotFound
 from binserve.observability import metrics
 
 FIELDS = {"texts", "capabilities"}
@@ -35,7 +35,8 @@ def blueprint(pipeline: Pipeline, service) -> Blueprint:
     def classify():
         pipeline.admit("native")
         if service is None:
-            raise NotReady("this server has no capability configuration (start it with --config topics.json)")
+            raise ModelNotFound("this server has no capability configuration: start it with --config topics.json "
+                                "(README: From the LLM classification server)")
         deadline = pipeline.deadline()
         body = pipeline.json_object()
         unknown = sorted(set(body) - FIELDS)

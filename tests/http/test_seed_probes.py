@@ -135,3 +135,8 @@ def test_openai_any_model_answers_any_name_with_the_one_generative_model(lm_mana
     assert r.status_code == 200 and r.json["model"] == "lm"
     # a served model's own name still means that model, generative or not
     assert loose.post("/v1/chat/completions", json=body | {"model": "embed"}).status_code == 400
+
+
+def test_classify_without_a_capability_configuration_is_a_404_saying_how(client):
+    r = client.post("/classify", json={"texts": ["x"], "capabilities": ["classification"]})
+    assert r.status_code == 404 and "--config topics.json" in r.json["error"]["message"]

@@ -214,3 +214,18 @@ def test_the_documents_command_line_serves_a_config_whose_model_is_a_directory(l
         assert [m["name"] for m in listing["models"]] == ["lm"]  # the config's LLM, and nothing else
         r = requests.post(f"{server.base_url}/classify", json={"texts": ["hello"]}, timeout=60)
         assert r.status_code == 200 and len(r.json()["results"][0]["classification"]["topics"]) == 2
+
+
+def test_an_encoder_classifier_can_back_classification(lm, tmp_path):
+    from models.example_classifier import write_classifier
+
+    enc = write_classifier(tmp_path / "enc", [t["name"] for t in TOPICS], seed=5)
+    config = tmp_path / "topics.json"
+    config.write_text(json.dumps({"model": "lm", "topics": TOPICS, "classification": {"model": "enc"}}))
+    models = f"lm=hf_causal_lm:{lm},enc=hf_encoder:{enc}"
+    with ServerProcess(workers=1, models=models, config=config, model_repository=tmp_path / "repo") as server:
+        got = requests.post(f"{server.base_url}/classify", json={"texts": TEXTS[:3]}, timeout=60).json()
+        direct = requests.post(f"{server.base_url}/infer/enc", json={"texts": TEXTS[:3]}, timeout=60).json()
+    for r, probs in zip(got["results"], direct["probabilities"], strict=True):
+        scores = scores_of(r)
+        np.testing.assert_allclose([scores[t["name"]] for t in TOPICS], probs, atol=1e-3)  # engines may differ
