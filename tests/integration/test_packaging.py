@@ -47,6 +47,7 @@ def test_the_client_installs_alone_and_calls_a_running_server(server, source, tm
     wheel = build_wheel(source / "client", tmp_path / "dist")
     names = zipfile.ZipFile(wheel).namelist()
     assert "request_tools.py" in names and "binary_protocol.py" in names and "binserve/wire/safe_pickle.py" in names
+    assert "classify_client.py" in names  # the capability server's async client (its [async] extra: aiohttp)
     assert not any(n.startswith(("binserve/api", "binserve/serving", "models/")) for n in names)  # the client only
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
