@@ -68,17 +68,7 @@ def test_an_alternative_that_stays_slower_is_tried_ever_more_rarely_and_never_ch
 
 def test_a_plan_timed_under_foreign_load_is_provisional_and_timed_again(monkeypatch):
     made = []
-
-    def make(name):
-        def factory():
-            made.append(name)
-            return fake(name)
-
-        return factory
-
-    monkeypatch.setattr(plans, "_time_call", lambda engine, host, budget: {"ref": 2.0, "a": 1.0}[engine.name])
-    monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 1.7)  # a busy neighbour
-    busy = make_plan(fake("ref"), [("a", make("a"))], lambda n: {"x": np.arange(n)}, [{"x": np.arange(3)}], always_ok)
+    busy, make = _provisional_plan(monkeypatch, made, boot=None)  # a busy neighbour, no server start
     meta = busy.record()["_meta"]
     assert busy.provisional and meta["provisional"] is True and meta["foreign_cores"] == 1.7 and "boot" not in meta
     assert busy.describe()["provisional"] is True
