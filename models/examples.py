@@ -6,12 +6,15 @@ classifiers `topics` (single-label) and `toxicity` (multi-label) on MiniLM's enc
 the image classifier `pets` (a random ViT of ViT-Tiny's shape, models/example_vision.py) and two
 images to send it (`cat.jpg`, `dog.png`; drawn here, nothing downloaded); and under `incoming/`
 (the examples server's import_root) `minilm-v2`, a second version of MiniLM for the hot-reload
-example. `python -m models.examples --spec` prints the `--models` value that serves MiniLM (the
+example; and `examples/topics.json`, a capability server's configuration on `lm` (README: From the
+LLM classification server: `python server.py --models "$(python -m models.examples --spec)"
+--config examples/topics.json`). `python -m models.examples --spec` prints the `--models` value that serves MiniLM (the
 default model) and all of them: what `make serve-examples` passes.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +36,20 @@ def spec(root: Path = EXAMPLES) -> str:
         f"lm=hf_causal_lm:{root / 'lm'}",
         f"pets=hf_image:{root / 'pets'}",
     ])  # fmt: skip
+
+
+#: the capability server's example configuration (binserve/capabilities/config.py), on the example LM
+TOPICS_CONFIG = {
+    "model": "lm",
+    "topics": [
+        {"name": "training", "description": "courses, workshops and learning"},
+        {"name": "billing", "description": "invoices, payments and refunds"},
+        {"name": "outage", "description": "systems down or slow"},
+        {"name": "praise", "description": "thanks and compliments"},
+    ],
+    "recommendations": {"max_tokens": 16, "top_topics": 2},
+    "alerts": {"rules": [{"topic": "outage", "threshold": 0.5, "message": "possible outage ({score:.2f})"}]},
+}
 
 
 def picture(h: int, w: int, seed: int) -> Image.Image:
@@ -67,9 +84,10 @@ def write_examples(root: Path = EXAMPLES, incoming: Path = INCOMING) -> None:
         partial.rename(out)
         print(f"{out}: written")
     root.mkdir(exist_ok=True)
+    (root / "topics.json").write_text(json.dumps(TOPICS_CONFIG, indent=2) + "\n")
     picture(480, 640, 1).save(root / "cat.jpg", quality=90)
     picture(300, 400, 2).save(root / "dog.png")
-    print(f"{root / 'cat.jpg'}, {root / 'dog.png'}: written")
+    print(f"{root / 'topics.json'}, {root / 'cat.jpg'}, {root / 'dog.png'}: written")
 
 
 if __name__ == "__main__":

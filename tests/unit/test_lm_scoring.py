@@ -69,3 +69,10 @@ def test_the_readmes_topics_json_is_a_valid_config():
     start = readme.index("```json\n", readme.index("`topics.json` (checked at start")) + len("```json\n")
     cfg = CapabilityConfig.parse(json.loads(readme[start : readme.index("```", start)]), "README")
     assert cfg.topic_names == ["training", "billing"] and cfg.rules[0].topic == "billing" and cfg.judge_question
+
+
+def test_the_shipped_example_configuration_is_valid():
+    from models.examples import TOPICS_CONFIG
+
+    cfg = CapabilityConfig.parse(TOPICS_CONFIG, "examples/topics.json")
+    assert cfg.model == "lm" and len(cfg.topics) == 4 and cfg.rules[0].topic == "outage"
