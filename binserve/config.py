@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 ENV_PREFIX = "BINSERVE_"
 #: the server's version (V2 server metadata, the image tag)
@@ -39,6 +41,21 @@ PATH_IMPORTS_OFF = (
     "path imports are off (import_root is empty): /update_model switches to versions already in the "
     'repository ({"version": ...}); set import_root to let it import a directory ({"path": ...})'
 )
+
+
+def read_json_file(path: str, max_bytes: int, setting_name: str):
+    """A configuration file's JSON (the keys file, a capability config), read whole once it is known to
+    be at most `max_bytes`; ValueError naming the setting and the file when it is unreadable, too
+    large or not JSON."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > max_bytes:
+            raise ValueError(f"{setting_name} {path}: over {max_bytes} bytes")
+        return json.loads(p.read_text())
+    except OSError as err:
+        raise ValueError(f"{setting_name} {path}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{setting_name} {path}: not JSON ({err})") from None
 
 
 def setting(default, doc: str, *, unit: str = "", ge=None, gt=None, le=None, choices=None, shown: str = ""):

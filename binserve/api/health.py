@@ -51,7 +51,7 @@ def not_ready_status(manager) -> str | None:
 def model_stats(names: list[str]) -> dict[str, dict]:
     """The encoder server's per-model `stats`: requests, batches, mean batch size, mean latency (s)
     and throughput (samples/s: the mean batch over the mean latency, as that document computes it)."""
-    per = metrics.totals_by_model(set(_STATS.values()), names)
+    per = metrics.totals_by("model", names, set(_STATS.values()))
     out = {}
     for name in names:
         t = per[name]
@@ -128,8 +128,9 @@ def blueprint(manager, import_root: str = "", listing: str = "binserve") -> Blue
             return jsonify(status="ready", pid=os.getpid())
         if status.startswith("failed"):  # the worker keeps retrying; /healthz stays 200 (a restart would not fix it)
             return jsonify(status=status, models=manager.not_ready_reasons(), pid=os.getpid()), 503
-        if status.startswith("loading") and manager.loading():
-            return jsonify(status=status, loading=manager.loading(), pid=os.getpid()), 503
+        loading = manager.loading() if status.startswith("loading") else None
+        if loading:
+            return jsonify(status=status, loading=loading, pid=os.getpid()), 503
         return jsonify(status=status, pid=os.getpid()), 503
 
     @bp.get("/health")

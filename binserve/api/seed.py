@@ -27,6 +27,7 @@ from binserve.api.generation import SSE_HEADERS, Generation
 from binserve.api.health import not_ready_status
 from binserve.api.hooks import inference_view
 from binserve.api.pipeline import Pipeline
+from binserve.capabilities.config import CAPABILITIES
 from binserve.errors import BadRequest, ModelNotFound, ServingError
 from binserve.observability import metrics
 
@@ -59,15 +60,15 @@ def _backend(adapter) -> str | None:
 def classify_stats() -> dict:
     """Document 000's batching proof: /classify requests and texts, and per capability the
     executions and the texts they covered, summed over every worker."""
-    names = {"binserve_classify_requests_total", "binserve_classify_texts_total"}
-    t = metrics.totals(names)
-    per = {}
-    for cap in ("classification", "recommendations", "alerts"):
-        c = metrics.totals({"binserve_capability_executions_total", "binserve_capability_texts_total"}, capability=cap)
-        per[cap] = {"executions": int(c["binserve_capability_executions_total"]),
-                    "texts": int(c["binserve_capability_texts_total"])}  # fmt: skip
-    return {"requests": int(t["binserve_classify_requests_total"]), "texts": int(t["binserve_classify_texts_total"]),
-            "capabilities": per}  # fmt: skip
+    t = metrics.totals({"binserve_classify_requests_total", "binserve_classify_texts_total"})
+    per = metrics.totals_by("capability", list(CAPABILITIES),
+                            {"binserve_capability_executions_total", "binserve_capability_texts_total"})  # fmt: skip
+    return {
+        "requests": int(t["binserve_classify_requests_total"]),
+        "texts": int(t["binserve_classify_texts_total"]),
+        "capabilities": {cap: {"executions": int(c["binserve_capability_executions_total"]),
+                               "texts": int(c["binserve_capability_texts_total"])} for cap, c in per.items()},
+    }  # fmt: skip
 
 
 def uptime_text(seconds: float) -> str:

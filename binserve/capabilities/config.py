@@ -16,11 +16,10 @@ executor reads. The minimal file is `{"model": "<a served causal LM>", "topics":
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
+from binserve.config import read_json_file
 from models.layout import detect_adapter, directory_model_name
 
 CAPABILITIES = ("classification", "recommendations", "alerts")
@@ -94,16 +93,7 @@ class CapabilityConfig:
     @classmethod
     def from_file(cls, path: str) -> CapabilityConfig:
         """Read and check `path`; ValueError naming the file and the field that is wrong."""
-        p = Path(path)
-        try:
-            if p.stat().st_size > MAX_CONFIG_BYTES:
-                raise ValueError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
-            raw = json.loads(p.read_text())
-        except OSError as exc:
-            raise ValueError(f"config {path}: cannot read it ({exc.strerror or exc})") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config {path}: not JSON ({exc})") from None
-        return cls.parse(raw, path)
+        return cls.parse(read_json_file(path, MAX_CONFIG_BYTES, "config"), path)
 
     @classmethod
     def parse(cls, raw, where: str = "config") -> CapabilityConfig:

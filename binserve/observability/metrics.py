@@ -276,13 +276,14 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(_registry()), CONTENT_TYPE_LATEST
 
 
-def totals_by_model(sample_names: set[str], models: list[str]) -> dict[str, dict[str, float]]:
-    """The named samples summed over every worker and every other label, per `model` label."""
-    out = {m: dict.fromkeys(sample_names, 0.0) for m in models}
+def totals_by(label: str, values: list[str], sample_names: set[str]) -> dict[str, dict[str, float]]:
+    """The named samples summed over every worker and every other label, per value of `label`
+    (`totals_by("model", names, ...)`), in one pass over the metric files."""
+    out = {v: dict.fromkeys(sample_names, 0.0) for v in values}
     for family in _registry().collect():
         for sample in family.samples:
             if sample.name in sample_names:
-                per = out.get(sample.labels.get("model"))
+                per = out.get(sample.labels.get(label))
                 if per is not None:
                     per[sample.name] += sample.value
     return out

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
+
+from binserve.config import read_json_file
 
 #: the route families a key may be given ("admin" stays with `admin_token`)
 FAMILIES = ("native", "v2", "openai", "generate")
@@ -118,15 +118,7 @@ class KeyRing:
 
 def load_file(path: str) -> list[ApiKey]:
     """The keys in a keys file, each checked (ValueError naming the key and the field)."""
-    p = Path(path)
-    try:
-        if p.stat().st_size > MAX_FILE_BYTES:
-            raise ValueError(f"{path}: over {MAX_FILE_BYTES} bytes")
-        data = json.loads(p.read_text())
-    except OSError as err:
-        raise ValueError(f"api_keys_file {path}: {err.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"api_keys_file {path}: not JSON ({err})") from None
+    data = read_json_file(path, MAX_FILE_BYTES, "api_keys_file")
     entries = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ValueError(f'{path}: must be an object {{"keys": [...]}}')
