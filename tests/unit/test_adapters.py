@@ -36,6 +36,31 @@ def test_texts_are_tokenized_without_padding(minilm):
     assert v.samples[0][0] == minilm.tokenizer.cls_token_id
 
 
+_TEXTS = ["one", "Ünïcödé — 東京 emoji 🚀 and  double  spaces", "word " * 600, "", "tail"]
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_direct_tokenizer_gives_transformers_ids(truncate):
+    """validate() tokenizes with the Rust tokenizer directly; its rows are the ids transformers'
+    own call gives, cut at max_length with the special tokens kept (or refused when truncate is off)."""
+    enc = load_model(
+        ModelSpec("minilm", "hf_encoder", default_minilm_path()),
+        CPU,
+        AdapterOptions(runtime=FP32.runtime, limits=RequestLimits(truncate=truncate)),
+    )
+    texts = _TEXTS if truncate else [t for t in _TEXTS if len(t) < 1000]
+    expected = enc.tokenizer(texts, truncation=truncate, max_length=enc.max_length if truncate else None)
+    for batch in (texts, texts[:1], texts[1:2]):
+        rows = enc.validate({"texts": batch}).samples
+        want = expected["input_ids"][texts.index(batch[0]) : texts.index(batch[0]) + len(batch)]
+        assert [r.tolist() for r in rows] == want
+        assert all(r.dtype == np.int64 for r in rows)
+    assert len(enc.validate({"texts": ["word " * 600]} if truncate else {"texts": ["x"]}).samples[0]) <= enc.max_length
+    if not truncate:
+        with pytest.raises(LimitExceeded, match="tokens"):
+            enc.validate({"texts": ["word " * 600]})
+
+
 def test_single_text_is_not_batched(minilm):
     v = minilm.validate({"texts": "one"})
     out = minilm.join(minilm.run_batch(v.samples), v.batched)
