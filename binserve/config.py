@@ -65,6 +65,11 @@ def setting(default, doc: str, *, unit: str = "", ge=None, gt=None, le=None, cho
     return dataclasses.field(default=default, metadata=meta)
 
 
+def tokens(default: int, doc: str, *, low: int = 1, high: int = 1 << 22):
+    """A setting counted in tokens, from `low` to `high`: the batching and generation budgets, the text cap."""
+    return setting(default, doc, unit="tokens", ge=low, le=high)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything a binserve process needs to know; `python server.py --help` describes each field."""
@@ -121,21 +126,19 @@ class ServerConfig:
         ge=0, le=1024,
     )  # fmt: skip
     max_batch_size: int = setting(32, "samples per forward pass; running sequences for generation", ge=1, le=4096)
-    max_batch_tokens: int = setting(
+    max_batch_tokens: int = tokens(
         4096, "padded tokens (rows x longest row) per batch of token rows, small enough that long rows make "
         "small batches of similar length (raise it on a GPU); for generation, the KV cache's size (running "
         "sequences x the longest one's prompt + max_tokens, rounded up to a power of two)",
-        unit="tokens", ge=1, le=1 << 22,
     )  # fmt: skip
-    prefill_chunk_tokens: int = setting(
+    prefill_chunk_tokens: int = tokens(
         512, "prompt tokens one generation step feeds at most (oldest prompt first); a longer prompt goes on "
         "in the next steps, so a running stream waits for at most one forward of this many tokens per token",
-        unit="tokens", ge=1, le=1 << 20,
+        high=1 << 20,
     )  # fmt: skip
-    prefix_cache_tokens: int = setting(
+    prefix_cache_tokens: int = tokens(
         1024, "prompt-prefix KV a generative model keeps for reuse, in whole 16-token blocks (a shared system "
-        "prompt is computed once); least recently used goes first; 0: off",
-        unit="tokens", ge=0, le=1 << 22,
+        "prompt is computed once); least recently used goes first; 0: off", low=0,
     )  # fmt: skip
     max_wait_ms: float = setting(
         0.0, "extra wait for a fuller batch once a request is queued; 0 adds no latency at low load",
@@ -194,10 +197,10 @@ class ServerConfig:
     max_text_chars: int = setting(
         0, "characters per text before tokenizing; 0: 32 x the model's maximum tokens", unit="chars", ge=0
     )
-    max_text_tokens: int = setting(
+    max_text_tokens: int = tokens(
         0, "tokens per text or token row at most, below the model's own maximum (the encoder server's "
         "`--max-sequence-length`); longer ones are cut or refused as `truncate` says; 0: the model's maximum",
-        unit="tokens", ge=0, le=1 << 20,
+        low=0, high=1 << 20,
     )  # fmt: skip
     max_image_bytes: int = setting(
         16 * MiB, "bytes of one encoded image (JPEG, PNG, WebP); a base64 image in JSON is also held to "
@@ -295,9 +298,9 @@ class ServerConfig:
     batch_size: int = setting(
         25, "POST /classify: texts per batch at most (document 000's `--batch-size`)", ge=1, le=4096
     )
-    max_length: int = setting(
+    max_length: int = tokens(
         4096, "POST /classify: tokens of a text the capabilities read at most, cut beyond (document 000's "
-        "`--max-length`)", unit="tokens", ge=1, le=1 << 20,
+        "`--max-length`)", high=1 << 20,
     )  # fmt: skip
     gpu_list: str = setting(
         "", "comma-separated GPU indices the workers take in turn (worker i: the (i mod n)-th; document 000's "

@@ -17,6 +17,15 @@ class ServingError(Exception):
     status_code = 500
     error_type = "internal_error"
 
+    def __init_subclass__(cls, *, status: int | None = None, error_type: str | None = None, **kw) -> None:
+        """`class Forbidden(ServingError, status=403, error_type="forbidden")`: a subclass names its
+        HTTP status and stable type in its header; what it leaves out it inherits."""
+        super().__init_subclass__(**kw)
+        if status is not None:
+            cls.status_code = status
+        if error_type is not None:
+            cls.error_type = error_type
+
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -28,135 +37,83 @@ class ServingError(Exception):
         return {"error": {"type": self.error_type, "message": self.message}}
 
 
-class BadRequest(ServingError):
+class BadRequest(ServingError, status=400, error_type="bad_request"):
     """The request is malformed or does not match the model's input spec (400)."""
 
-    status_code = 400
-    error_type = "bad_request"
 
-
-class Conflict(ServingError):
+class Conflict(ServingError, status=409, error_type="superseded"):
     """The request lost to a concurrent one: e.g. a reload superseded by a later reload (409)."""
 
-    status_code = 409
-    error_type = "superseded"
 
-
-class PayloadTooLarge(ServingError):
+class PayloadTooLarge(ServingError, status=413, error_type="payload_too_large"):
     """The body is over the configured size limit (413)."""
 
-    status_code = 413
-    error_type = "payload_too_large"
 
-
-class ProtocolError(BadRequest, ValueError):
+class ProtocolError(BadRequest, ValueError, error_type="protocol_error"):
     """The body could not be decoded safely: refused opcode or global, bad length, limit exceeded."""
 
-    error_type = "protocol_error"
 
-
-class LimitExceeded(PayloadTooLarge, ProtocolError):
+class LimitExceeded(PayloadTooLarge, ProtocolError, error_type="payload_too_large"):
     """The body is, or decodes into, more than a limit allows: bytes, items, opcodes, the decode
     budget, samples or characters (413). Still a `ProtocolError`, so decoders' callers catch one class."""
 
-    error_type = "payload_too_large"
 
-
-class InvalidInput(BadRequest):
+class InvalidInput(BadRequest, error_type="invalid_input"):
     """The body decoded but its keys, dtypes or shapes do not fit the model (400)."""
 
-    error_type = "invalid_input"
 
-
-class ModelLoadFailed(BadRequest):
+class ModelLoadFailed(BadRequest, error_type="model_load_failed"):
     """/update_model: the requested version failed to load or failed its check (400)."""
 
-    error_type = "model_load_failed"
 
-
-class Unauthorized(ServingError):
+class Unauthorized(ServingError, status=401, error_type="unauthorized"):
     """No bearer token, or a malformed Authorization header (401)."""
 
-    status_code = 401
-    error_type = "unauthorized"
 
-
-class Forbidden(ServingError):
+class Forbidden(ServingError, status=403, error_type="forbidden"):
     """The token is wrong, or the endpoint is disabled by configuration (403)."""
 
-    status_code = 403
-    error_type = "forbidden"
 
-
-class RequestTimeout(ServingError):
+class RequestTimeout(ServingError, status=408, error_type="request_timeout"):
     """The client stalled while sending its request, past client_timeout_s (408)."""
 
-    status_code = 408
-    error_type = "request_timeout"
 
-
-class ModelNotFound(ServingError):
+class ModelNotFound(ServingError, status=404, error_type="model_not_found"):
     """The URL names a model that is not loaded (404)."""
 
-    status_code = 404
-    error_type = "model_not_found"
 
-
-class UnsupportedMediaType(ServingError):
+class UnsupportedMediaType(ServingError, status=415, error_type="unsupported_media_type"):
     """The Content-Type (or Accept) names a format binserve does not speak (415)."""
 
-    status_code = 415
-    error_type = "unsupported_media_type"
 
-
-class Overloaded(ServingError):
+class Overloaded(ServingError, status=429, error_type="overloaded"):
     """The model's queue is full; retry after `retry_after_s` (429)."""
 
-    status_code = 429
-    error_type = "overloaded"
 
-
-class RateLimited(Overloaded):
+class RateLimited(Overloaded, error_type="rate_limited"):
     """The API key's quota is spent for now; retry after `retry_after_s` (429). An `Overloaded`, so
     callers that back off on a full queue back off here too."""
 
-    error_type = "rate_limited"
 
-
-class ClientGone(ServingError):
+class ClientGone(ServingError, status=499, error_type="client_closed_request"):
     """The client disconnected before its request ran; nobody reads this answer (nginx's 499)."""
 
-    status_code = 499
-    error_type = "client_closed_request"
 
-
-class ModelFailure(ServingError):
+class ModelFailure(ServingError, status=500, error_type="model_error"):
     """The model raised while running a batch that held this request (500)."""
 
-    status_code = 500
-    error_type = "model_error"
 
-
-class InsufficientStorage(ServingError):
+class InsufficientStorage(ServingError, status=507, error_type="insufficient_storage"):
     """/update_model: the model repository's volume is full (or over its quota) (507); nothing of
     the import is left behind and the serving version is untouched."""
 
-    status_code = 507
-    error_type = "insufficient_storage"
 
-
-class NotReady(ServingError):
+class NotReady(ServingError, status=503, error_type="not_ready"):
     """The server is starting, draining or has no model loaded yet (503)."""
 
-    status_code = 503
-    error_type = "not_ready"
 
-
-class DeadlineExceeded(ServingError):
+class DeadlineExceeded(ServingError, status=504, error_type="deadline_exceeded"):
     """The request's deadline passed before the model ran it (504)."""
-
-    status_code = 504
-    error_type = "deadline_exceeded"
 
 
 def _all_subclasses(cls: type) -> list[type]:

@@ -22,6 +22,7 @@ from binserve.errors import InvalidInput, LimitExceeded
 from binserve.process.runtime import batch_threads, in_compute_thread
 from binserve.scheduling.continuous import ContinuousBatcher
 from binserve.scheduling.contract import BatchSettings, GenerationObserver
+from binserve.scheduling.sampling_bounds import BOUNDS, MAX_STOP_CHARS, MAX_STOPS
 from binserve.scheduling.sequences import SamplingParams, Sequence
 from models.base import ModelAdapter
 from models.contract import TensorSpec, Validated
@@ -31,11 +32,12 @@ from models.lm_scoring import continuation_logprobs
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "logprobs")  # fmt: skip
-#: the most alternatives per token a request may ask logprobs of (OpenAI's chat limit)
-MAX_TOP_LOGPROBS = 20
-MAX_STOPS = 4
-MIN_REPETITION_PENALTY = 0.1  # and 1 / it at most
-MAX_STOP_CHARS = 64
+#: the sampling values checked against their bounds (binserve/scheduling/sampling_bounds.py), and
+#: their defaults: SamplingParams' own (None: not asked for)
+_DEFAULTS = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, "repetition_penalty": 1.0,
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": None,
+}  # fmt: skip
 
 
 class HFCausalLM(ModelAdapter):
@@ -100,15 +102,11 @@ class HFCausalLM(ModelAdapter):
         n = values.get("max_new_tokens", 16)
         if type(n) is not int or not 1 <= n <= self.max_new_tokens:
             raise InvalidInput(f"'{called('max_new_tokens')}' must be an int in [1, {self.max_new_tokens}], got {n!r}")
-        t = values.get("temperature", 1.0)
-        if type(t) not in (int, float) or not 0 <= t <= 2:
-            raise InvalidInput(f"'{called('temperature')}' must be a number in [0, 2], got {t!r}")
-        p = values.get("top_p", 1.0)
-        if type(p) not in (int, float) or not 0 < p <= 1:
-            raise InvalidInput(f"'{called('top_p')}' must be a number in (0, 1], got {p!r}")
-        k = values.get("top_k", 0)
-        if type(k) is not int or k < 0:
-            raise InvalidInput(f"'{called('top_k')}' must be an int >= 0, got {k!r}")
+        checked = {}
+        for key, default in _DEFAULTS.items():
+            value = checked[key] = values.get(key, default)
+            if value is not None and not BOUNDS[key].holds(value):
+                raise InvalidInput(f"'{called(key)}' must be {BOUNDS[key].describe()}, got {value!r}")
         stop = values.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
         if (
@@ -119,26 +117,11 @@ class HFCausalLM(ModelAdapter):
             raise InvalidInput(
                 f"'{called('stop')}' must be a string or up to {MAX_STOPS} non-empty strings of <= {MAX_STOP_CHARS}"
             )
-        seed = values.get("seed")
-        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
-            raise InvalidInput(f"'{called('seed')}' must be a non-negative int, got {seed!r}")
-        rep = values.get("repetition_penalty", 1.0)
-        # bounded both ways by the same factor: near 0 it multiplies logits past float range (inf, NaN)
-        if type(rep) not in (int, float) or not MIN_REPETITION_PENALTY <= rep <= 1 / MIN_REPETITION_PENALTY:
-            raise InvalidInput(
-                f"'{called('repetition_penalty')}' must be a number in "
-                f"[{MIN_REPETITION_PENALTY}, {1 / MIN_REPETITION_PENALTY:g}] (1: off), got {rep!r}"
-            )
-        pres, freq = values.get("presence_penalty", 0.0), values.get("frequency_penalty", 0.0)
-        for name, v in (("presence_penalty", pres), ("frequency_penalty", freq)):
-            if type(v) not in (int, float) or not -2 <= v <= 2:
-                raise InvalidInput(f"'{called(name)}' must be a number in [-2, 2] (OpenAI's range; 0: off), got {v!r}")
-        lp = values.get("logprobs")
-        if lp is not None and (type(lp) is not int or not 0 <= lp <= MAX_TOP_LOGPROBS):
-            raise InvalidInput(
-                f"'{called('logprobs')}' must be an int in [0, {MAX_TOP_LOGPROBS}] (alternatives), got {lp!r}"
-            )
-        return SamplingParams(n, float(t), float(p), k, tuple(stop), seed, float(rep), float(pres), float(freq), lp)
+        c = checked
+        return SamplingParams(
+            n, float(c["temperature"]), float(c["top_p"]), c["top_k"], tuple(stop), c["seed"],
+            float(c["repetition_penalty"]), float(c["presence_penalty"]), float(c["frequency_penalty"]), c["logprobs"],
+        )  # fmt: skip
 
     def check_prompt(self, ids: list[int], params: SamplingParams, names: dict | None = None) -> list[int]:
         """A prompt within the vocabulary and, with its new tokens, within the model's context."""

@@ -11,12 +11,14 @@ against its schema.
 
 from __future__ import annotations
 
+from binserve.scheduling.sampling_bounds import MAX_STOP_CHARS, MAX_STOPS, MAX_TOP_LOGPROBS, schema
+
 STRING_OR_LIST = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 IDS_OR_ROWS = {"oneOf": [IDS, {"type": "array", "items": IDS}]}
 NUMBERS = {"type": "array", "items": {"oneOf": [{"type": "number"}, {"type": "array"}]}}
-_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": 64}
-STOP = {"oneOf": [_STOP_STRING, {"type": "array", "items": _STOP_STRING, "maxItems": 4}]}  # hf_causal_lm's bounds
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+STOP = {"oneOf": [_STOP_STRING, {"type": "array", "items": _STOP_STRING, "maxItems": MAX_STOPS}]}
 
 NATIVE_ERROR = {
     "type": "object",
@@ -226,21 +228,19 @@ OPENAI_MODELS = {
     "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": OPENAI_MODEL}},
 }
 
+# the ranges are the adapter's own (binserve/scheduling/sampling_bounds.py); max_tokens is max_new_tokens
+_BOUNDED = {"temperature", "top_p", "top_k", "seed", "repetition_penalty"}
+_SAMPLING_BOUNDS = {"max_tokens": schema("max_new_tokens"), **{k: schema(k) for k in sorted(_BOUNDED)}}
 _SAMPLING_COMMON = {
     "model": {"type": "string"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": 0},
+    **_SAMPLING_BOUNDS,
     "stop": STOP,
-    "seed": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807},
     "stream": {"type": "boolean", "description": "server-sent events, one chunk per batch of tokens"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "n": {"type": "integer", "minimum": 1, "maximum": 16},
     "user": {"type": "string"},
-    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": "number", "minimum": 0.1, "maximum": 10},
+    "presence_penalty": schema("presence_penalty"),
+    "frequency_penalty": schema("frequency_penalty"),
 }
 MESSAGES = {
     "type": "array",
@@ -254,7 +254,7 @@ MESSAGES = {
 _COMPLETIONS_FIELDS = {
     **_SAMPLING_COMMON,
     "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 1}, IDS]},
-    "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+    "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
     "echo": {"const": False},
 }
 _CHAT_FIELDS = {
@@ -262,7 +262,7 @@ _CHAT_FIELDS = {
     "messages": MESSAGES,
     "max_completion_tokens": {"type": "integer", "minimum": 1},
     "logprobs": {"type": ["boolean", "null"]},
-    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    "top_logprobs": schema("logprobs"),
 }
 OPENAI_COMPLETIONS_REQUEST = {
     "type": "object",
@@ -306,13 +306,8 @@ OPENAI_CHAT_REPLY = _openai_reply(
 
 _SEED_SAMPLING = {
     "model": {"type": "string"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": 0},
-    "repetition_penalty": {"type": "number", "minimum": 0.1, "maximum": 10},
-    "stop_sequences": {"type": "array", "items": _STOP_STRING, "maxItems": 4},
-    "seed": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807},
+    **_SAMPLING_BOUNDS,
+    "stop_sequences": {"type": "array", "items": _STOP_STRING, "maxItems": MAX_STOPS},
     "stream": {"type": "boolean"},
     "metadata": {"type": "object", "description": "echoed back in the reply's metadata, not used"},
 }
