@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, jsonify, request
 
+from binserve.api.context import context
 from binserve.api.hooks import inference_view
 from binserve.api.pipeline import Pipeline, client_gone_check
 from binserve.capabilities.config import CAPABILITIES, Sample
@@ -69,7 +70,8 @@ def blueprint(pipeline: Pipeline, service) -> Blueprint:
             raise DeadlineExceeded("the request's deadline passed while its batch was still running") from None
         metrics.CLASSIFY_REQUESTS.inc()
         metrics.CLASSIFY_TEXTS.inc(len(texts))
-        return jsonify(request_id=g.request_id, results=result.outputs,
-                       processing_time=round(time.monotonic() - g.started, 6))  # fmt: skip
+        ctx = context()
+        return jsonify(request_id=ctx.request_id, results=result.outputs,
+                       processing_time=round(time.monotonic() - ctx.started, 6))  # fmt: skip
 
     return bp

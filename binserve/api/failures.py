@@ -14,9 +14,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from binserve.api.context import maybe_context
 from binserve.errors import PayloadTooLarge, ProtocolError, ServingError
 
 log = logging.getLogger("binserve.server")
@@ -45,9 +46,14 @@ def failure_of(err: Exception) -> Failure:
         kind = "payload_too_large" if err.code == 413 else (err.name or "http_error").lower().replace(" ", "_")
         return Failure(err.code or 500, kind, err.description or err.name)
     # The details go to the log, under the request id; the caller gets the id, not the internals.
-    rid = g.get("request_id", "")
+    rid = _request_id()
     log.error("unhandled error on %s (request id %s)", request.path, rid, exc_info=err)
     return Failure(500, "internal_error", f"internal error; the server log has the details under request id {rid}")
+
+
+def _request_id() -> str:
+    ctx = maybe_context()
+    return ctx.request_id if ctx is not None else ""
 
 
 def install(app: Flask, bodies: dict[str, Callable[[Failure], dict]]) -> None:
@@ -56,10 +62,11 @@ def install(app: Flask, bodies: dict[str, Callable[[Failure], dict]]) -> None:
 
     def respond(err: Exception):
         failure = failure_of(err)
-        if isinstance(err, ProtocolError) and not isinstance(err, PayloadTooLarge):
-            g.protocol_error = True
+        ctx = maybe_context()
+        if ctx is not None and isinstance(err, ProtocolError) and not isinstance(err, PayloadTooLarge):
+            ctx.protocol_error = True
         if isinstance(err, ServingError) and failure.status >= 500:
-            log.warning("request id %s: %s %s", g.get("request_id", ""), failure.status, failure.message)
+            log.warning("request id %s: %s %s", _request_id(), failure.status, failure.message)
         path = request.path
         shape = next((bodies[p] for p in prefixes if path == p or path.startswith(p + "/")), native_body)
         resp = jsonify(shape(failure))

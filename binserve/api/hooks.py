@@ -13,9 +13,10 @@ import uuid
 
 from flask import Flask, Response, current_app, g, request
 
+from binserve.api.context import RequestContext, maybe_context
 from binserve.config import ServerConfig
 from binserve.observability import metrics
-from binserve.policy.gate import Admission, Policy
+from binserve.policy.gate import Policy
 from binserve.process.memory import trim_heap
 
 # After a request this large, glibc is asked to hand freed pages back (a few ms, off the reply path).
@@ -46,66 +47,61 @@ def _view_marks() -> tuple[str | None, bool]:
     return getattr(view, "binserve_protocol", None), getattr(view, "binserve_cors", False)
 
 
-def _request_id() -> str:
+def _request_id(environ: dict) -> str:
     """The caller's X-Request-Id when it is a sane token, else a new one (it goes into logs)."""
-    given = request.headers.get("X-Request-Id", "")
+    given = environ.get("HTTP_X_REQUEST_ID", "")
     if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
         return given
     return uuid.uuid4().hex
 
 
 def install_hooks(app: Flask, config: ServerConfig, policy: Policy) -> None:
-    """Per-request bookkeeping: request ids, socket timeouts, heap trims, the request metrics, and
-    the policy's headers (rate limits, cache, CORS) and per-key counts."""
+    """Per-request bookkeeping: the request's context, socket timeouts, heap trims, the request
+    metrics, and the policy's headers (rate limits, cache, CORS) and per-key counts."""
+    series = metrics.RequestSeries()
 
     @app.before_request
     def _count_in():
-        g.request_id = _request_id()
-        g.admission = Admission()
-        sock = request.environ.get("gunicorn.socket")
+        environ = request.environ
+        sock = environ.get("gunicorn.socket")
         if sock is not None:
             # Whatever of the body the worker did not buffer, and the reply, must not wait on a stalled client.
             sock.settimeout(config.client_timeout_s)
-        g.started = time.monotonic()
         protocol, cors = _view_marks()
-        g.cors_view = cors
+        ctx = g.ctx = RequestContext(_request_id(environ), time.monotonic(), family=protocol, cors=cors)
         if request.method == "OPTIONS":
+            ctx.family = None  # a preflight is not an inference request
             return _preflight(policy, cors)
         if protocol is not None:
-            g.protocol = protocol
-            metrics.IN_FLIGHT.inc()
+            series.in_flight.inc()
 
     @app.after_request
     def _count_out(response: Response) -> Response:
-        response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
-        _policy_headers(policy, response)
-        if response.status_code == 413:
+        ctx = maybe_context()
+        status = response.status_code
+        if status == 413:
             response.headers["Connection"] = "close"  # do not read the rest of a body we refused
-        if (request.content_length or 0) >= _TRIM_AFTER_BYTES or response.status_code == 413:
+        received = request.content_length or 0
+        if received >= _TRIM_AFTER_BYTES or status == 413:
             response.call_on_close(trim_heap)  # after the reply is sent
-        protocol = g.get("protocol")
-        if protocol is not None:
+        if ctx is None:  # the request failed before the first hook
+            return response
+        response.headers.setdefault("X-Request-Id", ctx.request_id)
+        _policy_headers(policy, response, ctx)
+        if ctx.family is not None:
             # Only served names become labels: a URL naming anything else must not grow the series.
-            label = g.get("model_label", metrics.UNKNOWN_MODEL)
-            elapsed = time.monotonic() - g.started
-            for model in g.get("fanout_models") or [label]:  # a fan-out is answered by each of its models
-                metrics.REQUESTS.labels(model, str(response.status_code), protocol).inc()
-                metrics.REQUEST_DURATION.labels(model).observe(elapsed)
-            metrics.CARD_REQUESTS.inc()
-            metrics.CARD_LATENCY.observe(elapsed)
-            metrics.REQUEST_BYTES.labels(label).inc(request.content_length or 0)
-            if not response.is_streamed:
-                metrics.RESPONSE_BYTES.labels(label).inc(response.calculate_content_length() or 0)
+            sent = None if response.is_streamed else (response.calculate_content_length() or 0)
             # refusals at the HTTP layer; the batcher counts overloaded, deadline and client_gone
-            reason = "protocol" if g.get("protocol_error") else metrics.REASON_BY_STATUS.get(response.status_code)
-            if reason:
-                metrics.REJECTED.labels(label, reason).inc()
+            reason = "protocol" if ctx.protocol_error else metrics.REASON_BY_STATUS.get(status)
+            series.answered(ctx.labels, ctx.model, ctx.family, status, time.monotonic() - ctx.started,
+                            received, sent, reason)  # fmt: skip
         return response
 
     @app.teardown_request
     def _in_flight_done(exc):
-        if g.get("protocol") is not None:
-            metrics.IN_FLIGHT.dec()
+        ctx = maybe_context()
+        if ctx is not None and ctx.family is not None:
+            series.in_flight.dec()
 
 
 def _preflight(policy: Policy, cors: bool) -> Response | None:
@@ -121,19 +117,16 @@ def _preflight(policy: Policy, cors: bool) -> Response | None:
     return Response(status=204, headers=headers)
 
 
-def _policy_headers(policy: Policy, response: Response) -> None:
-    admission = g.get("admission")
-    if admission is None:
-        return
-    if g.get("protocol") is not None or admission.key is not None:
+def _policy_headers(policy: Policy, response: Response, ctx: RequestContext) -> None:
+    admission = ctx.admission
+    if ctx.family is not None or admission.key is not None:
         policy.count(admission)
     extra = admission.headers()
     if "Retry-After" in extra:
         response.headers.update(extra)  # replaces the error handler's rounded Retry-After
     elif extra:
         response.headers.extend(extra.items())  # new names: no scan for ones to replace
-    cached = g.get("cache_result")
-    if cached is not None:
-        response.headers["X-Cache"] = cached
-    if policy.cors.enabled and request.method != "OPTIONS" and g.get("cors_view"):
+    if ctx.cache is not None:
+        response.headers["X-Cache"] = ctx.cache
+    if policy.cors.enabled and ctx.cors and request.method != "OPTIONS":
         response.headers.update(policy.cors.headers(request.headers.get("Origin")))

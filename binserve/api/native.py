@@ -39,13 +39,13 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         if "models" in payload:
             if model is not None:
                 raise BadRequest(f"name the models in the URL ({model!r}) or in 'models', not both")
-            outcome = fan_out(pipeline, payload, deadline)
-            reply = outcome.replies
+            served = fan_out(pipeline, payload, deadline)
+            reply = served.replies
         else:
-            outcome = pipeline.infer(loaded if model is not None else pipeline.model(None), payload, deadline)
-            reply = outcome.reply if "status" in outcome.reply else {**outcome.reply, "status": "ok"}
+            served = pipeline.infer(loaded if model is not None else pipeline.model(None), payload, deadline)
+            reply = served.reply if "status" in served.reply else {**served.reply, "status": "ok"}
         encode_start = time.monotonic()
         body, content_type = encode_body(reply, reply_format(fmt, request.headers.get("Accept")))
-        return Response(body, content_type=content_type, headers=outcome.headers(time.monotonic() - encode_start))
+        return Response(body, content_type=content_type, headers=served.headers(time.monotonic() - encode_start))
 
     return bp

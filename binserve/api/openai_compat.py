@@ -16,9 +16,10 @@ import os
 import time
 
 import numpy as np
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, jsonify
 
 from binary_protocol import dict_to_json
+from binserve.api.context import context
 from binserve.api.failures import Failure
 from binserve.api.hooks import cors_view, inference_view
 from binserve.api.pipeline import Pipeline
@@ -68,7 +69,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
     @cors_view
     def list_models():
         pipeline.authorize("openai")
-        visible = set(pipeline.policy.visible(g.admission, [m.name for m in manager.served()]))
+        visible = set(pipeline.policy.visible(context().admission, [m.name for m in manager.served()]))
         return jsonify(object="list", data=[_model_object(m) for m in manager.served() if m.name in visible])
 
     @bp.get("/models/<model:model>")

@@ -10,17 +10,19 @@ bookkeeping around it.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import select
 import socket
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from flask import g, request
+from flask import request
 
 from binary_protocol import Limits, decode_body, json_to_dict
+from binserve.api.context import RequestContext, context
 from binserve.config import ServerConfig
 from binserve.errors import (
     BadRequest,
@@ -29,6 +31,7 @@ from binserve.errors import (
     LimitExceeded,
     ModelNotFound,
     RequestTimeout,
+    ServingError,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -117,43 +120,100 @@ def client_gone_check(environ: dict):
     return gone
 
 
-def arrival_timing() -> str:
+def arrival_timing(started: float) -> str:
     """`Server-Timing`'s stages before the app: `wait` (the request, whole in the worker's event loop,
     until a request thread took it) and `parse` (Gunicorn's parser and the WSGI call, until the app's
-    first hook); empty outside binserve's worker."""
+    first hook at `started`); empty outside binserve's worker."""
     stamped = stamps.since_arrival()
     if stamped is None:
         return ""
     arrived, dispatched = stamped
-    return f"wait;dur={(dispatched - arrived) * 1000:.2f}, parse;dur={(g.started - dispatched) * 1000:.2f}, "
+    return f"wait;dur={(dispatched - arrived) * 1000:.2f}, parse;dur={(started - dispatched) * 1000:.2f}, "
+
+
+@contextlib.contextmanager
+def naming(name: str | None):
+    """A ServingError raised inside, raised again naming the model it came from (same class and
+    status): a fan-out's parts say which model refused; a one-model request (None) is left as is."""
+    try:
+        yield
+    except ServingError as err:
+        if name is None:
+            raise
+        raise type(err)(f"model {name!r}: {err.message}", retry_after_s=err.retry_after_s) from None
 
 
 @dataclass
-class Outcome:
-    """What a request's batch gave back: the adapter's reply and how the time was spent."""
+class Part:
+    """One model's share of a request: its validated input, and once served, its reply."""
 
     loaded: ServedModel
     validated: Validated
-    reply: dict
-    result: BatchResult
-    started: float
+    #: the version the caller asked for (V2's URL): a reply from any other is a 404
+    version: str | None = None
+    reply: dict | None = None
+    result: BatchResult | None = None
+    #: the response cache's key (None: not cached) and the version it was made for
+    key: bytes | None = field(default=None, repr=False)
+    looked_up: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+
+@dataclass
+class Served:
+    """A request's parts, each with its reply and how its time was spent."""
+
+    ctx: RequestContext
+    parts: list[Part]
     decoded: float
 
+    @property
+    def reply(self) -> dict:
+        """A one-model request's reply."""
+        return self.parts[0].reply
+
+    @property
+    def validated(self) -> Validated:
+        return self.parts[0].validated
+
+    @property
+    def result(self) -> BatchResult:
+        return self.parts[0].result
+
+    @property
+    def replies(self) -> dict[str, dict]:
+        """A fan-out's replies by model name."""
+        return {p.name: p.reply for p in self.parts}
+
     def headers(self, encode_s: float) -> dict[str, str]:
-        """The metadata headers every protocol sends with a reply."""
-        timing = (
-            f"{arrival_timing()}decode;dur={(self.decoded - self.started) * 1000:.2f}, "
-            f"queue;dur={self.result.queue_s * 1000:.2f}, infer;dur={self.result.infer_s * 1000:.2f}, "
-            f"encode;dur={encode_s * 1000:.2f}"
-        )
-        for step, seconds in self.validated.timing.items():  # the adapter's own steps (decode-image)
-            timing += f", {step};dur={seconds * 1000:.2f}"
+        """The metadata headers every protocol sends with a reply: one model's version, batch size
+        and stages (the adapter's own steps, e.g. decode-image, included), or a fan-out's per model
+        (`queue-<model>`, `infer-<model>`, `name=value` lists)."""
+        ctx = self.ctx
+        timing = [f"{arrival_timing(ctx.started)}decode;dur={(self.decoded - ctx.started) * 1000:.2f}"]
+        if len(self.parts) == 1:
+            part = self.parts[0]
+            r = part.result
+            timing += [f"queue;dur={r.queue_s * 1000:.2f}", f"infer;dur={r.infer_s * 1000:.2f}",
+                       f"encode;dur={encode_s * 1000:.2f}"]  # fmt: skip
+            timing += [f"{step};dur={seconds * 1000:.2f}" for step, seconds in part.validated.timing.items()]
+            version, batch = str(r.tag), str(r.batch_size)
+        else:
+            for p in self.parts:
+                r = p.result
+                timing += [f"queue-{p.name};dur={r.queue_s * 1000:.2f}", f"infer-{p.name};dur={r.infer_s * 1000:.2f}"]
+            timing.append(f"encode;dur={encode_s * 1000:.2f}")
+            version = ",".join(f"{p.name}={p.result.tag}" for p in self.parts)
+            batch = ",".join(f"{p.name}={p.result.batch_size}" for p in self.parts)
         return {
-            "X-Request-Id": g.request_id,
-            "X-Model-Version": str(self.result.tag),
-            "X-Model": self.loaded.name,
-            "X-Batch-Size": str(self.result.batch_size),
-            "Server-Timing": timing,
+            "X-Request-Id": ctx.request_id,
+            "X-Model-Version": version,
+            "X-Model": ",".join(p.name for p in self.parts),
+            "X-Batch-Size": batch,
+            "Server-Timing": ", ".join(timing),
         }
 
 
@@ -173,22 +233,22 @@ class Pipeline:
     def authorize(self, family: str) -> None:
         """The caller's API key, when the server has keys: 401 without one, 403 when it may not use
         this `family` of routes (native, v2, openai, generate)."""
-        self.policy.identify(g.admission, authorization(), family)
+        self.policy.identify(context().admission, authorization(), family)
 
     def admit(self, family: str) -> None:
         """`authorize`, then one request of the key's quota (429 when spent), before anything is decoded."""
         self.authorize(family)
-        self.policy.admit_request(g.admission)
+        self.policy.admit_request(context().admission)
 
     def admit_tokens(self, tokens: int) -> None:
         """The key's token quota for input whose size is now known (429 when over)."""
-        self.policy.admit_tokens(g.admission, tokens)
+        self.policy.admit_tokens(context().admission, tokens)
 
     def charger(self):
         """`charge_upto(total)`: charges the tokens produced so far (generation) that were not
         charged yet to this request's key. It holds the request's admission, so a streamed reply
         can call it after the view returned."""
-        admission, policy, charged = g.admission, self.policy, [0]
+        admission, policy, charged = context().admission, self.policy, [0]
 
         def charge_upto(total: int) -> None:
             if total > charged[0]:
@@ -212,23 +272,28 @@ class Pipeline:
         return decode_body(self.body(), request.content_type, self.limits)
 
     def deadline(self, timeout_ms: float | None = None, what: str = "X-Request-Timeout-Ms") -> float:
-        """The request's deadline: `timeout_ms` (a protocol's own field), else the header, else the default."""
+        """The request's deadline: `timeout_ms` (a protocol's own field), else the header, else the
+        default; kept in the request's context."""
+        ctx = context()
         raw = request.headers.get("X-Request-Timeout-Ms") if timeout_ms is None else timeout_ms
         if raw is None:
-            return g.started + self.config.request_timeout_s
+            ctx.deadline = ctx.started + self.config.request_timeout_s
+            return ctx.deadline
         try:
             ms = float(raw)
         except (TypeError, ValueError):
             raise BadRequest(f"{what} must be a number of milliseconds, got {raw!r}") from None
         if not 0 < ms <= _MAX_TIMEOUT_MS:
             raise BadRequest(f"{what} must be in (0, {_MAX_TIMEOUT_MS}] milliseconds, got {raw!r}")
-        return g.started + ms / 1000.0
+        ctx.deadline = ctx.started + ms / 1000.0
+        return ctx.deadline
 
     def model(self, name: str | None, version: str | None = None) -> ServedModel:
         """The served model `name` (None: the default); 404 when `version` is given and not the one served."""
-        self.policy.check_model(g.admission, name if name is not None else self.manager.default_name)
+        ctx = context()
+        self.policy.check_model(ctx.admission, name if name is not None else self.manager.default_name)
         loaded = self.manager.get(name)
-        g.model_label = loaded.name
+        ctx.model = loaded.name
         if version is not None and version != loaded.adapter.version:
             raise ModelNotFound(self._version_message(loaded, version))
         return loaded
@@ -256,30 +321,66 @@ class Pipeline:
         metrics.QUEUE_DURATION.labels(loaded.name).observe(result.queue_s)
         return result
 
-    def infer(self, loaded: ServedModel, payload: dict, deadline: float, version: str | None = None) -> Outcome:
-        """Validate `payload` for the model, charge its tokens, answer it from the response cache or
-        run it in a batch and wait; the adapter's reply."""
-        adapter = loaded.adapter
-        validated = adapter.validate(payload)
-        self.admit_tokens(input_tokens(adapter, validated))
+    def infer(self, loaded: ServedModel, payload: dict, deadline: float, version: str | None = None) -> Served:
+        """Validate `payload` for the model, charge its tokens and serve it (`serve`): a request to
+        one model is a fan-out of one."""
+        validated = loaded.adapter.validate(payload)
+        self.admit_tokens(input_tokens(loaded.adapter, validated))
+        return self.serve([Part(loaded, validated, version)], deadline)
+
+    def serve(self, parts: list[Part], deadline: float) -> Served:
+        """The core every inference request goes through, whatever its protocol and however many
+        models it names: each part is answered from the response cache or queued on its model's
+        batcher - every part queued before any is waited on, so the models run side by side -
+        then checked against the version it asked for, joined into its reply and cached. All or
+        nothing: the first part that fails fails the request (naming its model when there are
+        several), and the parts not started yet are cancelled."""
+        ctx = context()
         decoded = time.monotonic()
-        variant = "batched" if validated.batched else "single"
-        key, cached = self.cache_lookup(loaded, validated.samples, validated.options, variant, adapter.version)
-        if cached is not None:  # answered without a batch: batch size 0, no queue, no inference
-            result = BatchResult([], 0, 0.0, 0.0, adapter.version)
-            return Outcome(loaded, validated, cached, result, g.started, decoded)
-        result = self.wait(loaded, self.submit(loaded, validated, deadline), deadline)
-        if version is not None and str(result.tag) != version:  # a reload landed while it waited
-            raise ModelNotFound(self._version_message(loaded, version))
-        reply = adapter.join(result.outputs, validated.batched, validated.options)
-        self.cache_store(key, loaded, adapter.version, str(result.tag), reply)
-        return Outcome(loaded, validated, reply, result, g.started, decoded)
+        fan = len(parts) > 1
+        futures: dict[int, Future] = {}
+        try:
+            for i, part in enumerate(parts):
+                with naming(part.name if fan else None):
+                    if not self._cached(part):
+                        futures[i] = self.submit(part.loaded, part.validated, deadline)
+            for i, future in futures.items():
+                part = parts[i]
+                with naming(part.name if fan else None):
+                    part.result = self.wait(part.loaded, future, deadline)
+        finally:
+            for future in futures.values():
+                future.cancel()  # parts not started yet, when another part failed; a no-op for finished ones
+        for i in futures:
+            part = parts[i]
+            if part.version is not None and str(part.result.tag) != part.version:  # a reload landed meanwhile
+                raise ModelNotFound(self._version_message(part.loaded, part.version))
+            v = part.validated
+            part.reply = part.loaded.adapter.join(part.result.outputs, v.batched, v.options)
+            self._cache_store(part)
+        return Served(ctx, parts, decoded)
+
+    def _cached(self, part: Part) -> bool:
+        """Answer `part` from the response cache when it holds its reply (a batch size of 0, no
+        queue, no inference); counts the lookup and sets the request's X-Cache."""
+        loaded, v = part.loaded, part.validated
+        part.looked_up = loaded.adapter.version  # the key's version, whatever reload lands meanwhile
+        variant = "batched" if v.batched else "single"
+        part.key, cached = self.cache_lookup(loaded, v.samples, v.options, variant, part.looked_up)
+        if cached is None:
+            return False
+        part.reply, part.result = cached, BatchResult([], 0, 0.0, 0.0, part.looked_up)
+        return True
+
+    def _cache_store(self, part: Part) -> None:
+        self.cache_store(part.key, part.loaded, part.looked_up, str(part.result.tag), part.reply)
 
     def cache_lookup(self, loaded: ServedModel, samples: list, options: dict, variant: str, version: str):
         """(key, cached reply or None) for a request that `version` validated (the version a hit
         is labelled with: the same one the entry is keyed by, whatever reload lands meanwhile); key
         None when the request is not cached (no cache, the model's cache off, or a sample the key
-        cannot describe). Sets `X-Cache` and counts the lookup."""
+        cannot describe). Counts the lookup; the request's X-Cache says `hit` when every lookup
+        of it hit (a fan-out looks up each model), else `miss`."""
         if not (self.policy.cache.enabled and loaded.cacheable):
             return None, None
         key = request_key(loaded.name, version, samples, options, variant)
@@ -289,14 +390,17 @@ class Pipeline:
         cached = None if skip_read else self.policy.cache.get(key)
         result = "bypass" if skip_read else ("hit" if cached is not None else "miss")
         metrics.CACHE_REQUESTS.labels(loaded.name, result).inc()
-        g.cache_result = "hit" if cached is not None else "miss"
+        ctx = context()
+        ctx.cache = "hit" if cached is not None and ctx.cache in (None, "hit") else "miss"
         return key, cached
 
     def cache_store(self, key: bytes | None, loaded: ServedModel, looked_up: str, ran_on: str, reply: dict) -> None:
         """Keep a computed reply, only under the version it was looked up for and ran on: a request
         that a reload overtook leaves no entry that either version could be answered from."""
+        if key is None:
+            return
         _, skip_write = no_cache_requested()
-        if key is not None and not skip_write and looked_up == ran_on:
+        if not skip_write and looked_up == ran_on:
             self.policy.cache.put(key, loaded.name, reply)
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, jsonify
 
+from binserve.api.context import context
 from binserve.api.hooks import inference_view
 from binserve.api.pipeline import Pipeline
 from binserve.errors import BadRequest, ModelNotFound
@@ -78,9 +79,9 @@ def _texts(pipeline: Pipeline, body: dict, deadline: float):
     results = [{"prediction": int(np.argmax(p)), "probabilities": [float(v) for v in p], "text": t}
                for p, t in zip(rows, listed, strict=True)]  # fmt: skip
     reply = {
-        "request_id": g.request_id,
+        "request_id": context().request_id,
         "results": results[0] if isinstance(texts, str) else results,
-        "processing_time": round(time.monotonic() - g.started, 6),
+        "processing_time": round(time.monotonic() - context().started, 6),
         "model_used": loaded.name,
     }
     return jsonify(reply), 200, outcome.headers(0.0)

@@ -20,8 +20,9 @@ import os
 import time
 import weakref
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, jsonify
 
+from binserve.api.context import context
 from binserve.api.failures import failure_of
 from binserve.api.generation import SSE_HEADERS, Generation
 from binserve.api.health import not_ready_status
@@ -124,7 +125,7 @@ def blueprint(pipeline: Pipeline) -> Blueprint:
         if meta is not None and not isinstance(meta, dict):
             raise BadRequest(f"'metadata' must be an object, got {type(meta).__name__}")
         gen = Generation(pipeline, loaded, adapter.check_prompt(ids, params, names), params)
-        rid = g.request_id
+        rid = context().request_id
         # the document's reply metadata: the request's, plus which model and engine answered
         meta = {**(meta or {}), "model_name": loaded.name, "backend": _backend(adapter)}
         if body.get("stream"):

@@ -117,6 +117,39 @@ DEVICE_MEMORY = Gauge(
     multiprocess_mode="livesum",
 )
 
+class RequestSeries:
+    """The series every inference request writes when it is answered, each label set bound once
+    (`labels()` takes a lock and builds its key on every call; these run on every request). The
+    label sets are as bounded as the metrics': served model names, statuses and protocols."""
+
+    def __init__(self) -> None:
+        self.in_flight = IN_FLIGHT
+        self._bound: dict[tuple, object] = {}
+
+    def _series(self, metric, *labels):
+        key = (metric, *labels)
+        child = self._bound.get(key)
+        if child is None:
+            child = self._bound[key] = metric.labels(*labels)
+        return child
+
+    def answered(self, models: list[str], label: str, protocol: str, status: int, seconds: float,
+                 received: int, sent: int | None, reason: str | None) -> None:  # fmt: skip
+        """One request answered: counted and timed under each model that answered it (`models`),
+        its bytes and any refusal under `label`; `sent` None for a streamed reply (not counted)."""
+        code = str(status)
+        for model in models:
+            self._series(REQUESTS, model, code, protocol).inc()
+            self._series(REQUEST_DURATION, model).observe(seconds)
+        CARD_REQUESTS.inc()
+        CARD_LATENCY.observe(seconds)
+        self._series(REQUEST_BYTES, label).inc(received)
+        if sent is not None:
+            self._series(RESPONSE_BYTES, label).inc(sent)
+        if reason:
+            self._series(REJECTED, label, reason).inc()
+
+
 # Reasons for binserve_rejected_requests_total counted by the HTTP layer, by status; the batcher's
 # observer counts the others (overloaded, deadline, client_gone) where they happen.
 REASON_BY_STATUS = {413: "too_large", 415: "media_type"}

@@ -140,3 +140,50 @@ def test_each_model_of_a_fan_out_counts_the_request(client):
     before = _count("embed", "200"), _count("shout", "200")
     client.post("/infer", json={"texts": TEXTS, "models": ["embed", "shout"]})
     assert (_count("embed", "200"), _count("shout", "200")) == (before[0] + 1, before[1] + 1)
+
+
+def _cache_count(model: str, result: str) -> float:
+    return REGISTRY.get_sample_value("binserve_cache_requests_total", {"model": model, "result": result}) or 0.0
+
+
+def test_a_fan_out_is_answered_from_the_cache_model_by_model(make_client):
+    """The fan-out takes the same core as a one-model request: each model's part is looked up and
+    kept under that model's own entry, so a repeat is a hit for every part (no batch), and a
+    one-model request with the same input hits the entry the fan-out left."""
+    c = make_client(response_cache_bytes=1 << 20)
+    body = {"texts": ["fan me out"], "models": ["embed", "shout"]}
+    hits_before = _cache_count("shout", "hit")
+    first = c.post("/infer", json=body)
+    again = c.post("/infer", json=body)
+    assert (first.headers["X-Cache"], again.headers["X-Cache"]) == ("miss", "hit")
+    assert again.headers["X-Batch-Size"] == "embed=0,shout=0" and again.json == first.json
+    assert _cache_count("shout", "hit") == hits_before + 1
+    alone = c.post("/infer/shout", json={"texts": ["fan me out"]})
+    assert alone.headers["X-Cache"] == "hit" and alone.json == first.json["shout"] | {"status": "ok"}
+
+
+def test_a_fan_out_part_a_reload_overtook_is_not_cached(make_client, manager):
+    """A part looked up under version 1 that ran on version 2 (a reload landed while it waited) leaves
+    no entry: neither version could be answered from it."""
+    c = make_client(response_cache_bytes=1 << 20)
+    shout = manager.get("shout").adapter
+    real_run = type(shout).run
+
+    def reloaded_meanwhile(self, samples):
+        self.version = "2"  # the batch ran on the new version: its tag says 2
+        return real_run(self, samples)
+
+    body = {"texts": ["overtaken"], "models": ["embed", "shout"]}
+    type(shout).run = reloaded_meanwhile
+    try:
+        first = c.post("/infer", json=body)
+    finally:
+        type(shout).run = real_run
+    assert first.status_code == 200 and first.headers["X-Model-Version"] == "embed=1,shout=2"
+    shout.version = "1"
+    try:
+        again = c.post("/infer", json=body)
+        assert again.headers["X-Cache"] == "miss"  # embed's part hit, shout's was never stored
+        assert again.headers["X-Batch-Size"] == "embed=0,shout=1"
+    finally:
+        shout.version = "1"
