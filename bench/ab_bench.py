@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve_bench import drive, texts_25  # noqa: E402
+from bench.serve_bench import drive  # noqa: E402
+from bench.texts import texts_25  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 

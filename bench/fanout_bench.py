@@ -27,7 +27,8 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_bench import RawClient, run_clients, texts_25  # noqa: E402
+from bench.serve_bench import RawClient, run_clients  # noqa: E402
+from bench.texts import texts_25  # noqa: E402
 from binary_protocol import FRAMED, MEDIA_TYPES, dict_to_binary  # noqa: E402
 from models.example_classifier import TOPICS, TOXICITY, write_classifier  # noqa: E402
 from models.registry import default_minilm_path  # noqa: E402

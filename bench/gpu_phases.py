@@ -32,7 +32,8 @@ import torch
 
 from bench.generate_bench import model_rows, prompts, static_generate
 from bench.gpu_models import DRY_SIZES, GPU_SIZES, Sizes
-from bench.serve_bench import drive, embedding_check, text_of
+from bench.serve_bench import drive, embedding_check
+from bench.texts import text_of
 from binary_protocol import binary_to_dict, dict_to_binary
 from models.base import AdapterOptions
 from models.engines import RuntimeSettings

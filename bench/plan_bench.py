@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.serve_bench import texts_25  # noqa: E402
+from bench.texts import texts_25  # noqa: E402
 from binserve.config import ServerConfig  # noqa: E402
 from binserve.process import runtime  # noqa: E402
 from models.base import AdapterOptions  # noqa: E402

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.serve_bench import drive, texts_25  # noqa: E402
+from bench.serve_bench import drive  # noqa: E402
+from bench.texts import texts_25  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
 from tests.serverproc import ServerProcess, status_kib  # noqa: E402
 
