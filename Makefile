@@ -9,7 +9,7 @@ IMAGE ?= binserve:0.3.0
 # the examples server's admin token (it listens on HOST, 127.0.0.1 by default; set your own elsewhere)
 ADMIN_TOKEN ?= s3cret
 
-.PHONY: install install-dev serve examples serve-examples test bench-protocol bench-serve bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images bench-classify gpu-check gpu-check-prepare lint load image docker-test replicas-test
+.PHONY: install install-dev serve examples serve-examples test bench-protocol bench-serve bench-core bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images bench-classify gpu-check gpu-check-prepare lint load image docker-test replicas-test
 
 # The server's runtime (requirements.txt), then, for the tests, load tests and linters, requirements-dev.txt.
 # pip prints what it collects and installs; a fresh machine takes a few minutes (torch is the largest).
@@ -58,6 +58,10 @@ bench-protocol: install-dev
 
 bench-serve: install-dev
 	$(PY) -m bench.serve_bench
+
+# binserve's own cost per request, stage by stage, against its budgets, in one process (bench/core_bench.py)
+bench-core: install-dev
+	$(PY) -m bench.core_bench
 
 bench-plan: install-dev
 	$(PY) -m bench.plan_bench

@@ -362,7 +362,7 @@ class Pipeline:
 
     def _cached(self, part: Part) -> bool:
         """Answer `part` from the response cache when it holds its reply (a batch size of 0, no
-        queue, no inference); counts the lookup and sets the request's X-Cache."""
+        queue, no inference); `cache_lookup` counts the lookup and keeps the request's X-Cache."""
         loaded, v = part.loaded, part.validated
         part.looked_up = loaded.adapter.version  # the key's version, whatever reload lands meanwhile
         variant = "batched" if v.batched else "single"
