@@ -194,7 +194,7 @@ class Served:
         (`queue-<model>`, `infer-<model>`, `name=value` lists)."""
         ctx = self.ctx
         timing = [f"{arrival_timing(ctx.started)}decode;dur={(self.decoded - ctx.started) * 1000:.2f}"]
-        if len(self.parts) == 1:
+        if ctx.fanout is None:
             part = self.parts[0]
             r = part.result
             timing += [f"queue;dur={r.queue_s * 1000:.2f}", f"infer;dur={r.infer_s * 1000:.2f}",
@@ -333,11 +333,11 @@ class Pipeline:
         models it names: each part is answered from the response cache or queued on its model's
         batcher - every part queued before any is waited on, so the models run side by side -
         then checked against the version it asked for, joined into its reply and cached. All or
-        nothing: the first part that fails fails the request (naming its model when there are
-        several), and the parts not started yet are cancelled."""
+        nothing: the first part that fails fails the request (naming its model in a fan-out),
+        and the parts not started yet are cancelled."""
         ctx = context()
         decoded = time.monotonic()
-        fan = len(parts) > 1
+        fan = ctx.fanout is not None  # a request naming its models (even one) is answered per model
         futures: dict[int, Future] = {}
         try:
             for i, part in enumerate(parts):

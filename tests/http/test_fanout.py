@@ -187,3 +187,17 @@ def test_a_fan_out_part_a_reload_overtook_is_not_cached(make_client, manager):
         assert again.headers["X-Batch-Size"] == "embed=0,shout=1"
     finally:
         shout.version = "1"
+
+
+def test_a_fan_out_naming_one_model_answers_as_a_fan_out(client):
+    """`models: [one]` is still a fan-out: the reply nests under the model's name and the headers
+    are per model (`name=value`), as its clients parse them - though the core serves it as it serves
+    a one-model request."""
+    resp = client.post("/infer", json={"texts": TEXTS, "models": ["embed"]})
+    assert resp.status_code == 200 and set(resp.get_json()) == {"embed"}
+    assert resp.headers["X-Batch-Size"] == "embed=2" and resp.headers["X-Model-Version"] == "embed=1"
+    assert [p.split(";")[0] for p in resp.headers["Server-Timing"].split(", ")] == [
+        "decode", "queue-embed", "infer-embed", "encode"
+    ]  # fmt: skip
+    broken = client.post("/infer", json={"texts": TEXTS, "models": ["broken"]})
+    assert broken.status_code == 500 and broken.get_json()["error"]["message"].startswith("model 'broken': ")
