@@ -11,6 +11,7 @@ autocast where it is native; on a CPU in fp32. Weights load through safetensors 
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,10 @@ from models.lm_scoring import continuation_logprobs
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "logprobs")  # fmt: skip
-#: the sampling values checked against their bounds (binserve/scheduling/sampling_bounds.py), and
-#: their defaults: SamplingParams' own (None: not asked for)
-_DEFAULTS = {
-    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, "repetition_penalty": 1.0,
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": None,
-}  # fmt: skip
+#: the sampling values checked against their bounds (binserve/scheduling/sampling_bounds.py), with
+#: SamplingParams' own defaults (None: not asked for; only those may be sent as null). max_new_tokens
+#: has a bound of its own per model (its context).
+_DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name in BOUNDS and f.name != "max_new_tokens"}
 
 
 class HFCausalLM(ModelAdapter):
@@ -104,9 +103,10 @@ class HFCausalLM(ModelAdapter):
             raise InvalidInput(f"'{called('max_new_tokens')}' must be an int in [1, {self.max_new_tokens}], got {n!r}")
         checked = {}
         for key, default in _DEFAULTS.items():
-            value = checked[key] = values.get(key, default)
-            if value is not None and not BOUNDS[key].holds(value):
-                raise InvalidInput(f"'{called(key)}' must be {BOUNDS[key].describe()}, got {value!r}")
+            value, bound = values.get(key, default), BOUNDS[key]
+            if not (value is None and default is None) and not bound.holds(value):
+                raise InvalidInput(f"'{called(key)}' must be {bound.describe()}, got {value!r}")
+            checked[key] = float(value) if value is not None and not bound.integer else value
         stop = values.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
         if (
@@ -117,11 +117,7 @@ class HFCausalLM(ModelAdapter):
             raise InvalidInput(
                 f"'{called('stop')}' must be a string or up to {MAX_STOPS} non-empty strings of <= {MAX_STOP_CHARS}"
             )
-        c = checked
-        return SamplingParams(
-            n, float(c["temperature"]), float(c["top_p"]), c["top_k"], tuple(stop), c["seed"],
-            float(c["repetition_penalty"]), float(c["presence_penalty"]), float(c["frequency_penalty"]), c["logprobs"],
-        )  # fmt: skip
+        return SamplingParams(max_new_tokens=n, stop=tuple(stop), **checked)
 
     def check_prompt(self, ids: list[int], params: SamplingParams, names: dict | None = None) -> list[int]:
         """A prompt within the vocabulary and, with its new tokens, within the model's context."""
