@@ -44,7 +44,7 @@ from models.base import AdapterOptions  # noqa: E402
 from models.engines import Engine, RuntimeSettings, native  # noqa: E402
 from models.plans import Plan, Trial  # noqa: E402
 from models.registry import ModelSpec, default_minilm_path, load_model  # noqa: E402
-from tests.serverproc import ServerProcess  # noqa: E402
+from tests.serverproc import ServerProcess, free_port  # noqa: E402
 
 GATE = 0.999
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
@@ -149,7 +149,7 @@ def measured(srv: ServerProcess, fn) -> dict:
 def ceiling(bodies: list[bytes], levels: list[int], n_requests: int, workers: int, threads: int) -> dict:
     """The web stack's ceiling (bench/ceiling_app.py: Flask + Gunicorn with binserve's layout, a
     lookup table, no model) at each concurrency: its `drive` rows with CPU per request."""
-    port = ServerProcess().port
+    port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c", "bench/ceiling_app.py", "bench.ceiling_app:app"]
     env = {"CEILING_BIND": f"127.0.0.1:{port}", "CEILING_WORKERS": str(workers), "CEILING_THREADS": str(threads)}
     rows = {}

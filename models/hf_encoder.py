@@ -247,8 +247,7 @@ class HFEncoder(ModelAdapter):
                 )
             texts = [t[:limit] for t in texts]
         if not asked:  # the usual request: the Rust tokenizer directly (transformers' call costs ~2x)
-            encoded = self._encoder.encode(texts[0]) if len(texts) == 1 else None
-            encodings = [encoded] if encoded is not None else self._encoder.encode_batch(list(texts))
+            encodings = [self._encoder.encode(texts[0])] if len(texts) == 1 else self._encoder.encode_batch(list(texts))
             rows = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
             if not truncate:
                 self._check_row_lengths(rows, "text")

@@ -19,7 +19,7 @@ from binserve.policy.gate import Admission
 @dataclass(slots=True)
 class RequestContext:
     """What the layers of one request share: who asked, through which route family, for which
-    models, by when, and how the time was spent."""
+    models, and when it arrived."""
 
     request_id: str
     #: time.monotonic() when the app first saw the request (its hooks' start)
@@ -33,8 +33,6 @@ class RequestContext:
     #: the served model that answers (the metrics' label), and a fan-out's models
     model: str = UNKNOWN_MODEL
     fanout: list[str] | None = None
-    #: the request's deadline (time.monotonic()), once the route worked it out
-    deadline: float | None = None
     #: "hit" or "miss" when the response cache was asked (the X-Cache header)
     cache: str | None = None
     #: the body could not be decoded (counted as a `protocol` rejection)

@@ -272,21 +272,18 @@ class Pipeline:
         return decode_body(self.body(), request.content_type, self.limits)
 
     def deadline(self, timeout_ms: float | None = None, what: str = "X-Request-Timeout-Ms") -> float:
-        """The request's deadline: `timeout_ms` (a protocol's own field), else the header, else the
-        default; kept in the request's context."""
-        ctx = context()
+        """The request's deadline: `timeout_ms` (a protocol's own field), else the header, else the default."""
+        started = context().started
         raw = request.headers.get("X-Request-Timeout-Ms") if timeout_ms is None else timeout_ms
         if raw is None:
-            ctx.deadline = ctx.started + self.config.request_timeout_s
-            return ctx.deadline
+            return started + self.config.request_timeout_s
         try:
             ms = float(raw)
         except (TypeError, ValueError):
             raise BadRequest(f"{what} must be a number of milliseconds, got {raw!r}") from None
         if not 0 < ms <= _MAX_TIMEOUT_MS:
             raise BadRequest(f"{what} must be in (0, {_MAX_TIMEOUT_MS}] milliseconds, got {raw!r}")
-        ctx.deadline = ctx.started + ms / 1000.0
-        return ctx.deadline
+        return started + ms / 1000.0
 
     def model(self, name: str | None, version: str | None = None) -> ServedModel:
         """The served model `name` (None: the default); 404 when `version` is given and not the one served."""
@@ -357,7 +354,7 @@ class Pipeline:
                 raise ModelNotFound(self._version_message(part.loaded, part.version))
             v = part.validated
             part.reply = part.loaded.adapter.join(part.result.outputs, v.batched, v.options)
-            self._cache_store(part)
+            self.cache_store(part.key, part.loaded, part.looked_up, str(part.result.tag), part.reply)
         return Served(ctx, parts, decoded)
 
     def _cached(self, part: Part) -> bool:
@@ -371,9 +368,6 @@ class Pipeline:
             return False
         part.reply, part.result = cached, BatchResult([], 0, 0.0, 0.0, part.looked_up)
         return True
-
-    def _cache_store(self, part: Part) -> None:
-        self.cache_store(part.key, part.loaded, part.looked_up, str(part.result.tag), part.reply)
 
     def cache_lookup(self, loaded: ServedModel, samples: list, options: dict, variant: str, version: str):
         """(key, cached reply or None) for a request that `version` validated (the version a hit
