@@ -9,7 +9,7 @@ IMAGE ?= binserve:0.3.0
 # the examples server's admin token (it listens on HOST, 127.0.0.1 by default; set your own elsewhere)
 ADMIN_TOKEN ?= s3cret
 
-.PHONY: install install-dev serve examples serve-examples test bench-protocol bench-serve bench-core bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images bench-classify gpu-check gpu-check-prepare lint load image docker-test replicas-test
+.PHONY: install install-dev openvino-genai serve examples serve-examples test bench-protocol bench-serve bench-core bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images bench-classify gpu-check gpu-check-prepare lint load image docker-test replicas-test
 
 # The server's runtime (requirements.txt), then, for the tests, load tests and linters, requirements-dev.txt.
 # pip prints what it collects and installs; a fresh machine takes a few minutes (torch is the largest).
@@ -24,12 +24,28 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	@if $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-'; then echo "nvidia-* packages were installed: torch did not resolve to the CPU wheel (README: Set up)" >&2; exit 1; fi
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+$(VENV)/.installed-dev: $(VENV)/.installed $(VENV)/.installed-openvino requirements-dev.txt
 	@echo "== binserve: installing the test, load-test and lint tools (requirements-dev.txt) into $(VENV)"
 	$(PY) -m pip install --progress-bar off -r requirements-dev.txt
 	touch $@
 
+# OpenVINO GenAI for generation on the CPU (README: Generation backends): the engine into .venv, and the
+# environment that exports models for it (.venv-ovexport: optimum-intel pins its own transformers).
+OVEXPORT := .venv-ovexport
+$(VENV)/.installed-openvino: $(VENV)/.installed requirements-openvino.txt requirements-ovexport.txt
+	@echo "== binserve: installing OpenVINO GenAI (requirements-openvino.txt) and its export environment ($(OVEXPORT))"
+	$(PY) -m pip install --progress-bar off -r requirements-openvino.txt
+	test -x $(OVEXPORT)/bin/python || $(PYTHON) -m venv $(OVEXPORT)
+	$(OVEXPORT)/bin/python -m pip install --quiet --upgrade pip
+	$(OVEXPORT)/bin/python -m pip install --progress-bar off -r requirements-ovexport.txt
+	@# optimum-intel pulls a torchvision built for another torch; nothing of the export needs it, and it breaks `import transformers`
+	$(OVEXPORT)/bin/python -m pip uninstall --yes --quiet torchvision
+	@if $(OVEXPORT)/bin/python -m pip list 2>/dev/null | grep -i '^nvidia-'; then echo "nvidia-* packages in $(OVEXPORT): torch did not resolve to the CPU wheel" >&2; exit 1; fi
+	touch $@
+
 install: $(VENV)/.installed
+
+openvino-genai: $(VENV)/.installed-openvino
 
 install-dev: $(VENV)/.installed-dev
 

@@ -27,6 +27,8 @@ VERSION = "0.3.0"
 #: what `runtime` and `precision` may name (models/engines.py explains them)
 RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+#: what `generation_backend` may name (models/generation_backends.py explains them)
+GENERATION_BACKENDS = ("auto", "loop", "openvino")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: the shapes GET /models answers in: binserve's list, or the encoder server's map by model name
 MODELS_LISTINGS = ("binserve", "encoder-server")
@@ -276,6 +278,17 @@ class ServerConfig:
     min_cosine: float = setting(
         0.999, "the accuracy gate for embeddings: smallest cosine to fp32 an engine may give", gt=0, le=1
     )
+    generation_backend: str = setting(
+        "loop", "what generates for causal LMs: loop (binserve's own loop over transformers, every device and "
+        "option), openvino (OpenVINO GenAI's continuous batching on the CPU, `make openvino-genai`), auto: "
+        "openvino on a CPU where it installs and passes its greedy check, else loop",
+        choices=GENERATION_BACKENDS,
+    )  # fmt: skip
+    openvino_export_python: str = setting(
+        "", "the Python of the environment that exports causal LMs for OpenVINO GenAI (optimum-intel pins "
+        "its own transformers: `make openvino-genai` builds it); empty: .venv-ovexport beside server.py",
+        shown="empty",
+    )  # fmt: skip
     cache_dir: str = setting(
         "", "where ONNX exports and engine timings are cached (keys cover the files, tools and machine, so one "
         "directory can serve every model and version); empty: each version's `.cache/` in the repository",

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from binserve.config import PRECISIONS, RUNTIMES
+from binserve.config import GENERATION_BACKENDS, PRECISIONS, RUNTIMES
 from binserve.process.runtime import compute_threads, current_threads, thread_counts
 
 log = logging.getLogger("binserve.engines")
@@ -54,12 +54,18 @@ class RuntimeSettings:
     atol: float = 1e-3
     #: where ONNX exports are cached (None: a per-host temporary directory)
     cache_dir: str | None = None
+    #: causal LMs: what generates (models/generation_backends.py), and the Python that exports for OpenVINO
+    generation_backend: str = "loop"
+    export_python: str = ""
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            choices, got = GENERATION_BACKENDS, self.generation_backend
+            raise ValueError(f"generation_backend must be one of {choices}, got {got!r}")
         if not 0 < self.min_cosine <= 1 or self.max_prob_error < 0 or self.rtol < 0 or self.atol < 0:
             raise ValueError("min_cosine must be in (0, 1]; max_prob_error, rtol and atol >= 0")
 

@@ -10,6 +10,7 @@ autocast where it is native; on a CPU in fp32. Weights load through safetensors 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -20,14 +21,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from binary_protocol import as_array
 from binserve.errors import InvalidInput, LimitExceeded
-from binserve.process.runtime import batch_threads, in_compute_thread
+from binserve.process.runtime import batch_threads, compute_threads, in_compute_thread
 from binserve.scheduling.continuous import ContinuousBatcher
 from binserve.scheduling.contract import BatchSettings, GenerationObserver
 from binserve.scheduling.sampling_bounds import BOUNDS, MAX_STOP_CHARS, MAX_STOPS
 from binserve.scheduling.sequences import SamplingParams, Sequence
+from binserve.scheduling.streams import GenerationStreams
 from models.base import ModelAdapter
 from models.contract import TensorSpec, Validated
 from models.engines import native
+from models.generation_backends import BACKEND_TYPES, Choice, agrees, candidates, greedy
 from models.lm_scoring import continuation_logprobs
 
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
@@ -36,6 +39,7 @@ SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "see
 #: the sampling values checked against their bounds (binserve/scheduling/sampling_bounds.py), with
 #: SamplingParams' own defaults (None: not asked for; only those may be sent as null). max_new_tokens
 #: has a bound of its own per model (its context).
+log = logging.getLogger("binserve.models")
 _DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name in BOUNDS and f.name != "max_new_tokens"}
 
 
@@ -45,6 +49,8 @@ class HFCausalLM(ModelAdapter):
     adapter_name = "hf_causal_lm"
     #: served by a continuous batcher (binserve/scheduling/continuous.py), not the request batcher
     generates = True
+    #: what generates (chosen at warm-up); the loop until then
+    backend = Choice("loop", note="chosen at warm-up")
 
     def load(self, root: Path) -> None:
         device = self.device
@@ -205,9 +211,12 @@ class HFCausalLM(ModelAdapter):
     # --- serving ----------------------------------------------------------------------------------
     def continuous_batcher(
         self, settings: BatchSettings, observer: GenerationObserver | None = None, **loop
-    ) -> ContinuousBatcher:
-        """This model's generation loop, bounded by the model's batching settings (`loop`: the
-        loop's prefill chunk and prefix store, ContinuousBatcher's keywords)."""
+    ) -> GenerationStreams:
+        """This model's generation backend (chosen and checked at warm-up: models/generation_backends.py),
+        bounded by the model's batching settings (`loop`: the loop's prefill chunk and prefix store)."""
+        backend = self.backend
+        if backend.kind == "openvino":
+            return self._openvino(backend, settings, observer, prefill_chunk=loop.get("prefill_chunk", 512))
         return ContinuousBatcher(
             self._model,
             self.tokenizer,
@@ -221,6 +230,56 @@ class HFCausalLM(ModelAdapter):
             tag=self.version,
             **loop,
         )
+
+    def _openvino(self, backend: Choice, settings: BatchSettings, observer=None, prefill_chunk: int = 512):
+        from binserve.scheduling.openvino_genai import OpenVINOGenerator
+
+        return OpenVINOGenerator(
+            backend.path, self.tokenizer, settings, precision=backend.precision, threads=compute_threads(),
+            prefill_chunk=prefill_chunk, eos_ids=self.eos_ids, name=self.name, observer=observer, tag=self.version,
+        )  # fmt: skip
+
+    def _choose_backend(self, loop: ContinuousBatcher) -> Choice:
+        """The backend this version generates on (models/generation_backends.py says how it is chosen)."""
+        asked = self.options.runtime.generation_backend
+        if asked == "loop":
+            return Choice("loop", note="generation_backend=loop")
+        if self.device.type != "cpu":
+            if asked == "openvino":
+                raise RuntimeError(f"{self.name}: generation_backend=openvino runs on the CPU, not {self.device}")
+            return Choice("loop", note=f"OpenVINO GenAI serves CPUs; {self.device} generates on the loop")
+        try:
+            from models.ov_export import export_for_genai, export_python
+
+            path = export_for_genai(self.model_dir, self.options.runtime.cache_dir, export_python(
+                self.options.runtime.export_python))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - not installed, no export env, export failed: said below
+            if asked == "openvino":
+                raise RuntimeError(f"{self.name}: generation_backend=openvino is not available: {exc}") from exc
+            log.warning("model %s: generating on binserve's loop: OpenVINO GenAI is not available (%s)", self.name, exc)
+            return Choice("loop", note=f"OpenVINO GenAI not available: {exc}")
+        prompts = self.check_prompts()
+        reference = greedy(loop, prompts)
+        failed = []
+        for precision in candidates(self.options.runtime.precision, native("bf16", self.device)):
+            engine = self._openvino(Choice("openvino", precision, str(path)), loop.settings).start()
+            try:
+                ok = agrees(precision, greedy(engine, prompts), reference)
+            finally:
+                engine.close()
+            if ok:
+                return Choice("openvino", precision, str(path), note=f"passed its {precision} check")
+            failed.append(precision)
+        why = f"OpenVINO GenAI ({', '.join(failed)}) gave other greedy tokens than the fp32 loop"
+        if asked == "openvino":
+            raise RuntimeError(f"{self.name}: {why}")
+        log.warning("model %s: generating on binserve's loop: %s", self.name, why)
+        return Choice("loop", note=why)
+
+    def check_prompts(self) -> list[list[int]]:
+        """The prompts a backend's greedy tokens are checked on."""
+        texts = ["binserve warms the model up", "Hello", "The quick brown fox jumps over", "1 2 3 4 5"]
+        return [self.tokenizer(t).input_ids for t in texts]
 
     def signature(self) -> dict:
         """What every version of a generative model produces, per sample, whatever it generates."""
@@ -247,6 +306,7 @@ class HFCausalLM(ModelAdapter):
                         pass
                     if len(s.output) != 4:
                         raise RuntimeError(f"{self.name}: warm-up generated {len(s.output)} of 4 tokens")
+            self.backend = self._choose_backend(b)
         finally:
             b.close()
 
@@ -254,9 +314,16 @@ class HFCausalLM(ModelAdapter):
         raise RuntimeError("generative models run on their continuous batcher (binserve/scheduling/continuous.py)")
 
     def describe(self) -> dict:
-        precision = "fp32" if self.autocast is None else str(self.autocast).replace("torch.", "")
-        runtime = {"generation": "continuous batching", "autocast": str(self.autocast) if self.autocast else None}
-        return {**super().describe(), "engines": [f"torch-{precision}"], "runtime": runtime}
+        backend = self.backend
+        if backend.kind == "openvino":
+            engines = [f"openvino-genai-{backend.precision}"]
+            runtime = {"generation": "OpenVINO GenAI continuous batching"}
+        else:
+            precision = "fp32" if self.autocast is None else str(self.autocast).replace("torch.", "")
+            engines = [f"torch-{precision}"]
+            runtime = {"generation": "continuous batching", "autocast": str(self.autocast) if self.autocast else None}
+        runtime |= {"backend_type": BACKEND_TYPES[backend.kind], "backend_note": backend.note}
+        return {**super().describe(), "engines": engines, "runtime": runtime}
 
     # the engine-planning contract of one-forward adapters does not apply to generation
     def collate(self, samples: list) -> dict[str, np.ndarray]:

@@ -29,25 +29,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
-import time
-from collections import deque
-from concurrent.futures import Future, InvalidStateError
 
 import torch
 
-from binserve.errors import ClientGone, DeadlineExceeded, LimitExceeded, ModelFailure, NotReady, Overloaded
-from binserve.scheduling.contract import (
-    BatchResult,
-    BatchSettings,
-    GenerationObserver,
-    NullObserver,
-    SchedulerThread,
-    notify,
-)
+from binserve.errors import LimitExceeded, ModelFailure
+from binserve.scheduling.contract import BatchSettings, GenerationObserver
 from binserve.scheduling.kvcache import SlotCache
 from binserve.scheduling.prefixes import PrefixStore
 from binserve.scheduling.sequences import Sequence
+from binserve.scheduling.streams import GenerationStreams
 
 #: what a continuous batcher runs with unless told: 16 sequences, 32 Ki cache tokens
 DEFAULT_SETTINGS = BatchSettings(max_batch_size=16, max_batch_tokens=32768)
@@ -58,8 +48,9 @@ GREEDY_BELOW = 1e-5
 log = logging.getLogger("binserve.generation")
 
 
-class ContinuousBatcher(SchedulerThread):
-    """The generation loop of one causal LM; `submit` a prompt, read its `Sequence.events`."""
+class ContinuousBatcher(GenerationStreams):
+    """The generation loop of one causal LM; `submit` a prompt, read its `Sequence.events`. What
+    it shares with the other backends (queue, futures, streaming a token) is `GenerationStreams`."""
 
     def __init__(
         self,
@@ -78,22 +69,15 @@ class ContinuousBatcher(SchedulerThread):
         prefill_chunk: int = 512,
         prefix_tokens: int | None = None,
     ) -> None:
-        super().__init__(f"binserve-generate-{name}")
+        super().__init__(
+            tokenizer, settings, max_waiting=max_waiting, eos_ids=eos_ids, name=name, observer=observer, tag=tag
+        )
         self.model = model
-        self.tokenizer = tokenizer
         self.device = device
-        self._settings = _checked(settings)
-        self.max_waiting = max_waiting
-        self.eos_ids = set(eos_ids)
-        self.name = name
-        self.observer: GenerationObserver = observer or NullObserver()
         self.autocast = autocast
         self.step_threads = step_threads  # context manager giving the step its cores (runtime.batch_threads)
-        self.tag = tag  # what results are tagged with (the model version)
         self.prefill_chunk = prefill_chunk  # prompt tokens fed per step, at most
-        self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []  # the admitted sequences, each at its cache slot: row i is slot i
-        self._reserved = 0
         self.cache = SlotCache(self._settings.max_batch_tokens, self._settings.max_batch_size, device)
         # stored prompt prefixes: a quarter of the cache's budget unless told
         self.prefixes = PrefixStore(self._settings.max_batch_tokens // 4 if prefix_tokens is None else prefix_tokens)
@@ -101,28 +85,12 @@ class ContinuousBatcher(SchedulerThread):
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.steps = 0
         self.prefill_tokens = 0  # prompt tokens computed (not reused) so far
-        self.sequences = 0  # admitted so far
-        self.generated = 0  # tokens so far
-
-    # --- request side ------------------------------------------------------------------------
-    @property
-    def settings(self) -> BatchSettings:
-        """The bounds the next step admits sequences by."""
-        return self._settings
-
-    def configure(self, settings: BatchSettings) -> None:
-        """Admit by `settings` from the next step on (running sequences keep their reservations)."""
-        self._settings = _checked(settings)  # one assignment: the loop reads it once per step
-
-    @property
-    def queued_samples(self) -> int:
-        """Sequences waiting to start."""
-        return len(self._waiting)
 
     def stats(self) -> dict:
         """What GET /models shows of the generation loop."""
         running, waiting = self.counts()
         return {
+            "backend_type": self.backend_type,
             "steps": self.steps,
             "sequences": self.sequences,
             "generated_tokens": self.generated,
@@ -140,70 +108,9 @@ class ContinuousBatcher(SchedulerThread):
         """(running, waiting) sequences now."""
         return len(self._rows), len(self._waiting)
 
-    def _reservation(self, seq: Sequence) -> int:
-        return len(seq.prompt) + seq.params.max_new_tokens
-
-    def submit_sequence(self, seq: Sequence) -> Sequence:
-        """Queue a sequence; 413 if it could never fit the cache, 429 when the queue is full."""
-        self._check_fits(seq, self._settings)
-        with self._cond:
-            if self._closed:
-                raise NotReady(f"model {self.name!r} is shutting down")
-            if len(self._waiting) >= self.max_waiting:
-                notify(self.observer.dropped, "overloaded")
-                raise Overloaded(
-                    f"model {self.name!r} has {len(self._waiting)} sequences waiting (limit {self.max_waiting}); "
-                    "retry later",
-                    retry_after_s=1.0,
-                )
-            if seq.params.seed is not None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
-            self._waiting.append(seq)
-            self._cond.notify()
-        self._observe_counts()
-        return seq
-
-    def submit(self, samples: list, deadline: float, abandoned=None) -> Future:
-        """The Batcher interface for whole (non-streamed) generations: samples are (prompt, params);
-        the future gets a BatchResult-like object with one {"output_ids"} per sample."""
-        if len(samples) > self.max_waiting:  # could never be queued at once: 413, not a 429 to retry
-            raise LimitExceeded(
-                f"{len(samples)} prompts in one request; model {self.name!r} queues at most {self.max_waiting}"
-            )
-        future: Future = Future()
-        started = time.monotonic()
-        seqs = [Sequence(list(p), params, deadline, abandoned) for p, params in samples]
-        left = [len(seqs)]
-        lock = threading.Lock()
-
-        def ended(_seq: Sequence) -> None:  # on the generation thread, as each sequence ends
-            with lock:
-                left[0] -= 1
-                if left[0] or future.done():
-                    return  # more to come, or the request gave up (cancelled its future)
-            failed = next((s.error for s in seqs if s.error is not None), None)
-            outputs = [{"output_ids": s.output, "finish_reason": s.finish_reason} for s in seqs]
-            queue_s = max(0.0, min((s.first_token_at or started) for s in seqs) - started)
-            try:
-                if failed is not None:
-                    future.set_exception(failed)
-                else:
-                    elapsed = time.monotonic() - started - queue_s
-                    future.set_result(BatchResult(outputs, len(seqs), queue_s, elapsed, self.tag))
-            except InvalidStateError:
-                pass  # cancelled by its request in the meantime
-
-        # a request that gives up (its deadline passed) cancels the future: stop its sequences too
-        future.add_done_callback(lambda f: [s.cancel() for s in seqs] if f.cancelled() else None)
-        try:
-            for s in seqs:
-                s.on_end = ended
-                self.submit_sequence(s)
-        except Exception:
-            for s in seqs:
-                s.cancel()  # the ones already queued end at their first step
-            raise
-        return future
+    def _prepare(self, seq: Sequence) -> None:
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
 
     # --- the generation thread --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -230,13 +137,6 @@ class ContinuousBatcher(SchedulerThread):
                     self._rows, self._reserved = [], 0
                 self.cache.used = 0  # every row ended: the buffers hold nothing anyone reads
             self._observe_counts()
-
-    def _check_fits(self, seq: Sequence, s: BatchSettings) -> None:
-        if self._reservation(seq) > s.max_batch_tokens:
-            raise LimitExceeded(
-                f"prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.params.max_new_tokens}) is over this "
-                f"model's {s.max_batch_tokens}-token cache"
-            )
 
     def _admit(self) -> list[Sequence]:
         """Take waiting sequences while a slot and the cache's budget allow; each gets its slot
@@ -353,7 +253,7 @@ class ContinuousBatcher(SchedulerThread):
             self._first(seq, row)
 
     def _first(self, seq: Sequence, row: torch.Tensor) -> None:
-        self._emit(seq, self._sample(penalize(row, seq) if seq.params.penalized else row, seq), row)
+        self._emit(seq, self._sample(penalize(row, seq) if seq.params.penalized else row, seq), _scorer(seq, row))
 
     def _decode(self) -> None:
         """One forward for every row: the decoding ones feed their last token; rows still being
@@ -371,10 +271,10 @@ class ContinuousBatcher(SchedulerThread):
                 continue
             seq.cache_len += 1
             if seq.params.penalized:  # its own row, penalized (a copy: the batch's logits are inference tensors)
-                self._emit(seq, self._sample(penalize(logits[i], seq), seq), logits[i])
+                self._emit(seq, self._sample(penalize(logits[i], seq), seq), _scorer(seq, logits[i]))
             else:
                 token = greedy[i] if seq.params.temperature == 0 else self._sample(logits[i], seq)
-                self._emit(seq, token, logits[i])
+                self._emit(seq, token, _scorer(seq, logits[i]))
 
     def _drop_finished(self) -> None:
         """Free the slots of the sequences that ended; the rows kept move into the freed slots."""
@@ -395,26 +295,6 @@ class ContinuousBatcher(SchedulerThread):
             if s.follows is not None and s.follows.finish_reason is not None:
                 s.follows = None  # its leader ended before its prefill did: it prefills itself
 
-    def _release(self, seq: Sequence) -> None:
-        with self._cond:
-            self._reserved -= self._reservation(seq)
-
-    def _gone(self, seq: Sequence) -> bool:
-        now = time.monotonic()
-        # asking the socket costs a system call: at most every 50 ms per sequence, not every token
-        ask = seq.abandoned is not None and now - seq.checked_at >= 0.05
-        if ask:
-            seq.checked_at = now
-        if seq.cancelled or (ask and seq.abandoned()):
-            seq.finish_reason = "cancelled"
-            seq.end(("error", ClientGone("the client went away")))
-            return True
-        if now > seq.deadline:
-            seq.finish_reason = "deadline"
-            seq.end(("error", DeadlineExceeded("the request's deadline passed while it was generating")))
-            return True
-        return False
-
     def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
         if p.temperature < GREEDY_BELOW:  # dividing by a near-0 temperature overflows the logits to inf
@@ -433,70 +313,12 @@ class ContinuousBatcher(SchedulerThread):
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
-    def _emit(self, seq: Sequence, token: int, logits: torch.Tensor | None = None) -> None:
-        """Record a sampled token (with its logprobs when asked, from the step's raw `logits`) and
-        stream its text; decide whether the sequence is finished."""
-        now = time.monotonic()
-        notify(
-            self.observer.token,
-            now - seq.enqueued if seq.first_token_at is None else None,
-            now - seq.last_token_at if seq.last_token_at is not None else None,
-        )
-        self.generated += 1
-        seq.first_token_at = seq.first_token_at or now
-        seq.last_token_at = now
-        if self._gone(seq):
-            return
-        if token in self.eos_ids:
-            self._send_text(seq, None, self.tokenizer.decode(seq.output, skip_special_tokens=True))  # held back
-            self._finish(seq, "stop")
-            return
-        seq.output.append(token)
-        if seq.params.logprobs is not None and logits is not None:  # before its event: readers find it
-            seq.logprobs.append(token_logprobs(logits, token, seq.params.logprobs))
-        before = len(seq.decoded)
-        full = self._detokenize(seq)
-        # a stop string can only end in the new text: search from where it could start, not the whole text
-        start = max(0, before - max((len(s) for s in seq.params.stop), default=0))
-        stop_at = min((i for i in (full.find(s, start) for s in seq.params.stop) if i >= 0), default=-1)
-        if stop_at >= 0:
-            self._send_text(seq, token, full[:stop_at])
-            self._finish(seq, "stop")
-            return
-        # hold back what could still become a stop sequence, and a split UTF-8 character
-        hold = max((len(s) - 1 for s in seq.params.stop), default=0)
-        safe = full[: len(full) - hold] if hold else full
-        if safe.endswith("\ufffd"):
-            safe = safe[:-1]
-        self._send_text(seq, token, safe)
-        if len(seq.output) >= seq.params.max_new_tokens:
-            self._send_text(seq, None, self.tokenizer.decode(seq.output, skip_special_tokens=True))  # held back
-            self._finish(seq, "length")
-
-    def _detokenize(self, seq: Sequence) -> str:
-        """The sequence's text with its new token, decoding only the last few tokens (as TGI and vLLM
-        do): a few tokens before the new ones give the decoder its context (spaces, merged bytes),
-        and a token that ends inside a UTF-8 character waits for the next one."""
-        decode = self.tokenizer.decode
-        context = decode(seq.output[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-        text = decode(seq.output[seq.prefix_offset :], skip_special_tokens=True)
-        if len(text) > len(context) and not text.endswith("\ufffd"):
-            seq.decoded += text[len(context) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.output)
-        return seq.decoded
-
-    def _send_text(self, seq: Sequence, token: int | None, text: str) -> None:
-        delta = text[len(seq.text) :] if text.startswith(seq.text) else ""
-        seq.text += delta
-        if token is not None or delta:
-            seq.events.put(("token", token, delta))
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
-        seq.end(("done", reason))
-
-    def _observe_counts(self) -> None:
-        notify(self.observer.counts, len(self._rows), len(self._waiting))
+def _scorer(seq: Sequence, logits: torch.Tensor):
+    """What `_emit` asks for a token's logprobs entry (None when the sequence asked for none):
+    from the step's raw logits, before temperature and penalties."""
+    if seq.params.logprobs is None:
+        return None
+    return lambda token: token_logprobs(logits, token, seq.params.logprobs)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -523,9 +345,3 @@ def penalize(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         ids, counts = torch.tensor(seq.output, device=logits.device).unique(return_counts=True)
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
     return logits
-
-
-def _checked(settings: BatchSettings) -> BatchSettings:
-    if settings.max_batch_tokens is None:
-        raise ValueError("a continuous batcher needs max_batch_tokens (the KV-cache tokens it may reserve)")
-    return settings

@@ -41,7 +41,10 @@ def adapter_options(config: ServerConfig) -> AdapterOptions:
         max_image_pixels=config.max_image_pixels,
         max_decoded_bytes=config.max_decoded_bytes,
     )
-    runtime = RuntimeSettings(config.runtime, config.precision, config.min_cosine, cache_dir=config.cache_dir or None)
+    runtime = RuntimeSettings(
+        config.runtime, config.precision, config.min_cosine, cache_dir=config.cache_dir or None,
+        generation_backend=config.generation_backend, export_python=config.openvino_export_python,
+    )  # fmt: skip
     return AdapterOptions(runtime, limits, config.trusted_module_prefixes, config.pinned_staging)
 
 
