@@ -9,6 +9,15 @@ import pytest
 from models.registry import default_minilm_path
 from tests.serverproc import ServerProcess
 
+#: every generation backend a generation server fixture is parametrized over (a test id names it);
+#: OpenVINO runs in fp32 there, so greedy tokens equal transformers' (its bf16 check is in unit tests)
+GENERATION_BACKENDS = ["loop", pytest.param("openvino", marks=pytest.mark.openvino)]
+
+
+def backend_settings(backend: str) -> dict:
+    """The server settings that put a causal LM on `backend`."""
+    return {"generation_backend": backend, "precision": "fp32"} if backend == "openvino" else {}
+
 #: MiniLM's directory: the package's, or a model of its shape where the package cannot travel (the GPU
 #: check builds a random-weight twin on the device machine and names it here)
 MINILM = os.environ.get("BINSERVE_TEST_MINILM") or default_minilm_path()

@@ -189,6 +189,7 @@ class OpenVINOGenerator(GenerationStreams):
                 seq.end(("error", ModelFailure(f"model {self.name!r}: the engine ended a sequence early")))
             if seq.finish_reason is not None:
                 self._drop(rid, seq, handle)
+        self._observe_counts()  # after the drops: the gauges reach 0 when the last sequence ends
 
     def _drop(self, rid: int, seq: Sequence, handle) -> None:
         if handle is not None and handle.get_status() == self._genai.GenerationStatus.RUNNING:

@@ -6,6 +6,7 @@ import pytest
 
 from binserve.config import ServerConfig
 from server import create_app
+from tests.conftest import GENERATION_BACKENDS
 from tests.http.fakes import FakeManager, add_tiny_lm
 
 
@@ -39,9 +40,11 @@ def lm_dir(tmp_path_factory):
     return write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
 
 
-@pytest.fixture
-def lm_manager(manager, lm_dir):
-    """The fakes plus model "lm": the example causal LM on a real continuous batcher (never stopping
-    at an end-of-sequence token). Its batcher records every submitted sequence in `.submitted`."""
-    add_tiny_lm(manager, lm_dir)
+@pytest.fixture(params=GENERATION_BACKENDS)
+def lm_manager(request, manager, lm_dir, tmp_path_factory):
+    """The fakes plus model "lm": the example causal LM on a real generation backend, each in turn
+    (never stopping at an end-of-sequence token). Its backend records every submitted sequence in
+    `.submitted`."""
+    add_tiny_lm(manager, lm_dir, request.param, str(tmp_path_factory.getbasetemp() / "ov-cache"))
+    manager.backend = request.param
     return manager

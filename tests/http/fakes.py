@@ -212,8 +212,9 @@ def add_model(manager: FakeManager, adapter) -> None:
     manager.names.append(adapter.name)
 
 
-def add_tiny_lm(manager: FakeManager, path) -> None:
-    """Serve the causal LM at `path` as model "lm" (closed with the manager)."""
+def add_tiny_lm(manager: FakeManager, path, backend: str = "loop", cache_dir: str | None = None) -> None:
+    """Serve the causal LM at `path` as model "lm" (closed with the manager), on `backend` (loop or
+    openvino: OpenVINO GenAI in fp32, exported into `cache_dir`)."""
     from types import SimpleNamespace
 
     import torch
@@ -223,8 +224,15 @@ def add_tiny_lm(manager: FakeManager, path) -> None:
 
     adapter = load_model(ModelSpec("lm", "hf_causal_lm", str(path)), torch.device("cpu"))
     # no end-of-sequence token, so only max tokens or a cancel ends a sequence
-    batcher = ContinuousBatcher(adapter._model, adapter.tokenizer, torch.device("cpu"), BatchSettings(16, 32768),
-                                eos_ids=()).start()  # fmt: skip
+    if backend == "openvino":
+        from binserve.scheduling.openvino_genai import OpenVINOGenerator
+        from models.ov_export import export_for_genai, export_python
+
+        export = export_for_genai(path, cache_dir, export_python())
+        batcher = OpenVINOGenerator(export, adapter.tokenizer, BatchSettings(16, 32768), threads=2, eos_ids=()).start()
+    else:
+        batcher = ContinuousBatcher(adapter._model, adapter.tokenizer, torch.device("cpu"), BatchSettings(16, 32768),
+                                    eos_ids=()).start()  # fmt: skip
     batcher.submitted = []
     submit = batcher.submit_sequence
     batcher.submit_sequence = lambda seq: (batcher.submitted.append(seq), submit(seq))[1]

@@ -13,12 +13,14 @@ import requests
 import torch
 
 from models.example_causal_lm import EXAMPLE_PROMPTS
+from tests.conftest import GENERATION_BACKENDS, backend_settings
 from tests.serverproc import ROOT, ServerProcess, poll
 
 
-@pytest.fixture(scope="module")
-def srv(lm_dir):
-    with ServerProcess(workers=2, models=f"tiny=hf_causal_lm:{lm_dir}") as s:
+@pytest.fixture(scope="module", params=GENERATION_BACKENDS)
+def srv(request, lm_dir):
+    with ServerProcess(workers=2, models=f"tiny=hf_causal_lm:{lm_dir}", **backend_settings(request.param)) as s:
+        s.engine = {"loop": "torch-fp32", "openvino": "openvino-genai-fp32"}[request.param]  # what the seed reports
         yield s
 
 
@@ -64,7 +66,7 @@ def test_generate_answers_in_the_seeds_shape(srv, hf):
                           "finish_reason", "metadata"}  # fmt: skip
     assert reply["text"] == _reference(hf, tok(EXAMPLE_PROMPTS[0]).input_ids, 20)
     # the request's metadata, plus the document's {model_name, backend}
-    assert reply["metadata"] == {"user": "u-1", "tags": ["a"], "model_name": "tiny", "backend": "torch-fp32"}
+    assert reply["metadata"] == {"user": "u-1", "tags": ["a"], "model_name": "tiny", "backend": srv.engine}
     assert 0 < reply["tokens_generated"] <= 20 and reply["finish_reason"] in ("length", "stop")
     assert reply["generation_time"] > 0 and reply["tokens_per_second"] > 0 and reply["request_id"]
 
@@ -87,7 +89,7 @@ def test_the_seeds_javascript_client_runs_unmodified_with_nodes_fetch(srv, hf):
                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["whole"]["text"] == out["streamed"]["text"] == _reference(hf, tok(prompt).input_ids, 16)
-    assert out["whole"]["metadata"] == {"client": "js", "model_name": "tiny", "backend": "torch-fp32"}
+    assert out["whole"]["metadata"] == {"client": "js", "model_name": "tiny", "backend": srv.engine}
     assert 0 < out["whole"]["tokens_generated"] <= 16
     final = out["streamed"]["final"]
     assert out["streamed"]["events"] >= 2 and final["finish_reason"] == out["whole"]["finish_reason"]
@@ -138,7 +140,7 @@ def test_health_says_what_is_loaded(srv):
     assert {k: body[k] for k in ("status", "model_loaded", "tokenizer_loaded", "models")} == {
         "status": "healthy", "model_loaded": True, "tokenizer_loaded": True, "models": ["tiny"]}  # fmt: skip
     # the document's other fields, with their types
-    assert body["is_loaded"] is True and body["is_ready"] is True and body["backend_type"] == "torch-fp32"
+    assert body["is_loaded"] is True and body["is_ready"] is True and body["backend_type"] == srv.engine
     assert body["gpu_available"] is False and body["gpu_count"] == 0 and body["gpu_memory"] is None
 
 

@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, ViTForImageClassification
 
 from models.example_causal_lm import write_causal_lm
 from models.example_vision import write_vision_model
+from tests.conftest import GENERATION_BACKENDS, backend_settings
 from tests.seeds.conftest import VERBATIM, code_block, document, port_free
 from tests.serverproc import ServerProcess
 
@@ -36,13 +37,14 @@ def dirs(tmp_path_factory):
     return {"lm": write_causal_lm(root / "lm", layers=2, hidden=64), "pets": write_vision_model(root / "pets")}
 
 
-@pytest.fixture(scope="module")
-def srv(dirs, tmp_path_factory):
+@pytest.fixture(scope="module", params=GENERATION_BACKENDS)
+def srv(request, dirs, tmp_path_factory):
     if not port_free(PORT):
         pytest.fail(f"port {PORT} (the documents') is taken on this machine")
     models = f"pets=hf_image:{dirs['pets']},lm=hf_causal_lm:{dirs['lm']}"
-    with ServerProcess(port=PORT, workers=1, models=models, openai_any_model="true",
-                       model_repository=tmp_path_factory.mktemp("repo")) as server:  # fmt: skip
+    repo, backend = tmp_path_factory.mktemp("repo"), backend_settings(request.param)
+    with ServerProcess(port=PORT, workers=1, models=models, openai_any_model="true", model_repository=repo,
+                       **backend) as server:  # fmt: skip
         yield server
 
 
