@@ -12,20 +12,21 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.example_causal_lm import EXAMPLE_PROMPTS
+from tests.conftest import GENERATION_BACKENDS, backend_settings
 from tests.serverproc import ServerProcess
 
 KEY = "sk-generation-0123456789"
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory, lm_dir):
+@pytest.fixture(scope="module", params=GENERATION_BACKENDS)
+def srv(request, tmp_path_factory, lm_dir):
     root = tmp_path_factory.mktemp("gen-policy")
     lm = lm_dir
     keys = root / "keys.json"
     keys.write_text(json.dumps({"keys": [{"name": "gen", "key": KEY, "routes": ["generate"],
                                           "tokens_per_minute": 6_000_000}]}))  # fmt: skip
     with ServerProcess(workers=1, models=f"tiny=hf_causal_lm:{lm}", api_keys_file=keys,
-                       response_cache_bytes=1 << 20) as s:  # fmt: skip
+                       response_cache_bytes=1 << 20, **backend_settings(request.param)) as s:  # fmt: skip
         yield s
 
 
