@@ -9,7 +9,7 @@ IMAGE ?= binserve:0.3.0
 # the examples server's admin token (it listens on HOST, 127.0.0.1 by default; set your own elsewhere)
 ADMIN_TOKEN ?= s3cret
 
-.PHONY: install install-dev openvino-genai serve examples serve-examples test bench-protocol bench-serve bench-core bench-plan bench-policy bench-ab bench-fanout bench-generate bench-soak bench-images bench-classify gpu-check gpu-check-prepare lint load image docker-test replicas-test
+.PHONY: install install-dev openvino-genai serve examples serve-examples test bench-protocol bench-serve bench-core bench-plan bench-policy bench-ab bench-fanout bench-generate bench-backends bench-soak bench-images bench-classify gpu-check gpu-check-prepare lint load image docker-test replicas-test
 
 # The server's runtime (requirements.txt), then, for the tests, load tests and linters, requirements-dev.txt.
 # pip prints what it collects and installs; a fresh machine takes a few minutes (torch is the largest).
@@ -100,6 +100,10 @@ bench-generate: install-dev
 	$(PY) -m bench.generate_bench
 
 # Worker RSS over a 100k-request soak of one server (bench/soak_bench.py)
+# generation backends like for like (EOS on, token ids counted): transformers generate, the loop, OpenVINO GenAI
+bench-backends: install-dev
+	$(PY) -m bench.backends_bench $(ARGS)
+
 bench-soak: install-dev
 	$(PY) -m bench.soak_bench --requests 100000
 

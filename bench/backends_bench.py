@@ -120,8 +120,8 @@ def in_process(path: Path, export: Path, max_tokens: int) -> dict:
     return rows
 
 
-def stream(base_url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": "lm", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+def stream(base_url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
     stamps, tokens = [], None
@@ -139,14 +139,14 @@ def stream(base_url: str, prompt: str, max_tokens: int) -> dict:
     return {"tokens": tokens or 0, "ttft": stamps[0] - t0 if stamps else None, "itl": itl}
 
 
-def through_http(base_url: str, max_tokens: int) -> dict[int, dict]:
+def through_http(base_url: str, model: str, max_tokens: int) -> dict[int, dict]:
     out = {}
     for n in STREAMS:
-        stream(base_url, prompts(1)[0], 4)  # warm
+        stream(base_url, model, prompts(1)[0], 4)  # warm
         ps = prompts(n)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
-            results = list(pool.map(lambda p: stream(base_url, p, max_tokens), ps))
+            results = list(pool.map(lambda p: stream(base_url, model, p, max_tokens), ps))
         wall = time.perf_counter() - t0
         ttft = [r["ttft"] for r in results if r["ttft"] is not None]
         itl = [r["itl"] for r in results if r["itl"] is not None]
@@ -173,11 +173,14 @@ def main() -> None:
         path = write_causal_lm(work / size, **SIZES[size])
         export = export_for_genai(path, str(work / "cache"), export_python())
         rows = in_process(path, export, args.max_tokens)
+        print(f"{size}: in process: {rows}", flush=True)
         http = {}
         for backend in ("loop", "openvino"):
             with ServerProcess(model_path=str(path), generation_backend=backend, cache_dir=str(work / "cache")) as srv:
-                name = requests.get(f"{srv.base_url}/models", timeout=10).json()["models"][0]["engines"][0]
-                http[f"binserve HTTP, {backend} ({name})"] = through_http(srv.base_url, args.max_tokens)
+                served = requests.get(f"{srv.base_url}/models", timeout=10).json()["models"][0]
+                row = f"binserve HTTP, {backend} ({served['engines'][0]})"
+                http[row] = through_http(srv.base_url, served["name"], args.max_tokens)
+                print(f"{size}: {backend} through HTTP: {http}", flush=True)
         report(size, rows, http)
 
 

@@ -148,3 +148,19 @@ def test_without_an_export_environment_auto_falls_back_and_openvino_fails_the_lo
     assert "no OpenVINO export environment" in lm.describe()["runtime"]["backend_note"]
     with pytest.raises(RuntimeError, match="generation_backend=openvino is not available"):
         _adapter(path, cache, generation_backend="openvino", export_python=str(tmp_path / "no-python"))
+
+
+def test_the_check_measures_how_far_an_engines_tokens_are_from_the_fp32_best(exported, loop, engine):
+    from models.generation_backends import TOLERANCE, max_gap, passes
+
+    path = exported[0]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    _, tok = loop
+    prompts = [tok(p).input_ids for p in EXAMPLE_PROMPTS[:4]]
+    own = greedy(engine, prompts, 12)
+    assert max_gap(model, prompts, own) <= TOLERANCE["fp32"]
+    with torch.no_grad():  # each position's least likely token: what a broken engine could pick
+        logits = [model(torch.tensor([p + o])).logits[0, len(p) - 1 : -1] for p, o in zip(prompts, own, strict=True)]
+    worst = [step.argmin(-1).tolist() for step in logits]
+    gap = max_gap(model, prompts, worst)
+    assert gap > 1.0 and not passes("bf16", gap) and not passes("fp32", gap)
