@@ -162,6 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"model sizes, of {list(SIZES)}")
+    ap.add_argument("--workers", type=int, default=0, help="the servers' Gunicorn workers (0: the server's default)")
     args = ap.parse_args()
     from binserve.process.coreshare import usable_cores
     from models.ov_export import export_for_genai, export_python
@@ -176,7 +177,8 @@ def main() -> None:
         print(f"{size}: in process: {rows}", flush=True)
         http = {}
         for backend in ("loop", "openvino"):
-            with ServerProcess(model_path=str(path), generation_backend=backend, cache_dir=str(work / "cache")) as srv:
+            with ServerProcess(workers=args.workers, model_path=str(path), generation_backend=backend,
+                               cache_dir=str(work / "cache")) as srv:  # fmt: skip
                 served = requests.get(f"{srv.base_url}/models", timeout=10).json()["models"][0]
                 row = f"binserve HTTP, {backend} ({served['engines'][0]})"
                 http[row] = through_http(srv.base_url, served["name"], args.max_tokens)

@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from binserve.scheduling.openvino_genai import MIN_BF16_THREADS
 from binserve.scheduling.sequences import SamplingParams, Sequence
 
 log = logging.getLogger("binserve.models")
@@ -78,8 +79,9 @@ def passes(precision: str, gap: float) -> bool:
     return gap <= TOLERANCE[precision]
 
 
-def candidates(asked_precision: str, bf16_native: bool) -> list[str]:
-    """OpenVINO precisions to try, fastest first: bf16 where the CPU computes it natively."""
+def candidates(asked_precision: str, bf16_native: bool, threads: int) -> list[str]:
+    """OpenVINO precisions to try, fastest first: bf16 where the CPU computes it natively and the
+    engine gets two threads or more (`openvino_genai.MIN_BF16_THREADS` says why)."""
     if asked_precision in ("fp32", "bf16"):
         return [asked_precision]
-    return ["bf16", "fp32"] if bf16_native else ["fp32"]
+    return ["bf16", "fp32"] if bf16_native and threads >= MIN_BF16_THREADS else ["fp32"]

@@ -260,7 +260,7 @@ class HFCausalLM(ModelAdapter):
             return Choice("loop", note=f"OpenVINO GenAI not available: {exc}")
         prompts = self.check_prompts()
         failed = []
-        for precision in candidates(self.options.runtime.precision, native("bf16", self.device)):
+        for precision in candidates(self.options.runtime.precision, native("bf16", self.device), compute_threads()):
             engine = self._openvino(Choice("openvino", precision, str(path)), loop.settings).start()
             try:
                 gap = max_gap(self._model, prompts, greedy(engine, prompts))

@@ -31,6 +31,10 @@ log = logging.getLogger("binserve.generation")
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 #: the engine's KV-cache block on CPU (tokens); a sequence's reservation is rounded up to blocks
 BLOCK_TOKENS = 32
+#: OpenVINO 2026.4's bf16 pipeline dies of SIGFPE in its first step on one thread (one
+#: INFERENCE_NUM_THREADS, or a process pinned to one core; fp32 runs): a crash no `except` catches,
+#: so bf16 is refused below this rather than tried
+MIN_BF16_THREADS = 2
 
 
 class OpenVINOGenerator(GenerationStreams):
@@ -44,8 +48,8 @@ class OpenVINOGenerator(GenerationStreams):
         tokenizer,
         settings: BatchSettings,
         *,
+        threads: int,
         precision: str = "fp32",
-        threads: int = 0,
         prefill_chunk: int = 512,
         max_waiting: int = 256,
         eos_ids: tuple[int, ...] = (),
@@ -68,9 +72,13 @@ class OpenVINOGenerator(GenerationStreams):
         config.max_num_batched_tokens = max(prefill_chunk, s.max_batch_size)
         config.dynamic_split_fuse = True  # a long prompt is spread over steps, as the loop's prefill_chunk does
         config.enable_prefix_caching = True
-        properties = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
-        if threads:
-            properties["INFERENCE_NUM_THREADS"] = threads
+        if precision == "bf16" and threads < MIN_BF16_THREADS:
+            raise ValueError(
+                f"OpenVINO GenAI in bf16 needs {MIN_BF16_THREADS} threads or more (it crashes on {threads}); "
+                "use fp32 on one core"
+            )
+        # the cores this worker may use (runtime.compute_threads), never OpenVINO's guess of the host's
+        properties = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads}
         self.precision = precision
         self.pipe = openvino_genai.ContinuousBatchingPipeline(str(models_path), config, "CPU", properties)
         self._ids = itertools.count()

@@ -164,3 +164,19 @@ def test_the_check_measures_how_far_an_engines_tokens_are_from_the_fp32_best(exp
     worst = [step.argmin(-1).tolist() for step in logits]
     gap = max_gap(model, prompts, worst)
     assert gap > 1.0 and not passes("bf16", gap) and not passes("fp32", gap)
+
+
+def test_bf16_is_never_tried_on_one_thread_where_openvino_crashes(exported, loop):
+    """OpenVINO 2026.4's bf16 pipeline dies of SIGFPE on one thread: the plan leaves it out there,
+    and asking for it is a ValueError, not a dead worker."""
+    from models.generation_backends import candidates
+
+    assert candidates("auto", True, 2) == ["bf16", "fp32"]
+    assert candidates("auto", True, 1) == ["fp32"] and candidates("auto", False, 8) == ["fp32"]
+    with pytest.raises(ValueError, match="bf16 needs 2 threads"):
+        OpenVINOGenerator(exported[1], loop[1], BatchSettings(4, 4096), precision="bf16", threads=1)
+    one = OpenVINOGenerator(exported[1], loop[1], BatchSettings(4, 4096), precision="fp32", threads=1).start()
+    try:
+        assert len(run(one, loop[1], "Hello", max_new_tokens=4, temperature=0.0).output) == 4
+    finally:
+        one.close()
