@@ -92,7 +92,9 @@ def test_the_seeds_javascript_client_runs_unmodified_with_nodes_fetch(srv, hf):
     assert out["whole"]["metadata"] == {"client": "js", "model_name": "tiny", "backend": srv.engine}
     assert 0 < out["whole"]["tokens_generated"] <= 16
     final = out["streamed"]["final"]
-    assert out["streamed"]["events"] >= 2 and final["finish_reason"] == out["whole"]["finish_reason"]
+    # text events: one or more - tokens that arrive while the writer is busy go out in one event
+    # (Sequence.stream_batches), and OpenVINO can make all 16 before the first write (CI saw 1)
+    assert out["streamed"]["events"] >= 1 and final["finish_reason"] == out["whole"]["finish_reason"]
     assert out["chat"]["message"]["role"] == "assistant" and out["chat"]["tokens_generated"] <= 8
 
 
