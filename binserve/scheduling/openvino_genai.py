@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 
 import numpy as np
 
@@ -121,8 +122,8 @@ class OpenVINOGenerator(GenerationStreams):
             c.top_p = p.top_p
             if p.top_k:
                 c.top_k = p.top_k
-            if p.seed is not None:
-                c.rng_seed = p.seed
+            # the engine's default seed is 0 for every request: unseeded requests would all sample alike
+            c.rng_seed = p.seed if p.seed is not None else secrets.randbits(63)
         c.repetition_penalty = p.repetition_penalty
         c.presence_penalty = p.presence_penalty
         c.frequency_penalty = p.frequency_penalty

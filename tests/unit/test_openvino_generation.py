@@ -89,10 +89,12 @@ def test_eos_ends_a_sequence_as_the_loop_does(exported, loop):
     assert (seq.output, seq.finish_reason) == (first[:3], "stop")
 
 
-def test_seeded_sampling_repeats_and_chosen_logprobs_match_the_loop(loop, engine):
+def test_seeded_sampling_repeats_unseeded_does_not_and_chosen_logprobs_match_the_loop(loop, engine):
     b, tok = loop
     a, c = (run(engine, tok, EXAMPLE_PROMPTS[2], max_new_tokens=12, temperature=0.9, seed=5) for _ in range(2))
     assert a.output == c.output and len(a.output) == 12
+    free = [run(engine, tok, EXAMPLE_PROMPTS[2], max_new_tokens=12, temperature=0.9).output for _ in range(3)]
+    assert len({tuple(f) for f in free}) > 1  # the engine's own default seed is the same for every request
     ours = run(b, tok, EXAMPLE_PROMPTS[2], max_new_tokens=6, temperature=0.0, logprobs=0)
     theirs = run(engine, tok, EXAMPLE_PROMPTS[2], max_new_tokens=6, temperature=0.0, logprobs=0)
     assert theirs.output == ours.output
