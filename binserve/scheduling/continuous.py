@@ -88,15 +88,9 @@ class ContinuousBatcher(GenerationStreams):
 
     def stats(self) -> dict:
         """What GET /models shows of the generation loop."""
-        running, waiting = self.counts()
         return {
-            "backend_type": self.backend_type,
+            **super().stats(),
             "steps": self.steps,
-            "sequences": self.sequences,
-            "generated_tokens": self.generated,
-            "running": running,
-            "waiting": waiting,
-            "reserved_cache_tokens": self._reserved,
             "cache_tokens": self.cache.allocated_tokens,
             "prefill_tokens": self.prefill_tokens,
             "prefix_hits": self.prefixes.hits,

@@ -99,17 +99,7 @@ class OpenVINOGenerator(GenerationStreams):
             )
 
     def stats(self) -> dict:
-        running, waiting = self.counts()
-        return {
-            "backend_type": self.backend_type,
-            "precision": self.precision,
-            "steps": self.steps,
-            "sequences": self.sequences,
-            "generated_tokens": self.generated,
-            "running": running,
-            "waiting": waiting,
-            "reserved_cache_tokens": self._reserved,
-        }
+        return {**super().stats(), "precision": self.precision, "steps": self.steps}
 
     def _config(self, seq: Sequence):
         p = seq.params

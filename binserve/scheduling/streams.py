@@ -82,6 +82,18 @@ class GenerationStreams(SchedulerThread):
         """(running, waiting) sequences now."""
         raise NotImplementedError
 
+    def stats(self) -> dict:
+        """What GET /models shows of every backend; a backend adds its own counters."""
+        running, waiting = self.counts()
+        return {
+            "backend_type": self.backend_type,
+            "sequences": self.sequences,
+            "generated_tokens": self.generated,
+            "running": running,
+            "waiting": waiting,
+            "reserved_cache_tokens": self._reserved,
+        }
+
     def _reservation(self, seq: Sequence) -> int:
         return len(seq.prompt) + seq.params.max_new_tokens
 
