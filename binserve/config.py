@@ -24,8 +24,8 @@ from pathlib import Path
 ENV_PREFIX = "BINSERVE_"
 #: the server's version (V2 server metadata, the image tag)
 VERSION = "0.3.0"
-#: what `runtime` and `precision` may name (models/engines.py explains them)
-RUNTIMES = ("auto", "torch", "onnx")
+#: what `runtime` and `precision` may name (binserve/engines/ explains them)
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: what `generation_backend` may name (models/generation_backends.py explains them)
 GENERATION_BACKENDS = ("auto", "loop", "openvino")

@@ -4,7 +4,7 @@ design: an adapter owns one loaded model version on one device and knows its inp
 thread calls `validate` (decode-time checks and cheap CPU work such as tokenization, BEFORE the
 request is queued, so a bad request never reaches a batch); the batch thread calls `run_batch` with
 the samples of many requests: `collate` them into host arrays, run the engine the version's plan
-picks for that batch size (models/engines.py: torch or ONNX Runtime, fp32, bf16, fp16 or int8,
+picks for that batch size (binserve/engines/: torch or ONNX Runtime, fp32, bf16, fp16 or int8,
 chosen at load by accuracy and measured speed), and `split` the outputs back to one dict per
 sample; the request thread calls `join` to shape the reply. An adapter supplies the pieces the
 engines need - its torch forward, an exportable module, inputs to check accuracy on and a way to
@@ -25,25 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from binserve.engines.cache import cache_key, cached_path, exclusive, load_record, machine_key, save_record
+from binserve.engines.candidates import plan_candidates
+from binserve.engines.onnx import export_onnx, ort_engine, quantize_int8
+from binserve.engines.openvino import convert, ir_name, ov_engine
+from binserve.engines.plans import Plan, make_plan
+from binserve.engines.settings import TORCH_DTYPES, Engine, RuntimeSettings
 from binserve.errors import LimitExceeded
 from binserve.process.runtime import DeviceRunner, batch_threads, in_compute_thread
 from models.contract import TensorSpec, Validated
-from models.engines import (
-    TORCH_DTYPES,
-    Engine,
-    RuntimeSettings,
-    cache_key,
-    cached_path,
-    exclusive,
-    export_onnx,
-    load_record,
-    machine_key,
-    native,
-    ort_engine,
-    quantize_int8,
-    save_record,
-)
-from models.plans import Plan, make_plan
 
 
 @dataclass(frozen=True)
@@ -118,6 +108,8 @@ class ModelAdapter(abc.ABC):
         self._record_seen: int | None = None
         self._follow_at = 0.0
         self.plan: Plan | None = None
+        #: the fp32 torch weights were let go after planning (no engine of the plan runs on torch)
+        self.torch_released = False
         self.load(self.model_dir)
 
     # --- what an adapter supplies -----------------------------------------------------------------
@@ -200,6 +192,8 @@ class ModelAdapter(abc.ABC):
     # --- engines and the plan ---------------------------------------------------------------------
     def torch_engine(self, precision: str) -> Engine:
         """torch in `precision`: fp32 as loaded; bf16/fp16 by autocast, or by cast weights (see above)."""
+        if self.torch_released:
+            raise RuntimeError(f"{self.name}: the torch weights were released after planning (no engine uses them)")
         dtype = TORCH_DTYPES[precision]
         module, autocast = self.module, (dtype if precision != "fp32" else None)
         if precision == "bf16" and self.bf16_weights_on_cpu and self.device.type == "cpu":
@@ -211,46 +205,41 @@ class ModelAdapter(abc.ABC):
 
         return Engine(f"torch-{precision}", run)
 
-    def onnx_engine(self, precision: str) -> Engine:
-        """ONNX Runtime on the CPU: the exported model (cached beside the version), int8-quantized if asked."""
+    def onnx_export(self) -> tuple[OnnxSpec, str, Path]:
+        """The adapter's exportable module, the key its derived files are cached under, and its ONNX
+        export: the version's own `model.onnx`, else one made once and cached."""
         spec = self.onnx_spec()
         if spec is None:
             raise RuntimeError(f"{self.adapter_name} models of this kind do not export to ONNX")
-        model_dir = self.model_dir
-        key = cache_key(model_dir, self.adapter_name, *spec.inputs, *spec.outputs)
-        fp32 = cached_path(self.options.runtime.cache_dir, f"{key}-fp32.onnx")
-        shipped = model_dir / "model.onnx"
+        key = cache_key(self.model_dir, self.adapter_name, *spec.inputs, *spec.outputs)
+        shipped = self.model_dir / "model.onnx"
         if shipped.is_file():
-            fp32 = shipped  # the version ships its own export
-        else:
-            example = tuple(torch.from_numpy(np.ascontiguousarray(spec.example[k])) for k in spec.inputs)
-            export_onnx(spec.module, example, spec.inputs, spec.outputs, spec.dynamic, fp32)
-        path = fp32
+            return spec, key, shipped
+        path = cached_path(self.options.runtime.cache_dir, f"{key}-fp32.onnx")
+        example = tuple(torch.from_numpy(np.ascontiguousarray(spec.example[k])) for k in spec.inputs)
+        return spec, key, export_onnx(spec.module, example, spec.inputs, spec.outputs, spec.dynamic, path)
+
+    def onnx_engine(self, precision: str) -> Engine:
+        """ONNX Runtime on the CPU: the ONNX export, int8-quantized if asked (cached beside the version)."""
+        spec, key, path = self.onnx_export()
         if precision == "int8":
-            path = quantize_int8(
-                fp32, cached_path(self.options.runtime.cache_dir, f"{key}-int8.onnx"), self.int8_excluded
-            )
+            int8 = cached_path(self.options.runtime.cache_dir, f"{key}-int8.onnx")
+            path = quantize_int8(path, int8, self.int8_excluded)
         return ort_engine(f"onnx-{precision}", path, spec.inputs, spec.outputs)
+
+    def openvino_engine(self, precision: str) -> Engine:
+        """OpenVINO on the CPU: the ONNX export converted to OpenVINO's IR (cached), compiled in `precision`."""
+        spec, key, onnx_path = self.onnx_export()
+        ir = convert(onnx_path, cached_path(self.options.runtime.cache_dir, ir_name(key)))
+        return ov_engine(f"openvino-{precision}", ir, precision, spec.inputs, spec.outputs)
 
     def prepare(self) -> None:
         """Choose the engines: every candidate the settings and the device allow, gated and timed."""
         in_compute_thread()
         s = self.options.runtime
-        runtimes = ("torch", "onnx") if s.runtime == "auto" else (s.runtime,)
-        precisions = ("fp32", "bf16", "fp16", "int8") if s.precision == "auto" else (s.precision,)
-        candidates, skipped = [], []
-        for rt in runtimes:
-            for p in precisions:
-                name = f"{rt}-{p}"
-                if name == "torch-fp32" or (rt == "torch" and p == "int8"):
-                    continue  # the reference itself; int8 is ONNX Runtime's
-                if rt == "onnx" and (self.device.type != "cpu" or p in ("bf16", "fp16")):
-                    skipped.append((name, f"ONNX Runtime runs fp32 and int8 on the CPU here, not {p} on {self.device}"))
-                elif not native(p, self.device):
-                    skipped.append((name, f"{p} is not native on this {self.device.type}"))
-                else:
-                    maker = self.torch_engine if rt == "torch" else self.onnx_engine
-                    candidates.append((name, lambda maker=maker, p=p: maker(p)))
+        makers = {"torch": self.torch_engine, "onnx": self.onnx_engine, "openvino": self.openvino_engine}
+        pairs, skipped = plan_candidates(s.runtime, s.precision, self.device)
+        candidates = [(f"{rt}-{p}", lambda make=makers[rt], p=p: make(p)) for rt, p in pairs]
         gate = self.gate_samples()
         # owned copies: on a GPU collate fills reusable pinned buffers, which the next collate overwrites
         gate_sets = [{k: v.copy() for k, v in self.collate(g).items()} for g in (gate, gate[:1])]
@@ -283,6 +272,16 @@ class ModelAdapter(abc.ABC):
         self._record_file, self._record_seen, self._follow_at = record_file, _mtime(record_file), 0.0
         for name, why in skipped:
             self.plan.note_skipped(name, why)
+        self._release_unused()
+
+    def _release_unused(self) -> None:
+        """After planning, hold only the engines the plan serves with: the others are dropped, and the
+        fp32 torch weights (the reference every candidate was gated against) go too when no engine
+        kept runs on torch - their structure stays, on the meta device, for `describe`."""
+        self.plan.release_unused()
+        if self.device.type == "cpu" and not any(name.startswith("torch-") for name in self.plan.holds()):
+            self.module.to("meta")
+            self.torch_released = True
 
     # --- the batch thread ---------------------------------------------------------------------------
     def run_batch(self, samples: list) -> list[dict]:

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from binary_protocol import as_array
+from binserve.engines.settings import native
 from binserve.errors import InvalidInput, LimitExceeded
 from binserve.process.runtime import batch_threads, compute_threads, in_compute_thread
 from binserve.scheduling.continuous import ContinuousBatcher
@@ -29,7 +30,6 @@ from binserve.scheduling.sequences import SamplingParams, Sequence
 from binserve.scheduling.streams import GenerationStreams
 from models.base import ModelAdapter
 from models.contract import TensorSpec, Validated
-from models.engines import native
 from models.generation_backends import BACKEND_TYPES, Choice, candidates, greedy, max_gap, passes
 from models.lm_scoring import continuation_logprobs
 

@@ -2,7 +2,7 @@
 
 design: tokenization happens in `validate`, on the request thread, with the fast tokenizer and
 without padding (~0.05 ms a text), so the batch thread only pads to the batch's own longest row and
-runs the forward pass on the engine its plan picks (models/engines.py). Embedding models give
+runs the forward pass on the engine its plan picks (binserve/engines/). Embedding models give
 pooled, L2-normalised embeddings through the sentence-transformers pipeline the directory declares
 (models/sentence_modules.py: pooling, Dense projections; mean pooling by default); of an
 encoder-decoder family (T5: sentence-T5, GTR) only the encoder is loaded (`T5EncoderModel`, or the

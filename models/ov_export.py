@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from models.engines import cache_key, cached_path, exclusive
+from binserve.engines.cache import cache_key, cached_path, exclusive
 
 log = logging.getLogger("binserve.models")
 

@@ -44,8 +44,8 @@ def server():
 
 @pytest.fixture(scope="session")
 def lm_dir(tmp_path_factory):
-    """The tiny random Llama (models/example_causal_lm.py) the generation tests serve, written once."""
-    from models.example_causal_lm import write_causal_lm
+    """The tiny random Llama (models/examples/causal_lm.py) the generation tests serve, written once."""
+    from models.examples.causal_lm import write_causal_lm
 
     return write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
 

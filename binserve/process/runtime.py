@@ -135,7 +135,7 @@ class DeviceRunner:
     name and slot, grown when a batch needs more, never `pin_memory()` per request); the copy to
     the device is `non_blocking` on a copy stream, and the compute stream waits on the copy's event
     rather than the host waiting; the model runs on the compute stream under inference_mode and
-    the autocast its engine asks for (models/engines.py); outputs come back once per batch into
+    the autocast its engine asks for (binserve/engines/); outputs come back once per batch into
     pinned buffers and the host synchronises only on that copy's event. Two slots alternate, so
     collating batch k+1 never writes into buffers that batch k's copy may still be reading.
     (CPU): the same calls, with plain arrays and no streams: `staging` gives a fresh array that

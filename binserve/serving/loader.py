@@ -16,6 +16,7 @@ import time
 import torch
 
 from binserve.config import ServerConfig
+from binserve.engines.settings import RuntimeSettings
 from binserve.observability import metrics
 from binserve.process.memory import trim_heap
 from binserve.scheduling.batcher import Batcher
@@ -24,7 +25,6 @@ from binserve.serving.repository import ModelRepository
 from binserve.serving.served import ModelSlot, ServedVersion, signature_of
 from binserve.serving.weights import check_weights
 from models.base import AdapterOptions, ModelAdapter, RequestLimits
-from models.engines import RuntimeSettings
 from models.registry import load_model
 
 log = logging.getLogger("binserve.models")

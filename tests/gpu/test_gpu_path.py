@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from binserve.engines.settings import RuntimeSettings
 from binserve.process.runtime import DeviceRunner
 from binserve.scheduling.continuous import ContinuousBatcher
 from binserve.scheduling.contract import BatchSettings
 from binserve.scheduling.sequences import SamplingParams, Sequence
 from models.base import AdapterOptions
-from models.engines import RuntimeSettings
-from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference
-from models.example_resnet import write_model_dir
+from models.examples.causal_lm import EXAMPLE_PROMPTS, greedy_reference
+from models.examples.resnet import write_model_dir
 from models.registry import ModelSpec, load_model
 from tests.conftest import MINILM
 

@@ -35,7 +35,7 @@ def client(make_client):
 
 @pytest.fixture(scope="session")
 def lm_dir(tmp_path_factory):
-    from models.example_causal_lm import write_causal_lm
+    from models.examples.causal_lm import write_causal_lm
 
     return write_causal_lm(tmp_path_factory.mktemp("lm") / "tiny", layers=2, hidden=64)
 

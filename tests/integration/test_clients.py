@@ -52,7 +52,7 @@ def test_tritonclient_policy_equals_native_infer(server, triton, n, binary):
         tensor = th.InferInput(name, list(arrays[name].shape), datatype)
         tensor.set_data_from_numpy(arrays[name], binary_data=binary)
         inputs.append(tensor)
-    # equal up to float rounding, on the same engine: every worker serves one plan (models/plans.py:
+    # equal up to float rounding, on the same engine: every worker serves one plan (binserve/engines/plans.py:
     # siblings adopt the first worker's), but its online check runs about one batch in 32 on another
     # engine that passed the accuracy gate, and a bf16 one differs by ~1e-3, so a pair that met
     # different engines is asked again; three such pairs in a row is ~1e-4 by chance, while a V2

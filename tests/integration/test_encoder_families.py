@@ -1,6 +1,6 @@
 """Every encoder family the seeds name serves what transformers computes, on real Gunicorn: T5 (encoder
 alone, encoder-decoder directory, classifier, sentence-T5 with a Dense projection), DeBERTa-v2 and
-ModernBERT (encoder and classifier), tiny random models built here (models/example_encoders.py),
+ModernBERT (encoder and classifier), tiny random models built here (models/examples/encoders.py),
 with whatever engines the plan picks (one text and a batch of eight can run on different ones)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import transformers
 from sentence_transformers import SentenceTransformer
 
-from models.example_encoders import FAMILIES, LABELS, write_encoder
+from models.examples.encoders import FAMILIES, LABELS, write_encoder
 from tests.serverproc import ServerProcess
 
 TEXTS = [

@@ -1,5 +1,5 @@
 """Fan-out and model control with real weights on real Gunicorn: MiniLM plus two classifiers built
-from MiniLM's encoder with seeded heads (models/example_classifier.py)."""
+from MiniLM's encoder with seeded heads (models/examples/classifier.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import requests
 import tritonclient.http as th
 
-from models.example_classifier import TOPICS, TOXICITY, write_classifier
+from models.examples.classifier import TOPICS, TOXICITY, write_classifier
 from models.registry import default_minilm_path
 from tests.serverproc import ServerProcess
 

@@ -11,7 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.example_causal_lm import EXAMPLE_PROMPTS
+from models.examples.causal_lm import EXAMPLE_PROMPTS
 from tests.conftest import GENERATION_BACKENDS, backend_settings
 from tests.serverproc import ServerProcess
 

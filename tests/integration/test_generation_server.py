@@ -1,4 +1,4 @@
-"""Generation on real Gunicorn: a tiny random Llama (models/example_causal_lm.py) served by
+"""Generation on real Gunicorn: a tiny random Llama (models/examples/causal_lm.py) served by
 hf_causal_lm, called natively, over OpenAI's routes and with the `openai` package unmodified."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference
+from models.examples.causal_lm import EXAMPLE_PROMPTS, greedy_reference
 from request_tools import send_inference_request
 from tests.conftest import GENERATION_BACKENDS, backend_settings
 from tests.serverproc import ServerProcess

@@ -18,8 +18,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from binary_protocol import binary_to_dict, dict_to_binary
-from models.example_policy import write_model_dir as write_policy
-from models.example_vision import write_vision_model
+from models.examples.policy import write_model_dir as write_policy
+from models.examples.vision import write_vision_model
 from request_tools import send_inference_request
 from tests.images import encode, hostile, photo, strip
 from tests.serverproc import ServerProcess, status_kib

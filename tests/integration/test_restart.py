@@ -12,7 +12,7 @@ import requests
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from models.example_classifier import TOPICS, TOXICITY, write_classifier
+from models.examples.classifier import TOPICS, TOXICITY, write_classifier
 from tests.serverproc import ServerProcess
 
 ADMIN = "restart-admin"

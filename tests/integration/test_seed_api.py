@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from models.example_causal_lm import EXAMPLE_PROMPTS
+from models.examples.causal_lm import EXAMPLE_PROMPTS
 from tests.conftest import GENERATION_BACKENDS, backend_settings
 from tests.serverproc import ROOT, ServerProcess, poll
 

@@ -15,7 +15,7 @@ from sentence_transformers import SentenceTransformer
 
 from binary_protocol import binary_to_dict, dict_to_binary
 from binserve import errors
-from models.example_policy import PolicyNet
+from models.examples.policy import PolicyNet
 from models.registry import default_minilm_path
 from request_tools import InferenceClient, send_inference_request
 

@@ -19,7 +19,7 @@ import requests
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from classify_client import ClassifyClient
-from models.example_causal_lm import write_causal_lm
+from models.examples.causal_lm import write_causal_lm
 from models.lm_scoring import reference_logprobs
 from tests.seeds.conftest import VERBATIM, code_block, document, port_free
 from tests.serverproc import ServerProcess
@@ -217,7 +217,7 @@ def test_the_documents_command_line_serves_a_config_whose_model_is_a_directory(l
 
 
 def test_an_encoder_classifier_can_back_classification(lm, tmp_path):
-    from models.example_classifier import write_classifier
+    from models.examples.classifier import write_classifier
 
     enc = write_classifier(tmp_path / "enc", [t["name"] for t in TOPICS], seed=5)
     config = tmp_path / "topics.json"

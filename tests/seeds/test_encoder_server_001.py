@@ -3,7 +3,7 @@ examples, as written, against real Gunicorn, with hub ids resolved from a local 
 
 The cache is laid out as the hub client writes it (`models--org--name/refs/main` naming a snapshot
 under `snapshots/`) and holds two tiny classifiers named as the document's scorers (MiniLM's encoder
-under a seeded head: models/example_classifier.py). Nothing is downloaded.
+under a seeded head: models/examples/classifier.py). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import requests
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from models.example_classifier import write_classifier
+from models.examples.classifier import write_classifier
 from tests.seeds.conftest import VERBATIM, code_block, document, port_free
 from tests.serverproc import ServerProcess
 

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, ViTForImageClassification
 
-from models.example_causal_lm import write_causal_lm
-from models.example_vision import write_vision_model
+from models.examples.causal_lm import write_causal_lm
+from models.examples.vision import write_vision_model
 from tests.conftest import GENERATION_BACKENDS, backend_settings
 from tests.seeds.conftest import VERBATIM, code_block, document, port_free
 from tests.serverproc import ServerProcess

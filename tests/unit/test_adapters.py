@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from binserve.engines.settings import RuntimeSettings
 from binserve.errors import InvalidInput, LimitExceeded
 from models.base import AdapterOptions, RequestLimits
-from models.engines import RuntimeSettings
 from models.hf_encoder import HFEncoder
 from models.registry import ModelSpec, default_minilm_path, load_model, parse_specs
 from models.torch_module import TorchModule

@@ -32,7 +32,7 @@ from models.torch_module import UntrustedModelCode, trusted_class
         "models.torch_module:importlib",  # a module re-exported by a trusted one
         "models.registry:ModelSpec",  # trusted, but not an nn.Module
         "models_evil.x:Net",  # a prefix of the name is not a package prefix
-        "models.example_policy",
+        "models.examples.policy",
         "../models/x:Net",
         "",
     ],
@@ -52,9 +52,21 @@ def test_the_module_is_not_even_imported(tmp_path, monkeypatch):
 
 
 def test_trusted_class_is_returned():
-    from models.example_policy import PolicyNet
+    from models.examples.policy import PolicyNet
 
-    assert trusted_class("models.example_policy:PolicyNet", ("models",)) is PolicyNet
+    assert trusted_class("models.examples.policy:PolicyNet", ("models",)) is PolicyNet
+
+
+@pytest.mark.parametrize("trusted", [("models",), ("models.example_policy",)])
+def test_manifests_naming_the_examples_old_modules_still_load(trusted):
+    """The example writers moved under models/examples/; a repository written before names the old module."""
+    from models.examples.policy import PolicyNet
+    from models.examples.resnet import ResNetPolicy
+
+    assert trusted_class("models.example_policy:PolicyNet", trusted) is PolicyNet
+    assert trusted_class("models.example_resnet:ResNetPolicy", ("models",)) is ResNetPolicy
+    with pytest.raises(UntrustedModelCode):  # the old name is trusted, the class's real home is not
+        trusted_class("models.example_resnet:ResNetPolicy", ("models.example_policy",))
 
 
 def test_a_manifest_that_names_a_command_never_runs_it(tmp_path):

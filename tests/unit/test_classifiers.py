@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from binserve.engines.settings import RuntimeSettings
 from binserve.errors import InvalidInput
 from models.base import AdapterOptions
-from models.engines import RuntimeSettings
-from models.example_classifier import TOPICS, TOXICITY, write_classifier
+from models.examples.classifier import TOPICS, TOXICITY, write_classifier
 from models.hf_encoder import HFEncoder
 from models.labels import label_rows
 from models.registry import default_minilm_path

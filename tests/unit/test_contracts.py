@@ -26,7 +26,7 @@ from binserve.scheduling.contract import (
 from binserve.serving.contract import AdapterView, GenerativeView, ModelHost, ServedModel
 from binserve.serving.manager import ModelManager
 from binserve.serving.served import LoadedModel, ModelSlot, ServedVersion
-from models.example_causal_lm import write_causal_lm
+from models.examples.causal_lm import write_causal_lm
 from models.registry import ModelSpec, default_minilm_path, load_model
 from tests.http.fakes import DoubleAdapter, EmbedAdapter, FakeManager
 

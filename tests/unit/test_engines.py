@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
-import models.plans as plans
+import binserve.engines.plans as plans
+import binserve.engines.timing as timing
+from binserve.engines.plans import make_plan
+from binserve.engines.settings import Engine, RuntimeSettings, native
 from models.base import AdapterOptions
-from models.engines import Engine, RuntimeSettings, native
 from models.hf_encoder import GATE_TEXTS
-from models.plans import make_plan
 from models.registry import ModelSpec, default_minilm_path, load_model
 
 CPU = torch.device("cpu")
@@ -56,7 +57,7 @@ def speeds(monkeypatch):
     def timed(engine, host, budget_s):
         return len(host["x"]) / table[engine.name][len(host["x"])]
 
-    monkeypatch.setattr(plans, "_time_call", timed)
+    monkeypatch.setattr(timing, "_time_call", timed)
     return table
 
 
@@ -185,7 +186,10 @@ def test_served_embeddings_match_sentence_transformers_on_every_batch_size(auto,
 
 @pytest.mark.parametrize(
     "runtime,precision,floor",
-    [("torch", "fp32", 0.99999), ("torch", "bf16", 0.999), ("onnx", "fp32", 0.99999), ("onnx", "int8", 0.97)],
+    [
+        ("torch", "fp32", 0.99999), ("torch", "bf16", 0.999), ("onnx", "fp32", 0.99999), ("onnx", "int8", 0.97),
+        ("openvino", "fp32", 0.99999), ("openvino", "bf16", 0.999),
+    ],  # fmt: skip
 )
 def test_every_engine_against_the_reference(cache, reference, runtime, precision, floor):
     if not native(precision, CPU):
@@ -214,9 +218,39 @@ def test_the_onnx_export_is_cached_and_reused_across_loads(cache, monkeypatch):
         raise AssertionError("exported again")
 
     monkeypatch.setattr(torch.onnx, "export", no_export)
-    monkeypatch.setattr(plans, "_time_call", lambda *a, **k: pytest.fail("timed again"))
+    monkeypatch.setattr(timing, "_time_call", lambda *a, **k: pytest.fail("timed again"))
     again = minilm(cache)  # a reload of the same files: export and timings come from the cache
     assert again.plan.engines and sorted(p.name for p in cache.glob("*-fp32.onnx")) == exported
+
+
+def test_the_openvino_ir_is_converted_once_and_reused(cache, monkeypatch):
+    import openvino
+
+    minilm(cache, runtime="openvino", precision="fp32")
+    irs = sorted(cache.glob("*-openvino-*.xml"))
+    assert len(irs) == 1 and irs[0].with_suffix(".bin").stat().st_size > 80e6  # MiniLM's fp32 weights
+    stamp = irs[0].stat().st_mtime_ns
+    monkeypatch.setattr(openvino, "save_model", lambda *a, **k: pytest.fail("converted again"))
+    again = minilm(cache, runtime="openvino", precision="fp32")
+    assert again.plan.engines == ["openvino-fp32"] and irs[0].stat().st_mtime_ns == stamp
+
+
+def test_a_worker_holds_only_the_engines_its_plan_uses(cache, monkeypatch):
+    monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 0.0)  # a quiet machine
+    model = minilm(cache, runtime="auto", precision="fp32")  # torch, ONNX Runtime and OpenVINO in fp32
+    assert model.plan.holds() == set(model.plan.engines)  # the slower ones were let go
+    if not any(e.startswith("torch-") for e in model.plan.engines):
+        assert model.torch_released and next(model.module.parameters()).device.type == "meta"
+        with pytest.raises(RuntimeError, match="released"):
+            model.torch_engine("fp32")
+    # it still serves, and describes itself with the released module
+    assert embed(model).shape == (len(TEXTS), 384) and model.describe()["parameters"] > 20e6
+
+    monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 2.0)  # timed beside a busy neighbour
+    provisional = minilm(cache / "busy", runtime="auto", precision="fp32")
+    assert provisional.plan.provisional
+    # each step keeps its runner-up, which the online check may still prefer
+    assert all(len(alts) == 1 for alts in provisional.plan.alternatives)
 
 
 def test_a_shipped_onnx_file_is_used(cache, tmp_path, monkeypatch):
@@ -240,7 +274,7 @@ def test_the_gate_texts_exercise_padding_and_long_rows(auto):
 
 
 def test_policy_engines_stay_within_its_tolerance(tmp_path):
-    from models.example_policy import PolicyNet
+    from models.examples.policy import PolicyNet
 
     model = load_model(ModelSpec("policy", "torch_module", "models/policy_v1", cache_dir=str(tmp_path)), CPU)
     model.prepare()
@@ -264,7 +298,7 @@ def test_exclusive_works_on_a_read_only_cache(tmp_path, monkeypatch):
     import errno
     import os
 
-    from models.engines import exclusive
+    from binserve.engines.cache import exclusive
 
     real_open = os.open
 

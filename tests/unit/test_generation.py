@@ -1,4 +1,4 @@
-"""Continuous batching on a tiny random Llama (models/example_causal_lm.py), in process."""
+"""Continuous batching on a tiny random Llama (models/examples/causal_lm.py), in process."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from binserve.errors import ClientGone, LimitExceeded, Overloaded
 from binserve.scheduling.continuous import ContinuousBatcher
 from binserve.scheduling.contract import BatchSettings, NullObserver, Scheduler
 from binserve.scheduling.sequences import SamplingParams, Sequence
-from models.example_causal_lm import EXAMPLE_PROMPTS, greedy_reference, write_causal_lm
+from models.examples.causal_lm import EXAMPLE_PROMPTS, greedy_reference, write_causal_lm
 from tests.serverproc import poll
 
 PROMPTS = EXAMPLE_PROMPTS

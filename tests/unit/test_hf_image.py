@@ -1,5 +1,5 @@
 """The hf_image adapter against transformers' own processor and model run directly, and torch_module
-inputs that take encoded images (in process, with the example ViTs of models/example_vision.py)."""
+inputs that take encoded images (in process, with the example ViTs of models/examples/vision.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
+from binserve.engines.settings import RuntimeSettings
 from binserve.errors import InvalidInput, LimitExceeded
 from models.base import AdapterOptions, RequestLimits
-from models.engines import RuntimeSettings
-from models.example_policy import write_model_dir as write_policy
-from models.example_vision import PET_LABELS, write_vision_model
+from models.examples.policy import write_model_dir as write_policy
+from models.examples.vision import PET_LABELS, write_vision_model
 from models.registry import ModelSpec, load_model
 from tests.images import encode, photo
 

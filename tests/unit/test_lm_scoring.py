@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from binserve.capabilities.config import CapabilityConfig
-from models.example_causal_lm import write_causal_lm
+from models.examples.causal_lm import write_causal_lm
 from models.lm_scoring import continuation_logprobs, reference_logprobs
 
 

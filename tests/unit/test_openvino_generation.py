@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from binserve.engines.settings import RuntimeSettings
 from binserve.errors import InvalidInput
 from binserve.scheduling.continuous import ContinuousBatcher
 from binserve.scheduling.contract import BatchSettings, Scheduler
 from binserve.scheduling.openvino_genai import OpenVINOGenerator
 from binserve.scheduling.sequences import SamplingParams, Sequence
-from models.engines import RuntimeSettings
-from models.example_causal_lm import EXAMPLE_PROMPTS, write_causal_lm
+from models.examples.causal_lm import EXAMPLE_PROMPTS, write_causal_lm
 from models.generation_backends import greedy
 from models.ov_export import export_for_genai, export_python
 from models.registry import AdapterOptions, ModelSpec, load_model

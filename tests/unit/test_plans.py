@@ -11,9 +11,10 @@ import time
 import numpy as np
 import pytest
 
-import models.plans as plans
-from models.engines import Engine
-from models.plans import Plan, Trial, make_plan
+import binserve.engines.plans as plans
+import binserve.engines.timing as timing
+from binserve.engines.plans import Plan, Trial, make_plan
+from binserve.engines.settings import Engine
 
 
 def fake(name: str) -> Engine:
@@ -73,7 +74,7 @@ def test_a_plan_timed_under_foreign_load_is_provisional_and_timed_again(monkeypa
     assert busy.provisional and meta["provisional"] is True and meta["foreign_cores"] == 1.7 and "boot" not in meta
     assert busy.describe()["provisional"] is True
     monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 0.0)
-    monkeypatch.setattr(plans, "_time_call", lambda engine, host, budget: {"ref": 2.0, "a": 0.5}[engine.name])
+    monkeypatch.setattr(timing, "_time_call", lambda engine, host, budget: {"ref": 2.0, "a": 0.5}[engine.name])
     made.clear()
     quiet = make_plan(fake("ref"), [("a", make("a"))], lambda n: {"x": np.arange(n)}, [{"x": np.arange(3)}],
                       always_ok, record=busy.record())  # fmt: skip
@@ -90,8 +91,8 @@ def test_interleaved_timing_keeps_each_engines_best_round(monkeypatch):
         calls.append(engine.name)
         return next(slow_rounds) if engine.name == "a" else 2.0
 
-    monkeypatch.setattr(plans, "_time_call", timed)
-    best = plans.time_engines([fake("a"), fake("b")], {"x": np.arange(4)})
+    monkeypatch.setattr(timing, "_time_call", timed)
+    best = timing.time_engines([fake("a"), fake("b")], {"x": np.arange(4)})
     assert best == {"a": 1.0, "b": 2.0}
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]  # the order rotates each round
 
@@ -129,7 +130,7 @@ def _provisional_plan(monkeypatch, made: list, boot: str | None) -> tuple[Plan, 
 
         return factory
 
-    monkeypatch.setattr(plans, "_time_call", lambda engine, host, budget: {"ref": 2.0, "a": 1.0}[engine.name])
+    monkeypatch.setattr(timing, "_time_call", lambda engine, host, budget: {"ref": 2.0, "a": 1.0}[engine.name])
     monkeypatch.setattr(plans.CpuMeter, "foreign_cores", lambda self: 1.7)  # the sibling worker was loading too
     return make_plan(fake("ref"), [("a", make("a"))], lambda n: {"x": np.arange(n)}, [{"x": np.arange(3)}],
                      always_ok, boot=boot), make  # fmt: skip
@@ -143,7 +144,7 @@ def test_sibling_workers_of_one_start_share_a_provisional_plan_and_a_later_start
     first, make = _provisional_plan(monkeypatch, made, boot="start-1")
     assert first.provisional and first.record()["_meta"]["boot"] == "start-1"
     # the sibling's timing would disagree: were it to time, it would pick "ref" everywhere
-    monkeypatch.setattr(plans, "_time_call", lambda engine, host, budget: {"ref": 0.1, "a": 1.0}[engine.name])
+    monkeypatch.setattr(timing, "_time_call", lambda engine, host, budget: {"ref": 0.1, "a": 1.0}[engine.name])
     sibling = make_plan(fake("ref"), [("a", make("a"))], lambda n: {"x": np.arange(n)}, [{"x": np.arange(3)}],
                         always_ok, record=first.record(), boot="start-1")  # fmt: skip
     assert sibling.engines == first.engines == ["a"]

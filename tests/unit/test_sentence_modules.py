@@ -11,7 +11,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
-from models.example_encoders import write_encoder
+from models.examples.encoders import write_encoder
 from models.registry import ModelSpec, load_model
 from models.sentence_modules import POOLING_MODES, pool, read_pipeline
 

@@ -1,7 +1,7 @@
 """The example array model: a small CNN policy, camera image + robot state -> action.
 
 It is what `torch_module` serves out of the box (models/policy_v1), so the array path of binserve
-is served and tested with a real module and real weights. `python -m models.example_policy DIR`
+is served and tested with a real module and real weights. `python -m models.examples.policy DIR`
 writes a model directory (manifest + seeded safetensors weights) for it.
 """
 
@@ -49,7 +49,7 @@ def write_model_dir(out: Path, seed: int = 0) -> Path:
     safetensors.torch.save_file(PolicyNet().state_dict(), out / "model.safetensors")
     manifest = {
         "adapter": "torch_module",
-        "class": "models.example_policy:PolicyNet",
+        "class": "models.examples.policy:PolicyNet",
         "init_args": {},
         "weights": "model.safetensors",
         "inputs": {

@@ -3,7 +3,7 @@
 The weights are random (seeded), so the text is nonsense; what generation does with them -
 shapes, caches, batching, sampling, stopping - is real. The tokenizer is a byte-level BPE trained
 here on a few sentences (no download), saved with a chat template, as a local Hugging Face causal
-LM directory is. `python -m models.example_causal_lm DIR [layers] [hidden]` writes one.
+LM directory is. `python -m models.examples.causal_lm DIR [layers] [hidden]` writes one.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 `python -m models.examples` (what `make examples` runs) writes, once, under `examples/`: the text
 classifiers `topics` (single-label) and `toxicity` (multi-label) on MiniLM's encoder
-(models/example_classifier.py), the causal LM `lm` (a random Llama, models/example_causal_lm.py),
-the image classifier `pets` (a random ViT of ViT-Tiny's shape, models/example_vision.py) and two
+(models/examples/classifier.py), the causal LM `lm` (a random Llama, models/examples/causal_lm.py),
+the image classifier `pets` (a random ViT of ViT-Tiny's shape, models/examples/vision.py) and two
 images to send it (`cat.jpg`, `dog.png`; drawn here, nothing downloaded); and under `incoming/`
 (the examples server's import_root) `minilm-v2`, a second version of MiniLM for the hot-reload
 example; and `examples/topics.json`, a capability server's configuration on `lm` (README: From the
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +61,9 @@ def picture(h: int, w: int, seed: int) -> Image.Image:
 
 def write_examples(root: Path = EXAMPLES, incoming: Path = INCOMING) -> None:
     """Write whatever of the examples is not there yet (a directory that exists is kept)."""
-    from models.example_causal_lm import write_causal_lm
-    from models.example_classifier import TOPICS, TOXICITY, write_classifier
-    from models.example_vision import write_vision_model
+    from models.examples.causal_lm import write_causal_lm
+    from models.examples.classifier import TOPICS, TOXICITY, write_classifier
+    from models.examples.vision import write_vision_model
     from models.registry import default_minilm_path
 
     steps = {
@@ -89,9 +88,3 @@ def write_examples(root: Path = EXAMPLES, incoming: Path = INCOMING) -> None:
     picture(300, 400, 2).save(root / "dog.png")
     print(f"{root / 'topics.json'}, {root / 'cat.jpg'}, {root / 'dog.png'}: written")
 
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--spec"]:
-        print(spec())
-    else:
-        write_examples()

@@ -4,7 +4,7 @@ Real transformers classes (ViT) with seeded random weights and a `preprocessor_c
 written by transformers' own ViTImageProcessor, built here with no hub: what `hf_image` serves.
 The labels are a pet classifier's; with random weights the answers are arbitrary, but the
 decode, preprocessing, batching and the probabilities' agreement with transformers run directly
-are real. `python -m models.example_vision DIR [classifier|encoder] [tiny|small] [vit|bit]` writes one: `tiny`
+are real. `python -m models.examples.vision DIR [classifier|encoder] [tiny|small] [vit|bit]` writes one: `tiny`
 (64 x 64 images, 2 layers of 64, for tests) or `small` (224 x 224, ViT-Tiny's 12 layers of 192).
 """
 

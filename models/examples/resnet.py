@@ -1,13 +1,13 @@
 """A ResNet-50-style policy on the seed's request shape: camera image + robot state -> action.
 
-Why it exists: the example policy (models/example_policy.py) is two small convolutions, which says
+Why it exists: the example policy (models/examples/policy.py) is two small convolutions, which says
 nothing about a GPU; this is the architecture of a real vision backbone (a 7x7 stem, bottleneck
 stages of [3, 4, 6, 3] blocks, widths 64..512 x 4: ResNet-50's 25M parameters at the defaults) with
 the policy's head, on uint8 (480, 640, 3) images and a float32 state of 6, so the GPU check can
 measure what the image path (pinned staging, copy and compute streams, channels_last, autocast)
 does with it. Weights are random and seeded; the last BatchNorm of each block starts at a small
 scale so activations stay in range through 16 blocks, as zero-init-residual training recipes do.
-`python -m models.example_resnet DIR [blocks] [width]` writes a model directory for torch_module;
+`python -m models.examples.resnet DIR [blocks] [width]` writes a model directory for torch_module;
 `blocks` as `3,4,6,3` and a base width of 64 give ResNet-50, `1,1,1,1` and 8 a tiny one for CPU runs.
 """
 
@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from models.example_policy import ACTION_DIM, IMAGE_SHAPE, STATE_DIM
+from models.examples.policy import ACTION_DIM, IMAGE_SHAPE, STATE_DIM
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 EXPANSION = 4
@@ -103,7 +103,7 @@ def write_model_dir(out: Path, blocks=RESNET50_BLOCKS, width: int = 64, seed: in
     safetensors.torch.save_file(model.state_dict(), out / "model.safetensors")
     manifest = {
         "adapter": "torch_module",
-        "class": "models.example_resnet:ResNetPolicy",
+        "class": "models.examples.resnet:ResNetPolicy",
         "init_args": {"blocks": list(blocks), "width": width},
         "weights": "model.safetensors",
         "inputs": {

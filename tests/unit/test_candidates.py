@@ -1,0 +1,47 @@
+"""Which (runtime, precision) pairs a version is tried on, and why the others are not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import binserve.engines.candidates as candidates
+from binserve.engines.candidates import plan_candidates
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def natively(monkeypatch):
+    """The device computes what the test says natively: natively.update({"bf16"}) etc."""
+    native = {"fp32", "int8"}
+    monkeypatch.setattr(candidates, "native", lambda p, device: p in native or (device.type == "cuda" and p != "int8"))
+    return native
+
+
+def test_auto_on_a_bf16_cpu_tries_every_runtime_in_what_it_computes(natively):
+    natively.add("bf16")
+    chosen, skipped = plan_candidates("auto", "auto", CPU)
+    assert chosen == [("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("openvino", "bf16")]
+    assert skipped == [("torch-fp16", "fp16 is not native on this cpu")]  # pairs that do not exist go unnamed
+
+
+def test_bf16_is_not_tried_where_the_cpu_would_emulate_it(natively):
+    chosen, _ = plan_candidates("auto", "auto", CPU)
+    assert ("openvino", "bf16") not in chosen and ("torch", "bf16") not in chosen and ("openvino", "fp32") in chosen
+
+
+def test_on_a_gpu_only_torch_runs_and_the_cpu_runtimes_say_why(natively):
+    chosen, skipped = plan_candidates("auto", "auto", GPU)
+    assert chosen == [("torch", "bf16"), ("torch", "fp16")]
+    why = dict(skipped)
+    assert why["onnx-fp32"] == "ONNX Runtime runs on the CPU here, not on cuda"
+    assert why["openvino-bf16"] == "OpenVINO runs on the CPU here, not on cuda"
+
+
+def test_an_asked_precision_names_the_runtimes_that_do_not_run_it(natively):
+    chosen, skipped = plan_candidates("auto", "int8", CPU)
+    assert chosen == [("onnx", "int8")]
+    assert dict(skipped)["openvino-int8"] == "OpenVINO runs fp32/bf16 here, not int8"
+    chosen, skipped = plan_candidates("openvino", "fp32", CPU)
+    assert chosen == [("openvino", "fp32")] and skipped == []
