@@ -52,7 +52,7 @@ install-dev: $(VENV)/.installed-dev
 serve: install
 	$(PY) server.py --host $(HOST) --port $(PORT) --workers $(WORKERS) $(ARGS)
 
-# Every example model the README calls (models/examples.py), then a server of all of them: MiniLM (the
+# Every example model the README calls (models/examples/), then a server of all of them: MiniLM (the
 # default), topics, toxicity, lm, pets; /update_model with ADMIN_TOKEN, path imports from ./incoming.
 examples: install
 	$(PY) -m models.examples
@@ -99,13 +99,14 @@ bench-fanout: install-dev
 bench-generate: install-dev
 	$(PY) -m bench.generate_bench
 
-# Worker RSS over a 100k-request soak of one server (bench/soak_bench.py)
 # generation backends like for like (EOS on, token ids counted): transformers generate, the loop, OpenVINO GenAI
 bench-backends: install-dev
 	$(PY) -m bench.backends_bench $(ARGS)
 
+# Worker RSS and PSS over a 100k-request soak of one server (bench/soak_bench.py); ARGS="--varied ..." sends
+# 1-16 texts of 25-250 tokens a request instead of one short text
 bench-soak: install-dev
-	$(PY) -m bench.soak_bench --requests 100000
+	$(PY) -m bench.soak_bench --requests 100000 $(ARGS)
 
 # The raw vision model vs binserve with 640x480 JPEGs (binary and base64 JSON), decode cost (bench/image_bench.py)
 bench-images: install-dev

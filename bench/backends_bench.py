@@ -2,7 +2,7 @@
 token, counting generated token ids (not SSE chunks).
 
 Run: `make bench-backends` (= `.venv/bin/python -m bench.backends_bench`). Random-weight Llamas made
-here (models/example_causal_lm.py), two sizes. Per size, at 1, 8 and 32 streams of ~32-token
+here (models/examples/causal_lm.py), two sizes. Per size, at 1, 8 and 32 streams of ~32-token
 prompts and up to 64 new tokens:
 - in process: transformers `generate` on one static left-padded batch, fp32 and bf16 weights (the
   reference: best of three); binserve's loop; OpenVINO GenAI fp32 and bf16 (each: the sequences
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from binserve.scheduling.contract import BatchSettings  # noqa: E402
 from binserve.scheduling.sequences import SamplingParams, Sequence  # noqa: E402
-from models.example_causal_lm import write_causal_lm  # noqa: E402
+from models.examples.causal_lm import write_causal_lm  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 WORDS = "the quick brown fox jumps over a lazy dog while people watch from their house near the river".split()

@@ -29,7 +29,7 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.example_causal_lm import write_causal_lm  # noqa: E402
+from models.examples.causal_lm import write_causal_lm  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 CAPABILITIES = ["classification", "recommendations", "alerts"]

@@ -2,7 +2,7 @@
 
 Run: `make bench-fanout` (= `.venv/bin/python -m bench.fanout_bench`). binserve serves MiniLM
 (embeddings) and two classifiers built from MiniLM's encoder with seeded heads
-(models/example_classifier.py: topics, single-label; toxicity, multi-label), all on their default
+(models/examples/classifier.py: topics, single-label; toxicity, multi-label), all on their default
 runtimes. One ~25-token text per logical request, and a random non-empty subset of the three
 models (seeded), at concurrency 32, two ways: (a) fan-out, one request naming its models;
 (b) what a client does without it, one request per model of the subset, one after the other.
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.serve_bench import RawClient, run_clients  # noqa: E402
 from bench.texts import texts_25  # noqa: E402
 from binary_protocol import FRAMED, MEDIA_TYPES, dict_to_binary  # noqa: E402
-from models.example_classifier import TOPICS, TOXICITY, write_classifier  # noqa: E402
+from models.examples.classifier import TOPICS, TOXICITY, write_classifier  # noqa: E402
 from models.registry import default_minilm_path  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 

@@ -2,7 +2,7 @@
 `generate` on a static batch in process (the ceiling), and prompt-prefix reuse.
 
 Run: `make bench-generate` (= `.venv/bin/python -m bench.generate_bench`). Random-weight Llamas
-made here (models/example_causal_lm.py): the example model (4 layers x 256) and a larger one
+made here (models/examples/causal_lm.py): the example model (4 layers x 256) and a larger one
 (8 x 512) where the model, not Python, dominates a step. Each is served by binserve on its
 defaults: 1, 8 and 32 concurrent streams (`/v1/completions`, `stream: true`, greedy) of up to 64
 tokens each, then the same 8 prompts one request at a time; then `model.generate` in this process
@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from binserve.process.runtime import in_fresh_thread  # noqa: E402
-from models.example_causal_lm import write_causal_lm  # noqa: E402
+from models.examples.causal_lm import write_causal_lm  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 WORDS = "the quick brown fox jumps over a lazy dog while people watch from their house near the river".split()

@@ -6,7 +6,7 @@ the check compares every engine and every reply with the same model's fp32 outpu
 published embeddings. So MiniLM's small files (config, tokenizer, sentence-transformers pooling;
 `copy_model_files`, done here by `bash bench/gpu_check.sh --prepare`) travel, and `build` makes:
 - `minilm`: all-MiniLM-L6-v2's architecture and tokenizer with seeded random weights;
-- `resnet`: models/example_resnet.py's ResNet-50-style policy on 480x640x3 uint8 images + a state;
+- `resnet`: models/examples/resnet.py's ResNet-50-style policy on 480x640x3 uint8 images + a state;
 - `llama`: a random Llama of ~0.5B parameters (24 x 1280, 10 heads / 2 KV heads, MLP 5120).
 The CPU dry run builds the same three from the same code, smaller where size is only cost.
 """
@@ -68,8 +68,8 @@ def write_random_twin(files: Path, out: Path, seed: int = 0) -> Path:
 
 def build(files: Path, root: Path, sizes: Sizes) -> dict[str, Path]:
     """The three model directories under `root`: name -> path."""
-    from models.example_causal_lm import write_causal_lm
-    from models.example_resnet import write_model_dir
+    from models.examples.causal_lm import write_causal_lm
+    from models.examples.resnet import write_model_dir
 
     s = sizes
     return {

@@ -35,10 +35,10 @@ from bench.gpu_models import DRY_SIZES, GPU_SIZES, Sizes
 from bench.serve_bench import drive, embedding_check
 from bench.texts import text_of
 from binary_protocol import binary_to_dict, dict_to_binary
+from binserve.engines.plans import Plan, Trial
+from binserve.engines.settings import RuntimeSettings
 from models.base import AdapterOptions
-from models.engines import RuntimeSettings
-from models.example_policy import IMAGE_SHAPE, STATE_DIM
-from models.plans import Plan, Trial
+from models.examples.policy import IMAGE_SHAPE, STATE_DIM
 from models.registry import ModelSpec, load_model
 from tests.serverproc import ServerProcess
 

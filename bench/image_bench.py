@@ -1,7 +1,7 @@
 """Image benchmark: the raw vision model on pre-decoded tensors against binserve with 640x480 JPEGs, in one run.
 
 Run: `make bench-images` (= `.venv/bin/python -m bench.image_bench`). On one machine, in one run:
-(1) a ViT-Tiny-shaped classifier (models/example_vision.py "small": 224 x 224, 12 layers of 192,
+(1) a ViT-Tiny-shaped classifier (models/examples/vision.py "small": 224 x 224, 12 layers of 192,
 random weights) on each engine binserve can use, in this process, on preprocessed tensors, at
 batch 1..32 (collate + forward + copy back), each one's accuracy gate against fp32;
 (2) the decode + preprocess cost of one 640x480 JPEG (Pillow decode, EXIF, RGB, resize to 224,
@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.gpu_phases import time_batches  # noqa: E402
 from bench.serve_bench import drive  # noqa: E402
 from binary_protocol import MEDIA_TYPES, binary_to_dict, dict_to_binary  # noqa: E402
+from binserve.engines.settings import RuntimeSettings, native  # noqa: E402
 from models.base import AdapterOptions  # noqa: E402
-from models.engines import RuntimeSettings, native  # noqa: E402
-from models.example_vision import write_vision_model  # noqa: E402
+from models.examples.vision import write_vision_model  # noqa: E402
 from models.images import prepared  # noqa: E402
 from models.registry import ModelSpec, load_model  # noqa: E402
 from tests.images import encode, photo  # noqa: E402

@@ -27,10 +27,10 @@ import torch  # noqa: E402
 
 from bench.texts import texts_25  # noqa: E402
 from binserve.config import ServerConfig  # noqa: E402
+from binserve.engines.plans import BENCH_SIZES  # noqa: E402
+from binserve.engines.settings import RuntimeSettings  # noqa: E402
 from binserve.process import runtime  # noqa: E402
 from models.base import AdapterOptions  # noqa: E402
-from models.engines import RuntimeSettings  # noqa: E402
-from models.plans import BENCH_SIZES  # noqa: E402
 from models.registry import ModelSpec, default_minilm_path, load_model  # noqa: E402
 
 

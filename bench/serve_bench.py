@@ -40,9 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.texts import text_of, texts_25  # noqa: E402
 from binary_protocol import FRAMED, MAGIC, MEDIA_TYPES, PICKLE, binary_to_dict, dict_to_binary  # noqa: E402
+from binserve.engines.plans import Plan, Trial  # noqa: E402
+from binserve.engines.settings import Engine, RuntimeSettings, native  # noqa: E402
 from models.base import AdapterOptions  # noqa: E402
-from models.engines import Engine, RuntimeSettings, native  # noqa: E402
-from models.plans import Plan, Trial  # noqa: E402
 from models.registry import ModelSpec, default_minilm_path, load_model  # noqa: E402
 from tests.serverproc import ServerProcess, free_port  # noqa: E402
 
@@ -67,6 +67,8 @@ def single_engine(name: str, cache_dir: str):
         engine = Engine(name, run)
     elif runtime == "torch":
         engine = model.torch_engine(precision)
+    elif runtime == "openvino":
+        engine = model.openvino_engine(precision)
     else:
         engine = model.onnx_engine(precision)
     model.plan = Plan([(float("inf"), engine)], [Trial(name)])
@@ -77,6 +79,7 @@ def raw_runtimes(seconds: float, cache_dir: str) -> tuple[dict, dict, dict]:
     """seq/s per runtime and batch size (tokenize + forward + pool), cosine to fp32, and CPU seconds
     per sequence (this process's, all threads: the engine's threads and their spinning included)."""
     names = ["torch-fp32", "torch-bf16-autocast", "torch-bf16", "onnx-fp32", "onnx-int8"]
+    names += ["openvino-fp32", "openvino-bf16"]
     names = [n for n in names if native(n.split("-")[1], torch.device("cpu"))]
     check = texts_25(64, offset=10_000)
     speed, cosine, cpu, reference = {}, {}, {}, None

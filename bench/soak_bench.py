@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
+
 from bench.serve_bench import drive  # noqa: E402
 from bench.texts import texts_25  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
@@ -28,30 +30,65 @@ def rss_mib(pid: int) -> float:
     return status_kib(pid, "VmRSS") / 1024
 
 
-def soak(requests_total: int, phase: int, concurrency: int, warmup: int, **settings) -> dict:
-    bodies = [dict_to_binary({"texts": [t]}) for t in texts_25(512)]
+def pss_mib(pid: int) -> float:
+    """Proportional set size: shared pages (libraries, memory-mapped weights) counted once across processes."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("Pss:")) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def memory(pids: list[int]) -> dict[int, tuple[float, float]]:
+    return {pid: (rss_mib(pid), pss_mib(pid)) for pid in pids}
+
+
+def shown(mem: dict[int, tuple[float, float]], start: dict | None = None) -> str:
+    return ", ".join(
+        f"{p}: RSS {r:.0f} MiB" + (f" ({r / start[p][0] - 1:+.1%})" if start else "") + f" PSS {s:.0f} MiB"
+        for p, (r, s) in mem.items()
+    )
+
+
+def varied_bodies(n: int = 512) -> list[bytes]:
+    """Requests of 1-16 texts of 25-250 tokens: every batch shape the server can be made to run."""
+    rng = np.random.default_rng(7)
+    pool = texts_25(1024)
+    bodies = []
+    for _ in range(n):
+        sizes = rng.integers(1, 11, rng.integers(1, 17))  # texts of 1-10 pieces of ~25 tokens each
+        texts = [" ".join(pool[j] for j in rng.integers(0, len(pool), k)) for k in sizes]
+        bodies.append(dict_to_binary({"texts": texts}))
+    return bodies
+
+
+def soak(requests_total: int, phase: int, concurrency: int, warmup: int, varied: bool = False, **settings) -> dict:
+    bodies = varied_bodies() if varied else [dict_to_binary({"texts": [t]}) for t in texts_25(512)]
     rows = []
     with ServerProcess(workers=2, **settings) as server:
         url = server.base_url
         pids = server.worker_pids()
-        ready = {pid: rss_mib(pid) for pid in pids}
-        print("ready: " + ", ".join(f"{p}: {v:.0f} MiB" for p, v in ready.items()))
+        ready = memory(pids)
+        print("ready (idle): " + shown(ready))
         drive(url, bodies, None, concurrency, warmup)
-        start = {pid: rss_mib(pid) for pid in pids}
-        print(f"after {warmup} warm-up requests: " + ", ".join(f"{p}: {v:.0f} MiB" for p, v in start.items()))
+        start = memory(pids)
+        print(f"after {warmup} warm-up requests: " + shown(start))
         sent = 0
         while sent < requests_total:
             n = min(phase, requests_total - sent)
             figures = drive(url, bodies, None, concurrency, n)
             sent += n
-            now = {pid: rss_mib(pid) for pid in pids}
-            rows.append({"sent": sent, "rss": now, "req/s": figures["req/s"], "failures": figures["failures"]})
-            each = "  ".join(f"{p}: {v:.0f} MiB ({v / start[p] - 1:+.1%})" for p, v in now.items())
-            print(f"{sent:>7} sent  {figures['req/s']:6.0f} req/s  failures {figures['failures']}  {each}", flush=True)
+            now = memory(pids)
+            rows.append({"sent": sent, "memory": now, "req/s": figures["req/s"], "failures": figures["failures"]})
+            print(f"{sent:>7} sent  {figures['req/s']:6.0f} req/s  failures {figures['failures']}  {shown(now, start)}",
+                  flush=True)  # fmt: skip
         assert server.worker_pids() == pids, "a worker was replaced during the soak"
-    growth = {pid: rows[-1]["rss"][pid] / start[pid] - 1 for pid in pids}
+        idle = memory(pids)
+        print("after the soak (idle): " + shown(idle))
+    growth = {pid: rows[-1]["memory"][pid][0] / start[pid][0] - 1 for pid in pids}
     failures = sum(r["failures"] for r in rows)
-    return {"ready_mib": ready, "start_mib": start, "rows": rows, "growth": growth, "failures": failures}
+    return {"ready_mib": ready, "start_mib": start, "idle_mib": idle, "rows": rows, "growth": growth,
+            "failures": failures}  # fmt: skip
 
 
 def main() -> None:
@@ -60,10 +97,11 @@ def main() -> None:
     ap.add_argument("--phase", type=int, default=10_000)
     ap.add_argument("--warmup", type=int, default=5_000)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--varied", action="store_true", help="1-16 texts of 25-250 tokens a request, not one short text")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    result = soak(args.requests, args.phase, args.concurrency, args.warmup)
+    result = soak(args.requests, args.phase, args.concurrency, args.warmup, varied=args.varied)
     print("growth after warm-up: " + ", ".join(f"{p}: {g:+.1%}" for p, g in result["growth"].items())
           + f"; {result['failures']} failed")  # fmt: skip
     if args.json:
