@@ -164,8 +164,8 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"model sizes, of {list(SIZES)}")
     ap.add_argument("--workers", type=int, default=0, help="the servers' Gunicorn workers (0: the server's default)")
     args = ap.parse_args()
+    from binserve.engines.genai_export import export_for_genai, export_python
     from binserve.process.coreshare import usable_cores
-    from models.ov_export import export_for_genai, export_python
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"machine: {usable_cores()} cores ({cpu}), {platform.python_version()}, torch {torch.__version__}")

@@ -27,7 +27,7 @@ VERSION = "0.3.0"
 #: what `runtime` and `precision` may name (binserve/engines/ explains them)
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-#: what `generation_backend` may name (models/generation_backends.py explains them)
+#: what `generation_backend` may name (binserve/engines/generation.py explains them)
 GENERATION_BACKENDS = ("auto", "loop", "openvino")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: the shapes GET /models answers in: binserve's list, or the encoder server's map by model name

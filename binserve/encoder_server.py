@@ -23,7 +23,7 @@ NOTES = {
     "disable_adaptive_batching": "binserve's batcher has no separate adaptive mode to disable: while a batch runs, "
     "requests queue, and the next batch takes what queued (up to --max-batch-size), so batches grow with the "
     "load; --max-wait-time and --preferred-batch-size bound the only extra wait",
-    "disable_compile": "binserve does not torch.compile models: it times torch (fp32, bf16) and ONNX Runtime "
+    "disable_compile": "binserve does not torch.compile models: it times torch (fp32, bf16), ONNX Runtime and OpenVINO "
     "engines at load and runs each batch size on the fastest that passes its accuracy gate (GET /models)",
     "disable_better_transformer": "binserve does not use BetterTransformer (deprecated in optimum); attention "
     "runs on PyTorch's scaled-dot-product kernels (--disable-flash-attention turns their flash kernel off)",

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from binary_protocol import as_array
+from binserve.engines.generation import BACKEND_TYPES, Choice, candidates, greedy, max_gap, passes
 from binserve.engines.settings import native
 from binserve.errors import InvalidInput, LimitExceeded
 from binserve.process.runtime import batch_threads, compute_threads, in_compute_thread
@@ -30,7 +31,6 @@ from binserve.scheduling.sequences import SamplingParams, Sequence
 from binserve.scheduling.streams import GenerationStreams
 from models.base import ModelAdapter
 from models.contract import TensorSpec, Validated
-from models.generation_backends import BACKEND_TYPES, Choice, candidates, greedy, max_gap, passes
 from models.lm_scoring import continuation_logprobs
 
 #: sampling keys a request may carry (native names; the OpenAI routes map theirs onto these)
@@ -212,7 +212,7 @@ class HFCausalLM(ModelAdapter):
     def continuous_batcher(
         self, settings: BatchSettings, observer: GenerationObserver | None = None, **loop
     ) -> GenerationStreams:
-        """This model's generation backend (chosen and checked at warm-up: models/generation_backends.py),
+        """This model's generation backend (chosen and checked at warm-up: binserve/engines/generation.py),
         bounded by the model's batching settings (`loop`: the loop's prefill chunk and prefix store)."""
         backend = self.backend
         if backend.kind == "openvino":
@@ -240,7 +240,7 @@ class HFCausalLM(ModelAdapter):
         )  # fmt: skip
 
     def _choose_backend(self, loop: ContinuousBatcher) -> Choice:
-        """The backend this version generates on (models/generation_backends.py says how it is chosen)."""
+        """The backend this version generates on (binserve/engines/generation.py says how it is chosen)."""
         asked = self.options.runtime.generation_backend
         if asked == "loop":
             return Choice("loop", note="generation_backend=loop")
@@ -249,7 +249,7 @@ class HFCausalLM(ModelAdapter):
                 raise RuntimeError(f"{self.name}: generation_backend=openvino runs on the CPU, not {self.device}")
             return Choice("loop", note=f"OpenVINO GenAI serves CPUs; {self.device} generates on the loop")
         try:
-            from models.ov_export import export_for_genai, export_python
+            from binserve.engines.genai_export import export_for_genai, export_python
 
             path = export_for_genai(self.model_dir, self.options.runtime.cache_dir, export_python(
                 self.options.runtime.export_python))  # fmt: skip

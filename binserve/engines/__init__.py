@@ -9,5 +9,7 @@ inputs, as a batch and alone, compared with torch fp32 by the adapter - or is no
 engines/plans.py times those that pass (binserve/engines/timing.py) and gives every batch size to the fastest,
 and keeps checking that choice while serving. Exports, quantized copies, compiled blobs and the
 plan's record are cached beside the version (binserve/engines/cache.py), so reloads and restarts load them
-in a second. Adapters (models/) supply what the engines need and never the other way round.
+in a second. For causal LMs, generation.py chooses the generation backend and genai_export.py
+exports a version for OpenVINO GenAI. Adapters (models/) supply what the engines need; nothing here
+imports an adapter.
 """

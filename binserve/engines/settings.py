@@ -33,7 +33,7 @@ class RuntimeSettings:
     atol: float = 1e-3
     #: where ONNX exports are cached (None: a per-host temporary directory)
     cache_dir: str | None = None
-    #: causal LMs: what generates (models/generation_backends.py), and the Python that exports for OpenVINO
+    #: causal LMs: what generates (binserve/engines/generation.py), and the Python that exports for OpenVINO
     generation_backend: str = "loop"
     export_python: str = ""
 

@@ -225,8 +225,8 @@ def add_tiny_lm(manager: FakeManager, path, backend: str = "loop", cache_dir: st
     adapter = load_model(ModelSpec("lm", "hf_causal_lm", str(path)), torch.device("cpu"))
     # no end-of-sequence token, so only max tokens or a cancel ends a sequence
     if backend == "openvino":
+        from binserve.engines.genai_export import export_for_genai, export_python
         from binserve.scheduling.openvino_genai import OpenVINOGenerator
-        from models.ov_export import export_for_genai, export_python
 
         export = export_for_genai(path, cache_dir, export_python())
         batcher = OpenVINOGenerator(export, adapter.tokenizer, BatchSettings(16, 32768), threads=2, eos_ids=()).start()

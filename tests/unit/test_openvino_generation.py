@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from binserve.engines.genai_export import export_for_genai, export_python
+from binserve.engines.generation import greedy
 from binserve.engines.settings import RuntimeSettings
 from binserve.errors import InvalidInput
 from binserve.scheduling.continuous import ContinuousBatcher
@@ -17,8 +19,6 @@ from binserve.scheduling.contract import BatchSettings, Scheduler
 from binserve.scheduling.openvino_genai import OpenVINOGenerator
 from binserve.scheduling.sequences import SamplingParams, Sequence
 from models.examples.causal_lm import EXAMPLE_PROMPTS, write_causal_lm
-from models.generation_backends import greedy
-from models.ov_export import export_for_genai, export_python
 from models.registry import AdapterOptions, ModelSpec, load_model
 
 pytestmark = pytest.mark.openvino
@@ -153,7 +153,7 @@ def test_without_an_export_environment_auto_falls_back_and_openvino_fails_the_lo
 
 
 def test_the_check_measures_how_far_an_engines_tokens_are_from_the_fp32_best(exported, loop, engine):
-    from models.generation_backends import TOLERANCE, max_gap, passes
+    from binserve.engines.generation import TOLERANCE, max_gap, passes
 
     path = exported[0]
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -171,7 +171,7 @@ def test_the_check_measures_how_far_an_engines_tokens_are_from_the_fp32_best(exp
 def test_bf16_is_never_tried_on_one_thread_where_openvino_crashes(exported, loop):
     """OpenVINO 2026.4's bf16 pipeline dies of SIGFPE on one thread: the plan leaves it out there,
     and asking for it is a ValueError, not a dead worker."""
-    from models.generation_backends import candidates
+    from binserve.engines.generation import candidates
 
     assert candidates("auto", True, 2) == ["bf16", "fp32"]
     assert candidates("auto", True, 1) == ["fp32"] and candidates("auto", False, 8) == ["fp32"]
