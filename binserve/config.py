@@ -25,7 +25,7 @@ ENV_PREFIX = "BINSERVE_"
 #: the server's version (V2 server metadata, the image tag)
 VERSION = "0.3.0"
 #: what `runtime` and `precision` may name (binserve/engines/ explains them)
-RUNTIMES = ("auto", "torch", "onnx", "openvino")
+RUNTIMES = ("auto", "torch", "compile", "onnx", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: what `generation_backend` may name (binserve/engines/generation.py explains them)
 GENERATION_BACKENDS = ("auto", "loop", "openvino")
@@ -275,6 +275,10 @@ class ServerConfig:
         choices=RUNTIMES,
     )  # fmt: skip
     precision: str = setting("auto", "auto: the precisions the hardware computes natively", choices=PRECISIONS)
+    torch_compile: bool = setting(
+        True, "try torch.compile as an engine at load (compiled then, never on a request; kept where it is "
+        "fastest); false: never (the encoder server's `--disable-compile`)",
+    )  # fmt: skip
     min_cosine: float = setting(
         0.999, "the accuracy gate for embeddings: smallest cosine to fp32 an engine may give", gt=0, le=1
     )

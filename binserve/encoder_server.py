@@ -23,8 +23,6 @@ NOTES = {
     "disable_adaptive_batching": "binserve's batcher has no separate adaptive mode to disable: while a batch runs, "
     "requests queue, and the next batch takes what queued (up to --max-batch-size), so batches grow with the "
     "load; --max-wait-time and --preferred-batch-size bound the only extra wait",
-    "disable_compile": "binserve does not torch.compile models: it times torch (fp32, bf16), ONNX Runtime and OpenVINO "
-    "engines at load and runs each batch size on the fastest that passes its accuracy gate (GET /models)",
     "disable_better_transformer": "binserve does not use BetterTransformer (deprecated in optimum); attention "
     "runs on PyTorch's scaled-dot-product kernels (--disable-flash-attention turns their flash kernel off)",
 }
@@ -63,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimizations")
     g.add_argument("--disable-flash-attention", action="store_true",
                    help="turn off the flash kernel of PyTorch's scaled-dot-product attention (CPU and CUDA)")
-    g.add_argument("--disable-compile", action="store_true", help="accepted: " + NOTES["disable_compile"])
+    g.add_argument("--disable-compile", action="store_true",
+                   help="never try torch.compile as an engine (torch_compile false); by default it is compiled at "
+                   "load and kept where the plan times it fastest")  # fmt: skip
     g.add_argument("--disable-better-transformer", action="store_true",
                    help="accepted: " + NOTES["disable_better_transformer"])
     g = p.add_argument_group("benchmarking")
@@ -129,6 +129,7 @@ def config_for(args: argparse.Namespace) -> ServerConfig:
         preferred_batch_size=args.preferred_batch_size,
         max_text_tokens=args.max_sequence_length,
         flash_attention=not args.disable_flash_attention,
+        torch_compile=not args.disable_compile,
         models_listing="encoder-server",
     )
 

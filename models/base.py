@@ -27,6 +27,7 @@ import torch
 
 from binserve.engines.cache import cache_key, cached_path, exclusive, load_record, machine_key, save_record
 from binserve.engines.candidates import plan_candidates
+from binserve.engines.compiled import compile_module
 from binserve.engines.onnx import export_onnx, ort_engine, quantize_int8
 from binserve.engines.openvino import convert, ir_name, ov_engine
 from binserve.engines.plans import Plan, make_plan
@@ -190,20 +191,44 @@ class ModelAdapter(abc.ABC):
             )
 
     # --- engines and the plan ---------------------------------------------------------------------
-    def torch_engine(self, precision: str) -> Engine:
-        """torch in `precision`: fp32 as loaded; bf16/fp16 by autocast, or by cast weights (see above)."""
+    def _torch_precision(self, precision: str) -> tuple[torch.nn.Module, torch.dtype | None]:
+        """The module and autocast dtype torch runs `precision` with: fp32 as loaded; bf16/fp16 by
+        autocast, or by cast weights (see `bf16_weights_on_cpu`)."""
         if self.torch_released:
             raise RuntimeError(f"{self.name}: the torch weights were released after planning (no engine uses them)")
         dtype = TORCH_DTYPES[precision]
-        module, autocast = self.module, (dtype if precision != "fp32" else None)
+        if precision == "fp32":
+            return self.module, None
         if precision == "bf16" and self.bf16_weights_on_cpu and self.device.type == "cpu":
-            module, autocast = _cast_copy(self.module, dtype), None
+            return _cast_copy(self.module, dtype), None
+        return self.module, dtype
+
+    def torch_engine(self, precision: str) -> Engine:
+        """torch in `precision`, eagerly."""
+        module, autocast = self._torch_precision(precision)
         runner = self.runner
 
         def run(host: dict) -> dict:
             return runner.to_host(runner.forward(self.torch_forward, module, runner.to_device(host), autocast=autocast))
 
         return Engine(f"torch-{precision}", run)
+
+    def compiled_engine(self, precision: str) -> Engine:
+        """torch.compile of the module in `precision`, compiled now on the shapes the plan gates and
+        times (a batch of varied lengths, one row, a batch of four); serving never compiles."""
+        module, autocast = self._torch_precision(precision)
+        runner = self.runner
+
+        def call(fn, host: dict) -> dict:
+            return runner.to_host(runner.forward(self.torch_forward, fn, runner.to_device(host), autocast=autocast))
+
+        def warm(compiled) -> None:
+            gate = self.gate_samples()
+            for samples in (gate, gate[:1], self.bench_samples(4)):
+                call(compiled, {k: v.copy() for k, v in self.collate(samples).items()})
+
+        serving = compile_module(module, warm)
+        return Engine(f"compile-{precision}", lambda host: call(serving, host))
 
     def onnx_export(self) -> tuple[OnnxSpec, str, Path]:
         """The adapter's exportable module, the key its derived files are cached under, and its ONNX
@@ -237,8 +262,9 @@ class ModelAdapter(abc.ABC):
         """Choose the engines: every candidate the settings and the device allow, gated and timed."""
         in_compute_thread()
         s = self.options.runtime
-        makers = {"torch": self.torch_engine, "onnx": self.onnx_engine, "openvino": self.openvino_engine}
-        pairs, skipped = plan_candidates(s.runtime, s.precision, self.device)
+        makers = {"torch": self.torch_engine, "compile": self.compiled_engine, "onnx": self.onnx_engine,
+                  "openvino": self.openvino_engine}  # fmt: skip
+        pairs, skipped = plan_candidates(s.runtime, s.precision, self.device, s.compile)
         candidates = [(f"{rt}-{p}", lambda make=makers[rt], p=p: make(p)) for rt, p in pairs]
         gate = self.gate_samples()
         # owned copies: on a GPU collate fills reusable pinned buffers, which the next collate overwrites
@@ -279,7 +305,7 @@ class ModelAdapter(abc.ABC):
         fp32 torch weights (the reference every candidate was gated against) go too when no engine
         kept runs on torch - their structure stays, on the meta device, for `describe`."""
         self.plan.release_unused()
-        if self.device.type == "cpu" and not any(name.startswith("torch-") for name in self.plan.holds()):
+        if self.device.type == "cpu" and not any(n.startswith(("torch-", "compile-")) for n in self.plan.holds()):
             self.module.to("meta")
             self.torch_released = True
 

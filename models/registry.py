@@ -33,6 +33,7 @@ DEFAULT_MODEL_NAME = "minilm"
 SETTINGS: dict[str, type] = {
     "runtime": str,
     "precision": str,
+    "compile": bool,
     "min_cosine": float,
     "max_prob_error": float,
     "rtol": float,

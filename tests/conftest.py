@@ -7,7 +7,13 @@ import os
 import pytest
 
 from models.registry import default_minilm_path
+from tests import serverproc
 from tests.serverproc import ServerProcess
+
+# Test servers plan without torch.compile: every test model's first plan would otherwise compile for
+# 20-50 s. The compiled engine is tested in process (tests/unit/test_engine_each.py), and the README's
+# commands (tests/docs) start servers on the defaults, compile included.
+serverproc.DEFAULTS["torch_compile"] = False
 
 #: every generation backend a generation server fixture is parametrized over (a test id names it);
 #: OpenVINO runs in fp32 there, so greedy tokens equal transformers' (its bf16 check is in unit tests)

@@ -17,6 +17,10 @@ from binserve.process import coreshare
 
 ROOT = Path(__file__).resolve().parent.parent
 _SHARED_CACHE = tempfile.mkdtemp(prefix="binserve-test-cache-")
+#: settings every server started by this process gets unless it is given its own: tests/conftest.py
+#: turns torch.compile off there (each test model's first plan would compile for 20-50 s; the compiled
+#: engine has tests of its own), benchmarks start servers on binserve's defaults
+DEFAULTS: dict = {}
 
 
 def free_port() -> int:
@@ -74,6 +78,8 @@ class ServerProcess:
         self.port = port or free_port()
         #: a command line of a source document's, as written (then `settings` travel as BINSERVE_* variables)
         self.command = command
+        for key, value in DEFAULTS.items():
+            settings.setdefault(key, value)
         # each server gets its own model repository unless a test shares one on purpose
         settings.setdefault("model_repository", tempfile.mkdtemp(prefix="binserve-repo-"))
         # Test servers share one cache of ONNX exports and engine timings (content-keyed, so safe to

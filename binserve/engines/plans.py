@@ -295,8 +295,9 @@ def make_plan(
     another engine) it is used only when no candidate passes, so a plan always exists.
 
     `record` is `Plan.record()` from an earlier load of the same files with the same settings on
-    this machine: then only the engines it used, and each step's runner-up, are built and gated again
-    (the others failed the gate or were slower, which the same files cannot change), and its
+    this machine: then only the engines it used are built and gated again - and each step's
+    runner-up, when the plan is a sibling's provisional one, whose online check needs them - (the
+    others failed the gate or were slower, which the same files cannot change), and its
     timings are reused. If one of them now fails, or the record was provisional (timed under
     foreign load) and not made in this `boot` by a sibling worker, everything is evaluated afresh.
     """
@@ -304,7 +305,8 @@ def make_plan(
     meta = (record or {}).get("_meta", {})
     sibling = boot is not None and meta.get("boot") == boot
     if record and set(names) <= set(record) and (sibling or not meta.get("provisional")):
-        wanted = _used_and_runners_up(record, names)
+        # the runner-ups only serve a provisional plan's online check (a trusted plan lets them go)
+        wanted = _used_and_runners_up(record, names, runners_up=sibling and bool(meta.get("provisional")))
         plan = _evaluate(reference, [(n, m) for n, m in candidates if n in wanted], collate, gate_sets, accuracy,
                          reference_eligible or reference.name in wanted, record)  # fmt: skip
         if plan is not None:
@@ -320,11 +322,13 @@ def make_plan(
     return plan
 
 
-def _used_and_runners_up(record: dict, names: list[str]) -> set[str]:
-    """The engines a record's plan uses, and at each size the fastest other one that passed."""
+def _used_and_runners_up(record: dict, names: list[str], runners_up: bool = True) -> set[str]:
+    """The engines a record's plan uses, and (`runners_up`) at each size the fastest other one that passed."""
     used = {n for n in names if record[n].get("used")}
     passed = [n for n in names if record[n].get("passed")]
     wanted = set(used)
+    if not runners_up:
+        return wanted
     for size in BENCH_SIZES:
         speed = {n: float(record[n].get("seq_per_s", {}).get(str(size), 0.0)) for n in passed if n not in used}
         best = max(speed, key=speed.get, default=None)

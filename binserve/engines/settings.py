@@ -36,6 +36,8 @@ class RuntimeSettings:
     #: causal LMs: what generates (binserve/engines/generation.py), and the Python that exports for OpenVINO
     generation_backend: str = "loop"
     export_python: str = ""
+    #: whether torch.compile is a candidate
+    compile: bool = True
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:

@@ -44,6 +44,7 @@ def adapter_options(config: ServerConfig) -> AdapterOptions:
     runtime = RuntimeSettings(
         config.runtime, config.precision, config.min_cosine, cache_dir=config.cache_dir or None,
         generation_backend=config.generation_backend, export_python=config.openvino_export_python,
+        compile=config.torch_compile,
     )  # fmt: skip
     return AdapterOptions(runtime, limits, config.trusted_module_prefixes, config.pinned_staging)
 

@@ -22,18 +22,22 @@ def natively(monkeypatch):
 def test_auto_on_a_bf16_cpu_tries_every_runtime_in_what_it_computes(natively):
     natively.add("bf16")
     chosen, skipped = plan_candidates("auto", "auto", CPU)
-    assert chosen == [("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"), ("openvino", "bf16")]
+    assert chosen == [
+        ("torch", "bf16"), ("compile", "bf16"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"),
+        ("openvino", "bf16"),
+    ]  # fmt: skip
     assert skipped == [("torch-fp16", "fp16 is not native on this cpu")]  # pairs that do not exist go unnamed
 
 
 def test_bf16_is_not_tried_where_the_cpu_would_emulate_it(natively):
     chosen, _ = plan_candidates("auto", "auto", CPU)
     assert ("openvino", "bf16") not in chosen and ("torch", "bf16") not in chosen and ("openvino", "fp32") in chosen
+    assert ("compile", "fp32") in chosen  # torch.compile in the precision torch runs best here
 
 
 def test_on_a_gpu_only_torch_runs_and_the_cpu_runtimes_say_why(natively):
     chosen, skipped = plan_candidates("auto", "auto", GPU)
-    assert chosen == [("torch", "bf16"), ("torch", "fp16")]
+    assert chosen == [("torch", "bf16"), ("torch", "fp16"), ("compile", "bf16")]
     why = dict(skipped)
     assert why["onnx-fp32"] == "ONNX Runtime runs on the CPU here, not on cuda"
     assert why["openvino-bf16"] == "OpenVINO runs on the CPU here, not on cuda"
@@ -45,3 +49,14 @@ def test_an_asked_precision_names_the_runtimes_that_do_not_run_it(natively):
     assert dict(skipped)["openvino-int8"] == "OpenVINO runs fp32/bf16 here, not int8"
     chosen, skipped = plan_candidates("openvino", "fp32", CPU)
     assert chosen == [("openvino", "fp32")] and skipped == []
+
+
+def test_torch_compile_is_tried_once_and_not_at_all_when_turned_off(natively):
+    natively.add("bf16")
+    chosen, _ = plan_candidates("auto", "auto", CPU)
+    assert [c for c in chosen if c[0] == "compile"] == [("compile", "bf16")]  # one compile, not one per precision
+    chosen, skipped = plan_candidates("auto", "auto", CPU, compile=False)
+    assert not [c for c in chosen if c[0] == "compile"]
+    assert dict(skipped)["compile-bf16"].startswith("torch.compile is off here")
+    chosen, _ = plan_candidates("compile", "fp32", CPU)
+    assert chosen == [("compile", "fp32")]

@@ -71,7 +71,8 @@ def test_a_directory_sentence_transformers_6_saves_serves_its_embeddings(tmp_pat
     )
     st.save(str(tmp_path / "st"))
     assert "sentence_transformer.modules" in (tmp_path / "st" / "modules.json").read_text()
-    adapter = load_model(ModelSpec("st", "hf_encoder", str(tmp_path / "st")), torch.device("cpu"))
+    spec = ModelSpec("st", "hf_encoder", str(tmp_path / "st"), settings={"compile": False})  # not the subject
+    adapter = load_model(spec, torch.device("cpu"))
     adapter.warmup()
     texts = ["hello world", "a somewhat longer sentence to pad the batch with", "x"]
     got = np.stack([o["embeddings"] for o in adapter.run_batch(adapter.validate({"texts": texts}).samples)])
