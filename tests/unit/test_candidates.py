@@ -60,3 +60,14 @@ def test_torch_compile_is_tried_once_and_not_at_all_when_turned_off(natively):
     assert dict(skipped)["compile-bf16"].startswith("torch.compile is off here")
     chosen, _ = plan_candidates("compile", "fp32", CPU)
     assert chosen == [("compile", "fp32")]
+
+
+def test_the_encoder_servers_disable_compile_turns_torch_compile_off():
+    from binserve.encoder_server import config_for, parser
+    from models.registry import default_minilm_path, parse_specs
+
+    assert config_for(parser().parse_args(["--models", default_minilm_path()])).torch_compile is True
+    off = config_for(parser().parse_args(["--models", default_minilm_path(), "--disable-compile"]))
+    assert off.torch_compile is False
+    # and per model version
+    assert parse_specs("m=hf_encoder:/x;compile=false")[0].settings == {"compile": False}
