@@ -31,7 +31,7 @@ _IR_VERSION = "binserve-ov-1"  # bump when the conversion's settings change
 #: 16 x 256 184 -> 239 ms): paid only by batches this large, against hundreds of MB held idle.
 RELEASE_ABOVE_ELEMENTS = 4096
 #: input shapes whose prepared kernels a compiled model keeps (see `ov_engine`)
-RUNTIME_CACHE_SHAPES = 64
+RUNTIME_CACHE_SHAPES = 128
 
 _core = None
 _core_lock = threading.Lock()
@@ -86,9 +86,10 @@ def ov_engine(name: str, ir_path: Path, precision: str, names_in: list[str], nam
             "NUM_STREAMS": 1,  # one batch at a time per compiled model: the batch thread's
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": False,  # the cores are shared with the other workers and the request threads
-            # Kernels prepared per input shape, least recently used first out: by default 5000 of them, ~2.3 MB
-            # each for MiniLM, and batches come in thousands of shapes (rows x padded length): 600 varied
-            # batches grew a process by 1.6 GB, with 64 by 20 MB, and ran 4% faster (a shape seldom recurs).
+            # Kernels prepared per input shape, least recently used first out: by default 5000 of them, up to
+            # ~2.3 MB each for MiniLM, and varied requests make thousands of shapes (rows x padded length):
+            # 600 such batches grew a process by 1.6 GB. Short texts make ~100 shapes once lengths are padded
+            # to a multiple of 8 (models/hf_encoder.py), which 128 holds: as fast as caching every shape.
             "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_SHAPES,
         }
         return core().compile_model(str(ir_path), "CPU", config)
