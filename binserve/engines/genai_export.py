@@ -27,7 +27,7 @@ log = logging.getLogger("binserve.models")
 _EXPORT_VERSION = "binserve-ov-genai-1"
 EXPORT_TIMEOUT_S = 900
 #: the export environment `make openvino-genai` builds, beside server.py
-DEFAULT_ENV = Path(__file__).resolve().parent.parent / ".venv-ovexport"
+DEFAULT_ENV = Path(__file__).resolve().parents[2] / ".venv-ovexport"  # the checkout's, beside .venv
 
 
 class ExportUnavailable(RuntimeError):
