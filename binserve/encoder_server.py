@@ -18,11 +18,12 @@ from pathlib import Path
 
 from binserve.config import LOG_LEVELS, ServerConfig
 
-#: the document's options with nothing in binserve to switch, and what binserve does instead
+#: what binserve does for the document's switches, printed at start-up when one is given
 NOTES = {
     "disable_adaptive_batching": "binserve's batcher has no separate adaptive mode to disable: while a batch runs, "
     "requests queue, and the next batch takes what queued (up to --max-batch-size), so batches grow with the "
     "load; --max-wait-time and --preferred-batch-size bound the only extra wait",
+    "disable_compile": "torch.compile is left out of the engines binserve times at load (torch_compile false)",
     "disable_better_transformer": "binserve does not use BetterTransformer (deprecated in optimum); attention "
     "runs on PyTorch's scaled-dot-product kernels (--disable-flash-attention turns their flash kernel off)",
 }
