@@ -50,7 +50,9 @@ def reference(path) -> np.ndarray:
 
 
 def start(repo, path, **settings) -> ServerProcess:
-    return ServerProcess(workers=1, models=f"topics=hf_encoder:{path}{FP32}", model_repository=repo, **settings)
+    # the server's flags too: a version imported by /update_model runs on them, not on the spec's settings
+    return ServerProcess(workers=1, models=f"topics=hf_encoder:{path}{FP32}", model_repository=repo,
+                         runtime="torch", precision="fp32", **settings)  # fmt: skip
 
 
 def test_a_restart_serves_the_configured_directory_and_keeps_a_hot_reload(dirs):
