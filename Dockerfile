@@ -32,6 +32,7 @@ RUN python3 -m venv /opt/venv \
     && rm -rf /tmp/build
 
 FROM ${BASE_IMAGE}
+# The image has no C++ compiler, which torch.compile's Inductor needs: trying it would only delay every load.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -40,6 +41,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     BINSERVE_HOST=0.0.0.0 \
     BINSERVE_PORT=8000 \
     BINSERVE_MODEL_REPOSITORY=/models \
+    BINSERVE_TORCH_COMPILE=false \
     PROMETHEUS_MULTIPROC_DIR=/tmp/metrics
 RUN useradd --create-home --uid 10001 binserve \
     && mkdir -p /models /status \
